@@ -1,0 +1,40 @@
+"""Shared test configuration: hypothesis profiles and the location of ../shared/data."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# "ci": bounded examples, no deadline (CI machines are slow and shared); "dev": the default;
+# "long": a thorough local run (HYPOTHESIS_PROFILE=long pytest).
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path | None:
+    """Return ../shared/data (or $FLM_SHARED_DATA) if it exists, else None."""
+    env = os.environ.get("FLM_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    root = Path(__file__).resolve().parent.parent
+    candidates += [root.parent / "shared" / "data", root / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data folder; tests that need it are skipped when it is absent."""
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("shared data not found (set FLM_SHARED_DATA or place it at ../shared/data)")
+    return d
