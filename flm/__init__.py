@@ -1,5 +1,24 @@
-"""flm: a small, fast, functional library for training language models in PyTorch."""
+"""flm: a small, fast, functional library for training language models in PyTorch.
 
+Model components are pure functions over nested parameter dicts (pytrees), differentiated with
+``torch.func`` and optimised with functional transformations. See README.md.
+"""
+
+from flm import loss, model, nn, tree
+from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import flatten, unflatten
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "nn",
+    "model",
+    "loss",
+    "tree",
+    "flatten",
+    "unflatten",
+    "TransformerConfig",
+    "init_params",
+    "transformer_lm",
+    "__version__",
+]

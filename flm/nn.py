@@ -1,0 +1,584 @@
+"""Pure neural-network layers over parameter dicts, and their initialisers.
+
+Every layer is a function ``f(params, x, ...)`` of a nested dict of tensors (its parameters) and
+its inputs; nothing is stored between calls. Weights are kept ``(d_out, d_in)`` as in the handout
+(§3.3.1: ``y = x Wᵀ``). Norms and softmax compute in float32 and cast back to the input dtype.
+
+Source: CS336 assignment 1 handout §3.4–3.5 (Linear, Embedding, RMSNorm, SwiGLU, RoPE, softmax,
+scaled dot-product attention, causal multi-head self-attention, the pre-norm block).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from einops import einsum, rearrange
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flm.model import TransformerConfig
+
+__all__ = [
+    "linear",
+    "embedding",
+    "rms_norm",
+    "silu",
+    "swiglu",
+    "silu_ffn",
+    "softmax",
+    "scaled_dot_product_attention",
+    "causal_mask",
+    "rope",
+    "attention_qkv",
+    "multihead_self_attention",
+    "transformer_block",
+    "truncated_normal",
+    "init_linear",
+    "init_embedding",
+    "init_rms_norm",
+    "init_swiglu",
+    "init_silu_ffn",
+    "init_multihead_self_attention",
+    "init_transformer_block",
+]
+
+Params = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+def linear(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Apply a bias-free linear map ``y = x Wᵀ``.
+
+    Args:
+        params: ``{"weight": (d_out, d_in)}``.
+        x: ``(..., d_in)``, same dtype as the weight.
+
+    Returns:
+        ``(..., d_out)``.
+
+    Raises:
+        ValueError: if ``x``'s last dimension is not ``d_in``.
+
+    Source: handout §3.4.2, eq. (1).
+    """
+    w = params["weight"]
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"linear: input has last dimension {x.shape[-1]}, weight {tuple(w.shape)} expects d_in={w.shape[-1]}")
+    # (..., d_in) @ (d_in, d_out): one GEMM over all leading dims (what einsum "... i, o i -> ... o" lowers to).
+    return x @ w.mT
+
+
+def embedding(params: Params, token_ids: torch.Tensor) -> torch.Tensor:
+    """Look up embedding vectors for integer token ids.
+
+    Args:
+        params: ``{"weight": (vocab_size, d_model)}``.
+        token_ids: ``(...)`` integer tensor with values in ``[0, vocab_size)``.
+
+    Returns:
+        ``(..., d_model)`` in the weight's dtype.
+
+    Raises:
+        ValueError: if ``token_ids`` is not an integer tensor.
+
+    Source: handout §3.4.3.
+    """
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise ValueError(f"embedding: token_ids must be an integer tensor, got {token_ids.dtype}")
+    return params["weight"][token_ids]
+
+
+def rms_norm(params: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Root-mean-square layer normalisation ``x / RMS(x) * g``, computed in float32.
+
+    ``RMS(x) = sqrt(mean(x²) + eps)`` over the last dimension.
+
+    Args:
+        params: ``{"weight": (d_model,)}``, the gain ``g``.
+        x: ``(..., d_model)``, any float dtype.
+        eps: added to the mean square for stability.
+
+    Returns:
+        ``(..., d_model)`` in ``x``'s dtype.
+
+    Raises:
+        ValueError: if ``x``'s last dimension does not match the gain.
+
+    Source: handout §3.5.1, eq. (4); Zhang & Sennrich (2019), eq. (4).
+    """
+    g = params["weight"]
+    if x.shape[-1] != g.shape[-1]:
+        raise ValueError(f"rms_norm: input has last dimension {x.shape[-1]}, gain has {g.shape[-1]}")
+    in_dtype = x.dtype
+    x32 = x.float()
+    inv_rms = torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
+    return (x32 * inv_rms * g.float()).to(in_dtype)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / Swish activation ``x · σ(x)``, elementwise.
+
+    Args:
+        x: any shape, float dtype.
+
+    Returns:
+        Same shape and dtype.
+
+    Source: handout §3.5.2, eq. (5); Elfwing et al. (2017).
+    """
+    return x * torch.sigmoid(x)
+
+
+def swiglu(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward network ``W2 (SiLU(W1 x) ⊙ W3 x)``.
+
+    Args:
+        params: ``{"w1": {"weight": (d_ff, d_model)}, "w2": {"weight": (d_model, d_ff)},
+            "w3": {"weight": (d_ff, d_model)}}``.
+        x: ``(..., d_model)``.
+
+    Returns:
+        ``(..., d_model)``.
+
+    Source: handout §3.5.2, eq. (7); Shazeer (2020).
+    """
+    return linear(params["w2"], silu(linear(params["w1"], x)) * linear(params["w3"], x))
+
+
+def silu_ffn(params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Ungated SiLU feed-forward network ``W2 SiLU(W1 x)`` (the handout's SwiGLU ablation).
+
+    Args:
+        params: ``{"w1": {"weight": (d_ff, d_model)}, "w2": {"weight": (d_model, d_ff)}}``.
+        x: ``(..., d_model)``.
+
+    Returns:
+        ``(..., d_model)``.
+
+    Source: handout §7.3, eq. (25).
+    """
+    return linear(params["w2"], silu(linear(params["w1"], x)))
+
+
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Numerically stable softmax along ``dim``, computed in float32.
+
+    Subtracts the maximum along ``dim`` before exponentiating, so inputs of any magnitude give
+    finite results; ``-inf`` entries get probability exactly 0. A slice that is entirely ``-inf``
+    has no distribution and gives NaN, as in PyTorch.
+
+    Args:
+        x: any shape, float dtype.
+        dim: the dimension to normalise.
+
+    Returns:
+        Same shape and dtype as ``x``; slices along ``dim`` sum to 1.
+
+    Source: handout §3.5.4, eq. (10).
+    """
+    in_dtype = x.dtype
+    x32 = x.float()
+    shifted = x32 - x32.amax(dim=dim, keepdim=True)
+    e = shifted.exp()
+    return (e / e.sum(dim=dim, keepdim=True)).to(in_dtype)
+
+
+def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: queries have d_k={q.shape[-1]} but keys have d_k={k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"attention: {k.shape[-2]} keys but {v.shape[-2]} values")
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention ``softmax(Q Kᵀ / √d_k) V`` with an optional boolean mask.
+
+    Args:
+        q: queries ``(..., queries, d_k)``.
+        k: keys ``(..., keys, d_k)``.
+        v: values ``(..., keys, d_v)``.
+        mask: optional bool tensor broadcastable to ``(..., queries, keys)``; ``True`` = attend.
+            Masked positions get probability exactly 0.
+
+    Returns:
+        ``(..., queries, d_v)`` in ``q``'s dtype (softmax computed in float32).
+
+    Raises:
+        ValueError: on mismatched ``d_k``/key counts, a non-bool mask, or a mask that does not
+            broadcast to the score shape.
+
+    Source: handout §3.5.4, eq. (11); Vaswani et al. (2017) §3.2.1.
+    """
+    _check_attention_inputs(q, k, v)
+    d_k = q.shape[-1]
+    scores = einsum(q, k, "... queries d_k, ... keys d_k -> ... queries keys") * (1.0 / math.sqrt(d_k))
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"attention: mask must be bool (True = attend), got {mask.dtype}")
+        try:
+            shape = torch.broadcast_shapes(mask.shape, scores.shape)
+        except RuntimeError:
+            shape = None
+        if shape != scores.shape:
+            raise ValueError(
+                f"attention: mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(scores.shape)}"
+            )
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = softmax(scores, dim=-1)
+    return einsum(probs, v, "... queries keys, ... keys d_v -> ... queries d_v")
+
+
+def causal_mask(num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean causal mask: query ``i`` attends to key ``j`` iff ``j ≤ i + (keys − queries)``.
+
+    With ``num_keys > num_queries`` the queries are the last ``num_queries`` positions of the
+    key sequence (the KV-cache case).
+
+    Args:
+        num_queries: number of query positions.
+        num_keys: number of key positions (default: ``num_queries``).
+        device: where to build the mask.
+
+    Returns:
+        ``(num_queries, num_keys)`` bool tensor.
+
+    Source: handout §3.5.5 ("Causal masking").
+    """
+    num_keys = num_queries if num_keys is None else num_keys
+    q_pos = torch.arange(num_queries, device=device) + (num_keys - num_queries)
+    k_pos = torch.arange(num_keys, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def rope(x: torch.Tensor, token_positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding: rotate each pair ``(x_{2k}, x_{2k+1})`` by ``pos / θ^{2k/d_k}``.
+
+    Args:
+        x: ``(..., seq_len, d_k)`` with even ``d_k``.
+        token_positions: ``(..., seq_len)`` integer (or float) absolute positions; its leading
+            dimensions broadcast against ``x``'s (right-aligned, e.g. ``(batch, 1, seq_len)``
+            for ``x`` of ``(batch, heads, seq_len, d_k)``).
+        theta: the RoPE base Θ (e.g. 10000.0).
+
+    Returns:
+        ``(..., seq_len, d_k)`` in ``x``'s dtype; angles and rotation computed in float32.
+
+    Raises:
+        ValueError: if ``d_k`` is odd, ``theta`` is not positive, or the positions' last
+            dimension is not ``seq_len``.
+
+    Source: handout §3.5.3, eqs. (8)–(9); Su et al. (2021).
+    """
+    d_k = x.shape[-1]
+    if d_k % 2:
+        raise ValueError(f"rope: head dimension d_k={d_k} must be even")
+    if theta <= 0:
+        raise ValueError(f"rope: theta must be positive, got {theta}")
+    if token_positions.shape[-1] != x.shape[-2]:
+        raise ValueError(
+            f"rope: token_positions has {token_positions.shape[-1]} positions but x has seq_len={x.shape[-2]}"
+        )
+    inv_freq = theta ** (-torch.arange(0, d_k, 2, device=x.device, dtype=torch.float32) / d_k)  # (d_k/2,)
+    angles = token_positions.to(torch.float32)[..., None] * inv_freq  # (..., seq_len, d_k/2)
+    cos, sin = angles.cos(), angles.sin()
+    pairs = rearrange(x.float(), "... (half two) -> ... half two", two=2)
+    x_even, x_odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rearrange(rotated, "... half two -> ... (half two)").to(x.dtype)
+
+
+def attention_qkv(
+    params: Params,
+    x: torch.Tensor,
+    num_heads: int,
+    rope_theta: float | None = None,
+    token_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Project ``x`` to per-head queries, keys and values, with RoPE on q and k when asked.
+
+    Args:
+        params: ``{"q_proj", "k_proj", "v_proj"}``, each ``{"weight": (d_model, d_model)}``.
+        x: ``(..., seq_len, d_model)``.
+        num_heads: number of heads ``h``; ``d_model`` must be divisible by it.
+        rope_theta: the RoPE base, or ``None`` for no position encoding (NoPE).
+        token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``).
+
+    Returns:
+        ``(q, k, v)``, each ``(..., h, seq_len, d_head)``.
+
+    Raises:
+        ValueError: if ``d_model`` is not divisible by ``num_heads``.
+
+    Source: handout §3.5.5, eqs. (12)–(14).
+    """
+    d_model = x.shape[-1]
+    if num_heads <= 0 or d_model % num_heads:
+        raise ValueError(f"attention: d_model={d_model} is not divisible by num_heads={num_heads}")
+    split = "... seq (heads d_head) -> ... heads seq d_head"
+    q = rearrange(linear(params["q_proj"], x), split, heads=num_heads)
+    k = rearrange(linear(params["k_proj"], x), split, heads=num_heads)
+    v = rearrange(linear(params["v_proj"], x), split, heads=num_heads)
+    if rope_theta is not None:
+        seq_len = x.shape[-2]
+        if token_positions is None:
+            token_positions = torch.arange(seq_len, device=x.device)
+        positions = token_positions.unsqueeze(-2)  # (..., 1, seq_len): same rotation for every head
+        q = rope(q, positions, rope_theta)
+        k = rope(k, positions, rope_theta)
+    return q, k, v
+
+
+def multihead_self_attention(
+    params: Params,
+    x: torch.Tensor,
+    num_heads: int,
+    rope_theta: float | None = None,
+    token_positions: torch.Tensor | None = None,
+    *,
+    attention: str = "flm",
+) -> torch.Tensor:
+    """Causal multi-head self-attention ``W_O · MultiHead(W_Q x, W_K x, W_V x)``.
+
+    Args:
+        params: ``{"q_proj", "k_proj", "v_proj", "output_proj"}``, each ``{"weight": (d_model, d_model)}``.
+        x: ``(..., seq_len, d_model)``.
+        num_heads: number of heads; ``d_model`` must be divisible by it.
+        rope_theta: apply RoPE with this base to q and k; ``None`` for no positions (NoPE).
+        token_positions: ``(..., seq_len)`` absolute positions (default ``arange(seq_len)``).
+        attention: ``"flm"`` (this module's :func:`scaled_dot_product_attention`) or ``"sdpa"``
+            (PyTorch's fused ``scaled_dot_product_attention`` kernels; an explicitly selected
+            fast path, tested equal to ``"flm"``; it has no ``vmap`` batching rule).
+
+    Returns:
+        ``(..., seq_len, d_model)``.
+
+    Raises:
+        ValueError: bad head count or unknown ``attention``.
+
+    Source: handout §3.5.5; Vaswani et al. (2017) §3.2.2.
+    """
+    q, k, v = attention_qkv(params, x, num_heads, rope_theta, token_positions)
+    seq_len = x.shape[-2]
+    if attention == "flm":
+        out = scaled_dot_product_attention(q, k, v, causal_mask(seq_len, device=x.device))
+    elif attention == "sdpa":
+        from flm._fused import fused_causal_attention
+
+        out = fused_causal_attention(q, k, v)
+    else:
+        raise ValueError(f"attention must be 'flm' or 'sdpa', got {attention!r}")
+    return linear(params["output_proj"], rearrange(out, "... heads seq d_head -> ... seq (heads d_head)"))
+
+
+def transformer_block(
+    params: Params, x: torch.Tensor, config: TransformerConfig, token_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One Transformer block: attention and feed-forward sub-layers with residual connections.
+
+    With ``config.norm == "pre"`` (the default)::
+
+        z = x + MHA(RMSNorm(x));  y = z + FFN(RMSNorm(z))
+
+    ``"post"`` gives ``z = RMSNorm(x + MHA(x)); y = RMSNorm(z + FFN(z))`` and ``"none"`` drops the
+    norms. ``config.ffn`` picks SwiGLU or the ungated SiLU FFN; ``config.position`` RoPE or NoPE.
+
+    Args:
+        params: ``{"ln1", "attn", "ln2", "ffn"}`` (no ``ln1``/``ln2`` when ``norm == "none"``).
+        x: ``(..., seq_len, d_model)``.
+        config: the model's :class:`flm.model.TransformerConfig`.
+        token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``).
+
+    Returns:
+        ``(..., seq_len, d_model)``.
+
+    Source: handout §3.6 eq. (15), Figure 2; ablations §7.3.
+    """
+    rope_theta = config.rope_theta if config.position == "rope" else None
+    ffn = swiglu if config.ffn == "swiglu" else silu_ffn
+
+    def attn(h: torch.Tensor) -> torch.Tensor:
+        return multihead_self_attention(
+            params["attn"], h, config.num_heads, rope_theta, token_positions, attention=config.attention
+        )
+
+    if config.norm == "pre":
+        z = x + attn(rms_norm(params["ln1"], x, config.eps))
+        return z + ffn(params["ffn"], rms_norm(params["ln2"], z, config.eps))
+    if config.norm == "post":
+        z = rms_norm(params["ln1"], x + attn(x), config.eps)
+        return rms_norm(params["ln2"], z + ffn(params["ffn"], z), config.eps)
+    z = x + attn(x)
+    return z + ffn(params["ffn"], z)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisers (handout §3.4.1); all randomness from an explicit torch.Generator.
+# --------------------------------------------------------------------------------------------
+
+
+def truncated_normal(
+    shape: tuple[int, ...],
+    std: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sample ``N(0, std²)`` truncated to ``[-3·std, 3·std]`` by inverse-CDF sampling.
+
+    The draw happens on the generator's device (CPU for a default ``torch.Generator()``) in
+    float32, then moves to ``device``/``dtype``, so one seed gives the same values everywhere.
+
+    Args:
+        shape: output shape.
+        std: standard deviation before truncation (> 0).
+        generator: source of randomness (``None``: PyTorch's global generator).
+        device: target device.
+        dtype: target float dtype (default float32).
+
+    Returns:
+        A tensor of ``shape`` with values in ``[-3·std, 3·std]``.
+
+    Source: handout §3.4.1 (what ``torch.nn.init.trunc_normal_`` computes).
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    lo = 0.5 * (1.0 + math.erf(-3.0 / math.sqrt(2.0)))  # Φ(-3)
+    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    u = lo + (1.0 - 2.0 * lo) * u  # uniform on [Φ(-3), Φ(3)]
+    z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)  # Φ⁻¹(u)
+    z = z.clamp_(-3.0, 3.0) * std
+    return z.to(device=device, dtype=dtype or torch.float32)
+
+
+def init_linear(
+    d_in: int,
+    d_out: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise a linear layer: ``W ~ N(0, 2/(d_in + d_out))`` truncated at ±3σ.
+
+    Returns:
+        ``{"weight": (d_out, d_in)}``.
+
+    Source: handout §3.4.1.
+    """
+    std = math.sqrt(2.0 / (d_in + d_out))
+    return {"weight": truncated_normal((d_out, d_in), std, generator=generator, device=device, dtype=dtype)}
+
+
+def init_embedding(
+    vocab_size: int,
+    d_model: int,
+    *,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise an embedding table: ``N(0, std²)`` truncated at ±3·std (handout: std 1).
+
+    Returns:
+        ``{"weight": (vocab_size, d_model)}``.
+
+    Source: handout §3.4.1.
+    """
+    return {"weight": truncated_normal((vocab_size, d_model), std, generator=generator, device=device, dtype=dtype)}
+
+
+def init_rms_norm(
+    d_model: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> Params:
+    """Initialise an RMSNorm gain to ones.
+
+    Returns:
+        ``{"weight": (d_model,)}``.
+
+    Source: handout §3.4.1.
+    """
+    return {"weight": torch.ones(d_model, device=device, dtype=dtype or torch.float32)}
+
+
+def init_swiglu(
+    d_model: int,
+    d_ff: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise a SwiGLU FFN: ``w1, w3: (d_ff, d_model)``, ``w2: (d_model, d_ff)``.
+
+    Source: handout §3.4.1, §3.5.2.
+    """
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    return {"w1": init_linear(d_model, d_ff, **kw), "w2": init_linear(d_ff, d_model, **kw), "w3": init_linear(d_model, d_ff, **kw)}
+
+
+def init_silu_ffn(
+    d_model: int,
+    d_ff: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise an ungated SiLU FFN: ``w1: (d_ff, d_model)``, ``w2: (d_model, d_ff)``.
+
+    Source: handout §7.3.
+    """
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    return {"w1": init_linear(d_model, d_ff, **kw), "w2": init_linear(d_ff, d_model, **kw)}
+
+
+def init_multihead_self_attention(
+    d_model: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise the four ``(d_model, d_model)`` projections of multi-head self-attention.
+
+    Returns:
+        ``{"q_proj", "k_proj", "v_proj", "output_proj"}``, each ``{"weight": (d_model, d_model)}``.
+
+    Source: handout §3.4.1, §3.5.5.
+    """
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    return {name: init_linear(d_model, d_model, **kw) for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
+
+
+def init_transformer_block(
+    config: TransformerConfig,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Params:
+    """Initialise one Transformer block for ``config`` (norm/FFN variants included).
+
+    Returns:
+        ``{"ln1", "attn", "ln2", "ffn"}`` (without the norms when ``config.norm == "none"``).
+
+    Source: handout §3.4.1, §3.6.
+    """
+    kw = dict(generator=generator, device=device, dtype=dtype)
+    init_ffn = init_swiglu if config.ffn == "swiglu" else init_silu_ffn
+    block: Params = {}
+    if config.norm != "none":
+        block["ln1"] = init_rms_norm(config.d_model, device=device, dtype=dtype)
+    block["attn"] = init_multihead_self_attention(config.d_model, **kw)
+    if config.norm != "none":
+        block["ln2"] = init_rms_norm(config.d_model, device=device, dtype=dtype)
+    block["ffn"] = init_ffn(config.d_model, config.d_ff, **kw)
+    return block
