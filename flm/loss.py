@@ -21,7 +21,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
         targets: ``(...)`` integer class ids in ``[0, vocab_size)`` (same leading shape).
 
     Returns:
-        ``(...)`` float32 losses in nats.
+        ``(...)`` float32 losses in nats (float64 for float64 logits).
 
     Raises:
         ValueError: if the leading shapes differ or ``targets`` is not an integer tensor.
@@ -34,7 +34,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
         )
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
-    x = logits.float()
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     m = x.amax(dim=-1, keepdim=True)
     lse = m.squeeze(-1) + (x - m).exp().sum(dim=-1).log()
     target_logit = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
@@ -49,7 +49,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets: ``(...)`` integer ids.
 
     Returns:
-        0-d float32 tensor: the mean loss in nats per token.
+        0-d float32 tensor (float64 for float64 logits): the mean loss in nats per token.
 
     Raises:
         ValueError: as :func:`token_cross_entropy`.

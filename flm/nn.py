@@ -2,7 +2,7 @@
 
 Every layer is a function ``f(params, x, ...)`` of a nested dict of tensors (its parameters) and
 its inputs; nothing is stored between calls. Weights are kept ``(d_out, d_in)`` as in the handout
-(§3.3.1: ``y = x Wᵀ``). Norms and softmax compute in float32 and cast back to the input dtype.
+(§3.3.1: ``y = x Wᵀ``). Norms and softmax compute in float32 (float64 for float64 inputs) and cast back to the input dtype.
 
 Source: CS336 assignment 1 handout §3.4–3.5 (Linear, Embedding, RMSNorm, SwiGLU, RoPE, softmax,
 scaled dot-product attention, causal multi-head self-attention, the pre-norm block).
@@ -44,6 +44,11 @@ __all__ = [
 ]
 
 Params = dict[str, Any]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs, float64 for float64 (never lower the precision)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def embedding(params: Params, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(params: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Root-mean-square layer normalisation ``x / RMS(x) * g``, computed in float32.
+    """Root-mean-square layer normalisation ``x / RMS(x) * g``, computed in float32 (float64 for float64 input).
 
     ``RMS(x) = sqrt(mean(x²) + eps)`` over the last dimension.
 
@@ -115,9 +120,9 @@ def rms_norm(params: Params, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor
     if x.shape[-1] != g.shape[-1]:
         raise ValueError(f"rms_norm: input has last dimension {x.shape[-1]}, gain has {g.shape[-1]}")
     in_dtype = x.dtype
-    x32 = x.float()
+    x32 = x.to(_compute_dtype(in_dtype))
     inv_rms = torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
-    return (x32 * inv_rms * g.float()).to(in_dtype)
+    return (x32 * inv_rms * g.to(x32.dtype)).to(in_dtype)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +171,7 @@ def silu_ffn(params: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Numerically stable softmax along ``dim``, computed in float32.
+    """Numerically stable softmax along ``dim``, computed in float32 (float64 for float64 input).
 
     Subtracts the maximum along ``dim`` before exponentiating, so inputs of any magnitude give
     finite results; ``-inf`` entries get probability exactly 0. A slice that is entirely ``-inf``
@@ -182,7 +187,7 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     Source: handout §3.5.4, eq. (10).
     """
     in_dtype = x.dtype
-    x32 = x.float()
+    x32 = x.to(_compute_dtype(in_dtype))
     shifted = x32 - x32.amax(dim=dim, keepdim=True)
     e = shifted.exp()
     return (e / e.sum(dim=dim, keepdim=True)).to(in_dtype)
@@ -268,7 +273,7 @@ def rope(x: torch.Tensor, token_positions: torch.Tensor, theta: float) -> torch.
         theta: the RoPE base Θ (e.g. 10000.0).
 
     Returns:
-        ``(..., seq_len, d_k)`` in ``x``'s dtype; angles and rotation computed in float32.
+        ``(..., seq_len, d_k)`` in ``x``'s dtype; angles and rotation computed in float32 (float64 for float64 input).
 
     Raises:
         ValueError: if ``d_k`` is odd, ``theta`` is not positive, or the positions' last
@@ -285,10 +290,11 @@ def rope(x: torch.Tensor, token_positions: torch.Tensor, theta: float) -> torch.
         raise ValueError(
             f"rope: token_positions has {token_positions.shape[-1]} positions but x has seq_len={x.shape[-2]}"
         )
-    inv_freq = theta ** (-torch.arange(0, d_k, 2, device=x.device, dtype=torch.float32) / d_k)  # (d_k/2,)
-    angles = token_positions.to(torch.float32)[..., None] * inv_freq  # (..., seq_len, d_k/2)
+    cdt = _compute_dtype(x.dtype)
+    inv_freq = theta ** (-torch.arange(0, d_k, 2, device=x.device, dtype=cdt) / d_k)  # (d_k/2,)
+    angles = token_positions.to(cdt)[..., None] * inv_freq  # (..., seq_len, d_k/2)
     cos, sin = angles.cos(), angles.sin()
-    pairs = rearrange(x.float(), "... (half two) -> ... half two", two=2)
+    pairs = rearrange(x.to(cdt), "... (half two) -> ... half two", two=2)
     x_even, x_odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return rearrange(rotated, "... half two -> ... (half two)").to(x.dtype)
