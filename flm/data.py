@@ -567,9 +567,9 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
             if _allow_restart:  # the .part is longer than the remote file: it is stale, start over
                 part.unlink()
                 return _fetch(url, part, timeout=timeout, progress=progress, desc=desc, _allow_restart=False)
-        raise OSError(f"download of {part.name} from {url} failed: HTTP {e.code} {e.reason}") from e
+        raise OSError(f"download of {desc} from {url} failed: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise OSError(f"download of {part.name} from {url} failed: {e.reason}") from e
+        raise OSError(f"download of {desc} from {url} failed: {e.reason}") from e
 
     with resp:
         status = resp.status
@@ -578,7 +578,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
             start, total = _parse_content_range(resp.headers.get("Content-Range"))
             if start != have:
                 if not _allow_restart:
-                    raise OSError(f"download of {part.name}: server sent range start {start}, expected {have}")
+                    raise OSError(f"download of {desc}: server sent range start {start}, expected {have}")
                 resp.close()
                 part.unlink()
                 return _fetch(url, part, timeout=timeout, progress=progress, desc=desc, _allow_restart=False)
@@ -588,7 +588,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
             total = length
             mode = "wb"
         else:
-            raise OSError(f"download of {part.name} from {url} failed: unexpected HTTP status {status}")
+            raise OSError(f"download of {desc} from {url} failed: unexpected HTTP status {status}")
 
         received = 0
         error: BaseException | None = None
@@ -608,7 +608,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
         expected = total if total is not None else (have + length if length is not None else "?")
         why = f" ({type(error).__name__}: {error})" if error is not None else ""
         raise OSError(
-            f"download of {part.name} from {url} is incomplete: got {size} of {expected} bytes{why}; "
+            f"download of {desc} from {url} is incomplete: got {size} of {expected} bytes{why}; "
             f"the partial file {part} is kept, run again to resume"
         )
     return size
