@@ -1,0 +1,207 @@
+"""Pre-tokenization: split text on special tokens, then into GPT-2 regex pieces, and count them.
+
+BPE merges never cross a pre-token boundary (handout §2; GPT-2, Radford et al. 2019), so
+training only needs the multiset of pre-tokens. Large files are counted in parallel over byte
+ranges that start at a special token, so no pre-token or special token straddles two ranges.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import regex
+
+__all__ = [
+    "GPT2_PATTERN",
+    "PRETOKEN_RE",
+    "special_pattern",
+    "split_special",
+    "count_pretokens",
+    "chunk_boundaries",
+    "safe_split_token",
+    "count_file",
+]
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRETOKEN_RE = regex.compile(GPT2_PATTERN)
+
+
+def special_pattern(special_tokens: Iterable[str]) -> regex.Pattern | None:
+    """Compile an alternation matching any special token, longest first.
+
+    Longest first makes overlapping tokens (``<|eot|>`` and ``<|eot|><|eot|>``) match the
+    longer one.
+
+    Args:
+        special_tokens: the special token strings (empty strings are ignored).
+
+    Returns:
+        a compiled pattern with one capture group, or None when there are no special tokens.
+    """
+    toks = sorted({t for t in special_tokens if t}, key=lambda t: (-len(t), t))
+    if not toks:
+        return None
+    return regex.compile("(" + "|".join(regex.escape(t) for t in toks) + ")")
+
+
+def split_special(text: str, pattern: regex.Pattern | None) -> list[str]:
+    """Split ``text`` around special tokens.
+
+    Args:
+        text: the text.
+        pattern: from :func:`special_pattern`, or None.
+
+    Returns:
+        alternating ``[text, special, text, special, ..., text]`` (odd indices are special tokens;
+        text pieces may be empty).
+    """
+    return [text] if pattern is None else pattern.split(text)
+
+
+def count_pretokens(text: str, special_tokens: Sequence[str] = ()) -> Counter[str]:
+    """Count the GPT-2 regex pre-tokens of ``text``, with special tokens removed.
+
+    Args:
+        text: the text.
+        special_tokens: special tokens to split on (they are not counted).
+
+    Returns:
+        Counter of pre-token strings.
+    """
+    counts: Counter[str] = Counter()
+    parts = split_special(text, special_pattern(special_tokens))
+    for part in parts[::2]:
+        if part:
+            counts.update(PRETOKEN_RE.findall(part))
+    return counts
+
+
+def chunk_boundaries(path: str | os.PathLike, n_chunks: int, split_token: bytes, block: int = 1 << 16) -> list[int]:
+    """Byte offsets that cut a file into about ``n_chunks`` ranges, each starting at ``split_token``.
+
+    Each guessed cut (an equal split) is moved forward to the next occurrence of ``split_token``
+    (or the end of file); duplicates are dropped, so fewer ranges may come back.
+
+    Args:
+        path: the file.
+        n_chunks: the wanted number of ranges.
+        split_token: the bytes to cut before (a special token, UTF-8).
+        block: read size in bytes when scanning forward.
+
+    Returns:
+        sorted offsets ``[0, ..., file size]``.
+    """
+    size = os.path.getsize(path)
+    if n_chunks <= 1 or size == 0 or not split_token:
+        return [0, size]
+    cuts = [0]
+    with open(path, "rb") as f:
+        for k in range(1, n_chunks):
+            pos = max(size * k // n_chunks, cuts[-1])
+            f.seek(pos)
+            tail = b""
+            while True:
+                data = f.read(block)
+                if not data:
+                    pos = size
+                    break
+                buf = tail + data
+                hit = buf.find(split_token)
+                if hit >= 0:
+                    pos = pos - len(tail) + hit
+                    break
+                keep = len(split_token) - 1
+                tail = buf[-keep:] if keep else b""
+                pos += len(data)
+            if pos > cuts[-1]:
+                cuts.append(pos)
+    if cuts[-1] != size:
+        cuts.append(size)
+    return cuts
+
+
+def safe_split_token(special_tokens: Sequence[str]) -> str:
+    """Pick a special token before whose occurrences a text can be cut without changing its parse.
+
+    A cut before an occurrence of ``s`` is safe when no special token (``s`` included) can
+    overlap that occurrence from the left, i.e. no proper suffix of a special token is a prefix
+    of ``s`` or has ``s`` as a prefix. ``<|endoftext|>`` alone is safe.
+
+    Args:
+        special_tokens: the special tokens.
+
+    Returns:
+        the longest safe special token, or ``""`` when none is safe (then do not cut).
+    """
+    toks = [t for t in special_tokens if t]
+    for s in sorted(toks, key=len, reverse=True):
+        if not any(m[i:].startswith(s) or s.startswith(m[i:]) for m in toks for i in range(1, len(m))):
+            return s
+    return ""
+
+
+def _read_range(path: str | os.PathLike, start: int, end: int) -> str:
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 at byte {start + e.start}") from e
+
+
+def _count_range(args: tuple[str, int, int, tuple[str, ...]]) -> Counter[str]:
+    path, start, end, special_tokens = args
+    return count_pretokens(_read_range(path, start, end), special_tokens)
+
+
+def count_file(
+    path: str | os.PathLike,
+    special_tokens: Sequence[str] = (),
+    num_workers: int | None = None,
+    progress=None,
+) -> Counter[str]:
+    """Count the pre-tokens of a UTF-8 file, in parallel over special-token-aligned ranges.
+
+    Args:
+        path: the text file.
+        special_tokens: special tokens (split on, not counted); ranges are cut before the first.
+        num_workers: processes to use; None picks 1 for files under 2 MB (process start-up
+            costs more than it saves there), else ``min(os.cpu_count(), 8)``.
+        progress: an optional callable ``progress(n_bytes)`` called as ranges finish.
+
+    Returns:
+        Counter of pre-token strings.
+
+    Raises:
+        ValueError: the file cannot be read or is not UTF-8 (names the file).
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if num_workers is None:
+        num_workers = 1 if size < (2 << 20) else min(os.cpu_count() or 1, 8)
+    specials = tuple(special_tokens)
+    split = safe_split_token(specials).encode("utf-8")
+    # Several ranges per worker balance the load; ~4 MB per range bounds each worker's memory.
+    n_chunks = 1 if num_workers <= 1 else max(num_workers * 4, size // (4 << 20))
+    cuts = chunk_boundaries(path, n_chunks, split)
+    tasks = [(str(path), a, b, specials) for a, b in zip(cuts[:-1], cuts[1:])]
+    total: Counter[str] = Counter()
+    if num_workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            total.update(_count_range(t))
+            if progress:
+                progress(t[2] - t[1])
+        return total
+    from flm.tokenizer._mp import pool_context
+
+    with pool_context().Pool(min(num_workers, len(tasks))) as pool:
+        for t, c in zip(tasks, pool.imap(_count_range, tasks)):
+            total.update(c)
+            if progress:
+                progress(t[2] - t[1])
+    return total
