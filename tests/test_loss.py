@@ -1,0 +1,114 @@
+"""Tests for flm.loss: cross-entropy against F.cross_entropy and the handout's formula
+(logsumexp − target logit, eq. 17), stability for huge logits, perplexity = exp(mean) (eq. 18)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812  (the oracle)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flm.loss import cross_entropy, perplexity, token_cross_entropy
+
+# ---------------------------------------------------------------------------------------------
+# Tolerances (assert_close rtol/atol) used throughout this file.
+# ---------------------------------------------------------------------------------------------
+F64 = dict(rtol=1e-10, atol=1e-10)  # float64 logits against a float64 oracle
+F32 = dict(rtol=1e-5, atol=1e-5)  # float32 logits (loss computed in float32) against float64
+BF16 = dict(rtol=1e-5, atol=1e-5)  # bf16 logits: computed exactly in float32 from the bf16 values
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 2, 3)])
+def test_matches_F_cross_entropy(lead):
+    v = 11
+    logits = torch.randn(*lead, v, dtype=torch.float64, generator=_gen(0)) * 4
+    y = torch.randint(0, v, lead, generator=_gen(1))
+    expected = F.cross_entropy(logits.reshape(-1, v), y.reshape(-1), reduction="none").reshape(lead)
+    torch.testing.assert_close(token_cross_entropy(logits, y), expected, **F64)
+    torch.testing.assert_close(cross_entropy(logits, y), expected.mean(), **F64)
+    assert cross_entropy(logits, y).shape == ()
+    # float32 and bfloat16 logits: the loss is float32
+    for dtype, tol in ((torch.float32, F32), (torch.bfloat16, BF16)):
+        low = logits.to(dtype)
+        out = cross_entropy(low, y)
+        assert out.dtype == torch.float32
+        ref = F.cross_entropy(low.double().reshape(-1, v), y.reshape(-1))
+        torch.testing.assert_close(out.double(), ref, **tol)
+
+
+def test_gradient_matches_F_cross_entropy():
+    logits = torch.randn(4, 6, 9, dtype=torch.float64, generator=_gen(2))
+    y = torch.randint(0, 9, (4, 6), generator=_gen(3))
+    g = torch.func.grad(cross_entropy)(logits, y)
+    a = logits.clone().requires_grad_(True)
+    F.cross_entropy(a.reshape(-1, 9), y.reshape(-1)).backward()
+    torch.testing.assert_close(g, a.grad, **F64)
+    # d/do of the mean loss: (softmax(o) − onehot(y)) / N
+    expected = (torch.softmax(logits, -1) - F.one_hot(y, 9)) / y.numel()
+    torch.testing.assert_close(g, expected, **F64)
+
+
+@st.composite
+def _case(draw, scale: float = 10.0):
+    n, v = draw(st.integers(1, 5)), draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    logits = (torch.rand(n, v, dtype=torch.float64, generator=_gen(seed)) * 2 - 1) * scale
+    y = torch.tensor(draw(st.lists(st.integers(0, v - 1), min_size=n, max_size=n)))
+    return logits, y
+
+
+@given(case=_case(), c=st.floats(-100, 100))
+def test_equals_logsumexp_minus_target_and_shift_invariant(case, c):
+    logits, y = case
+    expected = torch.logsumexp(logits, -1) - logits.gather(-1, y[:, None])[:, 0]
+    loss = token_cross_entropy(logits, y)
+    torch.testing.assert_close(loss, expected, **F64)
+    assert (loss >= 0).all()
+    torch.testing.assert_close(token_cross_entropy(logits + c, y), loss, rtol=1e-9, atol=1e-9)
+
+
+@given(case=_case(scale=1.0), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_stable_for_huge_logits(case, dtype):
+    small, y = case
+    logits = (torch.sign(small) * 1e4 + small).to(dtype)  # exp(±1e4) overflows when done naively
+    loss = token_cross_entropy(logits, y)
+    assert torch.isfinite(loss).all()
+    ref = torch.logsumexp(logits.double(), -1) - logits.double().gather(-1, y[:, None])[:, 0]
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)  # 1e-3 absolute: fp32 ulp at 1e4
+    g = torch.func.grad(cross_entropy)(logits.double(), y)
+    assert torch.isfinite(g).all()
+
+
+def test_uniform_logits_give_log_vocab():
+    logits = torch.zeros(3, 50)
+    assert cross_entropy(logits, torch.tensor([0, 7, 49])).item() == pytest.approx(math.log(50), rel=1e-6)
+    assert perplexity(cross_entropy(logits, torch.tensor([0, 7, 49]))).item() == pytest.approx(50.0, rel=1e-5)
+
+
+@given(losses=st.lists(st.floats(0.0, 20.0), min_size=1, max_size=20))
+def test_perplexity_is_exp_of_mean(losses):
+    t = torch.tensor(losses, dtype=torch.float64)
+    expected = math.exp(sum(losses) / len(losses))
+    assert perplexity(t).item() == pytest.approx(expected, rel=1e-5)
+    assert perplexity(t.mean()).item() == pytest.approx(expected, rel=1e-5)
+    assert perplexity(sum(losses) / len(losses)).item() == pytest.approx(expected, rel=1e-5)
+    assert perplexity(t).dtype == torch.float32 and perplexity(t).shape == ()
+
+
+def test_errors():
+    logits = torch.zeros(2, 3, 5)
+    with pytest.raises(ValueError, match=r"logits \(2, 3, 5\) and targets \(2, 4\)"):
+        cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="leading dims"):
+        cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        cross_entropy(logits, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="integer"):
+        token_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.bool))
