@@ -147,6 +147,9 @@ def unflatten(flat: Mapping[str, Any]) -> PyTree:
         if not isinstance(node, dict):
             return node
         if node and all(k.isdigit() for k in node):
+            odd = sorted(k for k in node if k != str(int(k)))  # "01", "00": not a list index flatten writes
+            if odd:
+                raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} must be plain integers, got {odd}")
             idx = sorted(int(k) for k in node)
             if idx != list(range(len(idx))):
                 raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} are {idx}, not 0..{len(idx) - 1}")
