@@ -21,6 +21,7 @@ __all__ = [
     "tree_structure",
     "zeros_like",
     "path_names",
+    "leaf_paths",
     "stack",
     "unstack",
     "num_elements",
@@ -72,8 +73,20 @@ def num_elements(tree: PyTree) -> int:
     return sum(int(t.numel()) for t in tree_leaves(tree))
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in path)
+def _entry_name(entry: Any) -> str:
+    if isinstance(entry, optree.NamedTupleEntry):
+        return str(entry.field)  # NamedTuple fields by name: "m", "v", "step"
+    return str(entry.entry)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """Return the dotted path of every leaf of ``tree``, in optree's canonical leaf order.
+
+    Dict keys and list indices appear as they are; NamedTuple fields by name
+    (``AdamWState(step, m, v)`` gives ``step``, ``m.…``, ``v.…``).
+    """
+    accessors, _, _ = optree.tree_flatten_with_accessor(tree, namespace=_NS)
+    return [".".join(_entry_name(e) for e in acc) for acc in accessors]
 
 
 def path_names(tree: PyTree) -> PyTree:
@@ -82,8 +95,7 @@ def path_names(tree: PyTree) -> PyTree:
     Example: ``path_names({"layers": [{"ln1": {"weight": w}}]})`` is
     ``{"layers": [{"ln1": {"weight": "layers.0.ln1.weight"}}]}``.
     """
-    paths, _, spec = optree.tree_flatten_with_path(tree, namespace=_NS)
-    return optree.tree_unflatten(spec, [_path_str(p) for p in paths])
+    return optree.tree_unflatten(tree_structure(tree), leaf_paths(tree))
 
 
 def flatten(params: PyTree) -> dict[str, torch.Tensor]:
@@ -104,16 +116,14 @@ def flatten(params: PyTree) -> dict[str, torch.Tensor]:
         ValueError: if a dict key contains a ``.`` (the path would be ambiguous).
     """
     paths, leaves, _ = optree.tree_flatten_with_path(params, namespace=_NS)
-    out: dict[str, torch.Tensor] = {}
-    for path, leaf in zip(paths, leaves):
+    for path in paths:
         for part in path:
             if isinstance(part, str) and "." in part:
                 raise ValueError(f"flatten: key {part!r} contains '.', so its dotted path is ambiguous")
-        out[_path_str(path)] = leaf
-    return out
+    return dict(zip(leaf_paths(params), leaves))
 
 
-def unflatten(flat: Mapping[str, Any]) -> PyTree:
+def unflatten(flat: Mapping[str, Any], *, fill_missing: bool = False) -> PyTree:
     """Rebuild a nested tree from ``{dotted path: leaf}``; the inverse of :func:`flatten`.
 
     Integer path parts become list indices (sorted numerically, so ``layers.10`` comes after
@@ -122,12 +132,15 @@ def unflatten(flat: Mapping[str, Any]) -> PyTree:
 
     Args:
         flat: mapping from dotted path (``"layers.0.attn.q_proj.weight"``) to leaf.
+        fill_missing: put ``None`` at list indices that have no leaves (e.g. the stateless parts
+            of a ``chain`` optimiser state, which flatten to nothing) instead of raising.
 
     Returns:
         Nested dicts and lists with the given leaves.
 
     Raises:
-        ValueError: if the list indices under a path are not exactly ``0 … n-1``, or if a path is
+        ValueError: if the list indices under a path are not exactly ``0 … n-1`` (unless
+            ``fill_missing``), or if a path is
             both a leaf and a subtree (``"a"`` and ``"a.b"``).
     """
     root: dict[str, Any] = {}
@@ -151,6 +164,8 @@ def unflatten(flat: Mapping[str, Any]) -> PyTree:
             if odd:
                 raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} must be plain integers, got {odd}")
             idx = sorted(int(k) for k in node)
+            if fill_missing:
+                return [convert(node[str(i)], f"{prefix}.{i}" if prefix else str(i)) if str(i) in node else None for i in range(idx[-1] + 1)]
             if idx != list(range(len(idx))):
                 raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} are {idx}, not 0..{len(idx) - 1}")
             return [convert(node[str(i)], f"{prefix}.{i}" if prefix else str(i)) for i in idx]

@@ -1,0 +1,274 @@
+"""Checkpoints: parameters, optimiser state, step, config and RNG state in one safetensors file.
+
+Tensors are stored under ``params.<dotted path>`` and ``opt_state.<dotted path>`` (the paths of
+:func:`flm.flatten`); everything else is JSON in the safetensors header metadata under the key
+``"flm"``. Loading never executes code (no pickle). Saving to a path is atomic: the file is
+written to a temporary file in the same directory, synced, then renamed over the target, so an
+interrupted save leaves the previous checkpoint intact.
+
+Source: CS336 assignment 1 handout §5.2 (checkpointing).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import optree
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from flm.tree import flatten, leaf_paths, unflatten
+
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_META_KEY = "flm"
+_PREFIXES = ("params", "opt_state")
+
+PathOrFile = str | os.PathLike | BinaryIO
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns.
+
+    Attributes:
+        params: the parameter tree.
+        opt_state: the optimiser state tree (``None`` if none was saved).
+        step: the training step (int).
+        config: the saved config as a JSON dict (``TransformerConfig.to_dict()`` when a
+            ``TransformerConfig`` was saved), or ``None``.
+        metadata: the caller's JSON metadata dict (``{}`` if none).
+        rng_state: the saved ``torch.Generator`` state (uint8 tensor), or ``None``.
+    """
+
+    params: Any
+    opt_state: Any
+    step: int
+    config: dict[str, Any] | None
+    metadata: dict[str, Any]
+    rng_state: torch.Tensor | None = None
+
+
+def _name(target: PathOrFile) -> str:
+    if isinstance(target, (str, os.PathLike)):
+        return os.fspath(target)
+    return getattr(target, "name", "<file object>")
+
+
+def _config_to_json(config: Any) -> Any:
+    if config is None:
+        return None
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    if isinstance(config, dict):
+        return config
+    raise ValueError(f"save_checkpoint: config must be a TransformerConfig, a dict or None, got {type(config).__name__}")
+
+
+def _tensor_dict(prefix: str, tree: Any) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for key, leaf in flatten(tree).items():
+        if not isinstance(leaf, torch.Tensor):
+            raise ValueError(f"save_checkpoint: {prefix}.{key} is a {type(leaf).__name__}, not a tensor")
+        t = leaf.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel() > 0:  # safetensors refuses shared storage: store a copy
+            t = t.clone()
+        seen[t.data_ptr()] = key
+        out[f"{prefix}.{key}" if key else prefix] = t
+    return out
+
+
+def save_checkpoint(
+    out: PathOrFile,
+    *,
+    params: Any,
+    opt_state: Any = None,
+    step: int | torch.Tensor = 0,
+    config: Any = None,
+    metadata: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Write a checkpoint to a path (atomically) or a binary file object.
+
+    Args:
+        out: destination path, or a writable binary file object.
+        params: the parameter tree (tensor leaves).
+        opt_state: the optimiser state tree (NamedTuples/tuples of tensors), or ``None``.
+        step: the training step (int or 0-d tensor; read once, here).
+        config: a ``TransformerConfig`` or a JSON-serialisable dict (e.g. the whole run config).
+        metadata: extra JSON-serialisable information (e.g. metrics, data positions).
+        generator: a ``torch.Generator`` whose state (e.g. the data sampler's) is saved too.
+
+    Raises:
+        ValueError: for non-tensor leaves or metadata that is not JSON-serialisable.
+        OSError: if the file cannot be written (a previous checkpoint at ``out`` is kept).
+
+    Source: handout §5.2.
+    """
+    tensors = _tensor_dict("params", params)
+    if opt_state is not None:
+        tensors.update(_tensor_dict("opt_state", opt_state))
+    header = {
+        "format_version": FORMAT_VERSION,
+        "flm_version": _flm_version(),
+        "step": int(step),
+        "config": _config_to_json(config),
+        "metadata": metadata or {},
+        "has_opt_state": opt_state is not None,
+        "rng_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode() if generator is not None else None,
+    }
+    try:
+        meta = {_META_KEY: json.dumps(header)}
+    except TypeError as err:
+        raise ValueError(f"save_checkpoint: metadata/config is not JSON-serialisable: {err}") from None
+    data = st_save(tensors, metadata=meta)
+    if not isinstance(out, (str, os.PathLike)):
+        out.write(data)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flm_version() -> str:
+    from flm import __version__
+
+    return __version__
+
+
+def _read_bytes(src: PathOrFile) -> bytes:
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            return Path(src).read_bytes()
+        except OSError as err:
+            raise ValueError(f"load_checkpoint: cannot read {os.fspath(src)!r}: {err}") from None
+    return src.read()
+
+
+def _restore(prefix: str, flat: dict[str, torch.Tensor], template: Any, name: str) -> Any:
+    leaves, spec = optree.tree_flatten(template, namespace="")
+    out = []
+    expected = set()
+    for key, like in zip(leaf_paths(template), leaves):
+        full = f"{prefix}.{key}" if key else prefix
+        expected.add(full)
+        if full not in flat:
+            raise ValueError(f"load_checkpoint: {name} has no tensor {full!r} (present in the template)")
+        t = flat[full]
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(
+                f"load_checkpoint: {name}: {full!r} has shape {tuple(t.shape)}, the template expects {tuple(like.shape)}"
+            )
+        out.append(t.to(device=like.device, dtype=like.dtype))
+    extra = sorted(set(flat) - expected)
+    if extra:
+        raise ValueError(f"load_checkpoint: {name} has tensors the template lacks, e.g. {extra[0]!r}")
+    return optree.tree_unflatten(spec, out)
+
+
+def load_checkpoint(src: PathOrFile, like: Any = None) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; never executes code.
+
+    Args:
+        src: a path or a readable binary file object.
+        like: optional templates to restore structure, dtypes and devices exactly: a
+            :class:`Checkpoint` (its ``params``/``opt_state``) or a dict with keys ``"params"``
+            and/or ``"opt_state"`` (e.g. ``{"params": init_params(cfg), "opt_state":
+            tx.init(params)}``). Without a template a tree comes back as nested dicts/lists.
+
+    Returns:
+        A :class:`Checkpoint`.
+
+    Raises:
+        ValueError: naming the file and key, for an unreadable, truncated or corrupt file, a
+            missing or unexpected key, or a shape mismatch against ``like``.
+
+    Source: handout §5.2.
+    """
+    name = _name(src)
+    data = _read_bytes(src)
+    try:
+        flat = st_load(data)
+        with_meta = _read_header_metadata(data)
+    except Exception as err:  # safetensors raises its own error types for corrupt/truncated files
+        raise ValueError(f"load_checkpoint: {name} is not a valid safetensors checkpoint: {err}") from None
+    raw = with_meta.get(_META_KEY)
+    if raw is None:
+        raise ValueError(f"load_checkpoint: {name} has no flm metadata (key {_META_KEY!r}); not an flm checkpoint")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_checkpoint: {name}: corrupt flm metadata: {err}") from None
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"load_checkpoint: {name} has format_version {version!r}; this flm reads {FORMAT_VERSION}")
+
+    groups: dict[str, dict[str, torch.Tensor]] = {p: {} for p in _PREFIXES}
+    for key, t in flat.items():
+        prefix = key.split(".", 1)[0]
+        if prefix not in groups:
+            raise ValueError(f"load_checkpoint: {name} has an unexpected tensor {key!r}")
+        groups[prefix][key] = t
+
+    templates: dict[str, Any] = {}
+    if isinstance(like, Checkpoint):
+        templates = {"params": like.params, "opt_state": like.opt_state}
+    elif isinstance(like, dict):
+        unknown = set(like) - set(_PREFIXES)
+        if unknown:
+            raise ValueError(f"load_checkpoint: like has unknown keys {sorted(unknown)}; use 'params'/'opt_state'")
+        templates = like
+    elif like is not None:
+        raise ValueError(f"load_checkpoint: like must be a Checkpoint or a dict, got {type(like).__name__}")
+
+    trees: dict[str, Any] = {}
+    for prefix in _PREFIXES:
+        if prefix == "opt_state" and not header.get("has_opt_state", True):
+            if templates.get("opt_state") is not None:
+                raise ValueError(f"load_checkpoint: {name} holds no optimiser state, but a template was given")
+            trees[prefix] = None
+            continue
+        if templates.get(prefix) is not None:
+            trees[prefix] = _restore(prefix, groups[prefix], templates[prefix], name)
+        else:
+            plen = len(prefix) + 1
+            trees[prefix] = unflatten({k[plen:]: v for k, v in groups[prefix].items()}, fill_missing=True)
+    rng = header.get("rng_state")
+    rng_state = torch.frombuffer(bytearray(base64.b64decode(rng)), dtype=torch.uint8) if rng else None
+    return Checkpoint(
+        params=trees["params"],
+        opt_state=trees["opt_state"],
+        step=int(header.get("step", 0)),
+        config=header.get("config"),
+        metadata=header.get("metadata") or {},
+        rng_state=rng_state,
+    )
+
+
+def _read_header_metadata(data: bytes) -> dict[str, str]:
+    """Parse the safetensors header (8-byte little-endian length + JSON) for ``__metadata__``."""
+    if len(data) < 8:
+        raise ValueError(f"file is {len(data)} bytes, shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"header length {n} exceeds the file size {len(data)}")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__") or {}
+
