@@ -45,6 +45,17 @@ class _Desc:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _decrement(
+    pair_count: dict[tuple[int, int], int], pair_words: dict[tuple[int, int], set[int]], p: tuple[int, int], f: int
+) -> None:
+    c = pair_count.get(p, 0) - f  # the merged pair itself is already gone (a == b cases)
+    if c > 0:
+        pair_count[p] = c
+    else:
+        pair_count.pop(p, None)
+        pair_words.pop(p, None)
+
+
 def check_train_args(vocab_size: int, special_tokens: Sequence[str]) -> list[str]:
     """Validate training arguments and return the special tokens without duplicates.
 
@@ -145,40 +156,39 @@ def train_bpe_from_counts(
         tok_bytes.append(tok_bytes[a] + tok_bytes[b])
         merges.append(key.t)
 
+        # Only the pairs next to each merged occurrence change: (left, a) -> (left, new) and
+        # (b, right) -> (new, right). Between two adjacent occurrences the pair (b, a) is counted
+        # once, as the left side of the second one.
         grown: set[tuple[int, int]] = set()
+        del pair_count[pair]
         for wi in pair_words.pop(pair):
             w = words[wi]
             n = len(w)
+            f = freq[wi]
             out: list[int] = []
             i = 0
             while i < n:
                 if w[i] == a and i + 1 < n and w[i + 1] == b:
+                    if out:
+                        _decrement(pair_count, pair_words, (w[i - 1], a), f)
+                        p = (out[-1], new)
+                        pair_count[p] += f
+                        pair_words[p].add(wi)
+                        grown.add(p)
+                    if i + 2 < n and not (w[i + 2] == a and i + 3 < n and w[i + 3] == b):
+                        right = w[i + 2]
+                        _decrement(pair_count, pair_words, (b, right), f)
+                        p = (new, right)
+                        pair_count[p] += f
+                        pair_words[p].add(wi)
+                        grown.add(p)
                     out.append(new)
                     i += 2
                 else:
                     out.append(w[i])
                     i += 1
-            if len(out) == n:
-                continue  # stale index entry: this word no longer holds the pair
-            f = freq[wi]
-            delta: dict[tuple[int, int], int] = defaultdict(int)
-            for p in zip(w, w[1:]):
-                delta[p] -= f
-            for p in zip(out, out[1:]):
-                delta[p] += f
-            for p, d in delta.items():
-                if d:
-                    c = pair_count[p] + d
-                    if c:
-                        pair_count[p] = c
-                    else:
-                        del pair_count[p]
-                        pair_words.pop(p, None)
-                    if d > 0:
-                        pair_words[p].add(wi)
-                        grown.add(p)
-            words[wi] = out
-        pair_count.pop(pair, None)
+            if len(out) != n:
+                words[wi] = out
         for p in grown:
             c = pair_count.get(p, 0)
             if c > 0:

@@ -1,0 +1,241 @@
+"""Benchmark flm's BPE tokenizer against Hugging Face ``tokenizers`` (training) and ``tiktoken`` (encoding).
+
+Usage::
+
+    python bench/tokenizer.py [--json out.json] [--quick] [--repeats N]
+
+Rows (each the median over ``--repeats`` runs after one warm-up run, with min/max):
+
+* ``train``: ``train_bpe`` on ``bpe/corpus.en`` (vocab 500) and ``tinystories/train.txt`` (vocab
+  10,000) vs. ``tokenizers``' ``BpeTrainer`` with the ByteLevel pre-tokenizer; the split between
+  pre-tokenization (``count_file``) and merging (``train_bpe_from_counts``); the TinyStories excerpt
+  repeated 1x, 4x, 16x (how time grows with corpus size).
+* ``encode``: single-process ``Tokenizer.encode`` with GPT-2's vocab on the TinyStories excerpt vs.
+  tiktoken's single-thread ``encode`` (same vocab, built offline). ``cold`` uses a fresh tokenizer
+  (empty pre-token cache) each run; ``warm`` re-uses one (the steady state of a long encode).
+* ``encode_file``: the excerpt x16 to a token file with 1, 2, ... workers.
+
+``ratio`` is flm's time / the peer's time (lower is better; 3.0 means three times slower).
+A peer that is not installed is skipped with a line saying so. Shared data is found through
+``$FLM_SHARED_DATA`` or ``../shared/data`` relative to the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from flm.tokenizer import GPT2_PATTERN, Tokenizer, encode_file, train_bpe, train_bpe_from_counts  # noqa: E402
+from flm.tokenizer.pretokenize import count_file  # noqa: E402
+
+EOT = "<|endoftext|>"
+
+
+def shared_data_dir() -> Path:
+    """Return ``$FLM_SHARED_DATA`` or ``../shared/data`` (relative to the repo root).
+
+    Raises:
+        SystemExit: neither exists.
+    """
+    env = os.environ.get("FLM_SHARED_DATA")
+    for c in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data", ROOT / "shared" / "data"]:
+        if c.is_dir():
+            return c
+    raise SystemExit("shared data not found: set FLM_SHARED_DATA or place it at ../shared/data")
+
+
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls.
+
+    Returns:
+        ``{"median": s, "min": s, "max": s, "n": repeats}``.
+    """
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": repeats}
+
+
+def hf_train_fn(path: Path, vocab_size: int) -> Callable[[], object] | None:
+    """A closure training HF ``tokenizers`` byte-level BPE on ``path``, or None if not installed."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+    except ImportError:
+        return None
+
+    def run():
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train([str(path)], trainer)
+        return tok
+
+    return run
+
+
+def tiktoken_encoding(tok: Tokenizer):
+    """tiktoken's GPT-2 encoding built offline from ``tok``'s vocabulary, or None if not installed."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    eot = tok.eos_id
+    ranks = {b: i for i, b in tok.vocab.items() if i != eot}
+    return tiktoken.Encoding(name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot})
+
+
+def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, **extra) -> dict:
+    """One result row; ``ratio`` = flm median / peer median."""
+    r = {
+        "task": task,
+        "size_bytes": size,
+        "flm_s": flm["median"],
+        "flm_min_s": flm["min"],
+        "flm_max_s": flm["max"],
+        "flm_MBps": size / flm["median"] / 1e6 if size and flm["median"] else None,
+        "peer": peer,
+        "peer_s": peer_t["median"] if peer_t else None,
+        "ratio": flm["median"] / peer_t["median"] if peer_t else None,
+    }
+    r.update(extra)
+    return r
+
+
+def print_table(rows: list[dict]) -> None:
+    """Print the rows as a fixed-width table."""
+    head = f"{'task':44} {'size MB':>8} {'flm s (min-max)':>24} {'MB/s':>7} {'peer':>10} {'peer s':>8} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        spread = f"{r['flm_s']:.3f} ({r['flm_min_s']:.3f}-{r['flm_max_s']:.3f})"
+        mbps = f"{r['flm_MBps']:.1f}" if r["flm_MBps"] else "-"
+        peer_s = f"{r['peer_s']:.3f}" if r["peer_s"] is not None else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        print(f"{r['task']:44} {r['size_bytes'] / 1e6:8.3f} {spread:>24} {mbps:>7} {(r['peer'] or '-'):>10} {peer_s:>8} {ratio:>6}")
+
+
+def bench_train(name: str, path: Path, vocab_size: int, repeats: int, rows: list, notes: list) -> None:
+    """Rows for training on ``path``: flm total vs HF, and flm's pre-tokenization / merge split."""
+    size = path.stat().st_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small corpora may run out of pairs before vocab_size
+        flm = measure(lambda: train_bpe(path, vocab_size, [EOT]), repeats)
+        pre = measure(lambda: count_file(path, [EOT]), repeats)
+        counts = count_file(path, [EOT])
+        merge = measure(lambda: train_bpe_from_counts(counts, vocab_size, [EOT]), repeats)
+    hf = hf_train_fn(path, vocab_size)
+    if hf is None:
+        notes.append("tokenizers not installed: HF BpeTrainer comparison skipped")
+    hf_t = measure(hf, repeats) if hf else None
+    rows.append(row(f"train {name} vocab={vocab_size}", size, flm, "tokenizers" if hf else None, hf_t))
+    rows.append(row("  pre-tokenization (count_file)", size, pre, None, None))
+    rows.append(row("  merging (train_bpe_from_counts)", size, merge, None, None))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark, print a table, optionally write JSON.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        ``{"rows": [...], "notes": [...], "machine": {...}, "quick": bool}``.
+    """
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--quick", action="store_true", help="tiny inputs, one iteration (smoke test)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per row (after one warm-up)")
+    args = ap.parse_args(argv)
+    data = shared_data_dir()
+    repeats = 1 if args.quick else args.repeats
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        excerpt = data / "tinystories" / "train.txt"
+        if args.quick:
+            excerpt = tmp / "quick.txt"
+            excerpt.write_bytes((data / "bpe" / "tinystories_sample.txt").read_bytes())
+            bench_train("quick sample", excerpt, 300, repeats, rows, notes)
+        else:
+            bench_train("corpus.en", data / "bpe" / "corpus.en", 500, repeats, rows, notes)
+            bench_train("tinystories x1", excerpt, 10_000, repeats, rows, notes)
+            text = excerpt.read_bytes()
+            for k in (4, 16):
+                p = tmp / f"ts_x{k}.txt"
+                p.write_bytes(text * k)
+                bench_train(f"tinystories x{k}", p, 10_000, max(1, repeats // 2), rows, notes)
+
+        # Encoding with GPT-2's vocabulary.
+        bpe = data / "bpe"
+        gpt2_files = (bpe / "gpt2_vocab.json", bpe / "gpt2_merges.txt")
+        tok = Tokenizer.from_files(*gpt2_files, [EOT])
+        text = excerpt.read_text(encoding="utf-8")
+        size = len(text.encode("utf-8"))
+        enc = tiktoken_encoding(tok)
+        if enc is None:
+            notes.append("tiktoken not installed: encode comparison skipped")
+            tk = None
+        else:
+            assert enc.encode(text, allowed_special="all") == tok.encode(text), "flm and tiktoken disagree"
+            tk = measure(lambda: enc.encode(text, allowed_special="all"), repeats)
+
+        def cold():
+            t = Tokenizer.__new__(Tokenizer)
+            t.__setstate__(tok.__getstate__())  # a copy with an empty cache, not timed separately
+            return t
+
+        cold_toks = [cold() for _ in range(repeats + 1)]
+        flm_cold = measure(lambda: cold_toks.pop().encode(text), repeats)
+        flm_warm = measure(lambda: tok.encode(text), repeats)
+        rows.append(row("encode gpt2 (cold cache, 1 process)", size, flm_cold, "tiktoken" if tk else None, tk))
+        rows.append(row("encode gpt2 (warm cache, 1 process)", size, flm_warm, "tiktoken" if tk else None, tk))
+
+        # encode_file scaling with workers.
+        big = tmp / "encode_input.txt"
+        big.write_bytes(excerpt.read_bytes() * (1 if args.quick else 16))
+        workers = [1] if args.quick else sorted({1, 2, os.cpu_count() or 1})
+        for w in workers:
+            out = tmp / f"tokens_{w}.bin"
+            t = measure(lambda: encode_file(tok, big, out, num_workers=w, progress=False), repeats if args.quick else 3)
+            rows.append(row(f"encode_file gpt2 workers={w}", big.stat().st_size, t, None, None))
+
+    result = {
+        "rows": rows,
+        "notes": notes,
+        "quick": args.quick,
+        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform},
+    }
+    print_table(rows)
+    for n in notes:
+        print(n)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
