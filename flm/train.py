@@ -10,8 +10,14 @@ Source: CS336 assignment 1 handout §4–§5 (training loop), design notes in ``
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import re
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,9 +26,22 @@ import torch
 from flm import optim
 from flm.loss import cross_entropy, token_cross_entropy
 from flm.model import TransformerConfig, transformer_lm
-from flm.tree import tree_leaves
+from flm.progress import format_duration
+from flm.tree import tree_leaves, tree_map
 
-__all__ = ["make_loss_fn", "make_train_step", "evaluate"]
+__all__ = [
+    "make_loss_fn",
+    "make_train_step",
+    "evaluate",
+    "TrainConfig",
+    "make_optimizer",
+    "decay_mask",
+    "train_loop",
+    "list_checkpoints",
+    "read_metrics",
+    "plot_metrics",
+    "NonFiniteLossError",
+]
 
 PyTree = Any
 TrainStep = Callable[[PyTree, Any, torch.Tensor, torch.Tensor], tuple[PyTree, Any, dict[str, torch.Tensor]]]
@@ -167,3 +186,325 @@ def evaluate(
         count += window.shape[0] * context_length
     loss = float(total) / count
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop: batches, logging, evaluation, checkpoints, resume (handout §5.3, §7.1)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop settings of a training run (everything but the model).
+
+    Attributes:
+        batch_size: sequences per step.
+        max_iters: optimiser steps in total; the cosine schedule ends exactly here.
+        lr: peak learning rate α_max.
+        min_lr: final learning rate α_min.
+        warmup_iters: linear warm-up steps T_w.
+        weight_decay: AdamW λ (not applied to RMSNorm gains).
+        betas: AdamW (β1, β2).
+        eps: AdamW ε.
+        grad_clip: global-norm clipping threshold (0 disables).
+        eval_interval: evaluate on the validation tokens every this many steps (0: only at the end).
+        eval_batches: batches per periodic evaluation (``None``: the whole validation set).
+        checkpoint_interval: save ``ckpt_<step>.safetensors`` every this many steps (0: only at the end).
+        keep_checkpoints: how many periodic checkpoints to keep (the newest).
+        log_interval: write a metrics line every this many steps (each one is a host sync).
+        seed: seeds the parameter init and (separately) the batch sampler.
+        device: ``"cpu"``, ``"cuda"``, ``"mps"`` …
+        compile: ``torch.compile`` the whole train step.
+    """
+
+    batch_size: int = 32
+    max_iters: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int | None = None
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_iters", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)!r}")
+        for name in ("warmup_iters", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: {name} must be ≥ 0, got {getattr(self, name)!r}")
+        if self.warmup_iters > self.max_iters:
+            raise ValueError(f"TrainConfig: warmup_iters={self.warmup_iters} exceeds max_iters={self.max_iters}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"TrainConfig: need 0 ≤ min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def decay_mask(params: PyTree) -> PyTree:
+    """Weight-decay mask: decay matrices (ndim ≥ 2), not RMSNorm gains (ndim 1)."""
+    return tree_map(lambda p: p.dim() >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
+    """The handout's optimiser: global-norm clipping → AdamW on a warm-up + cosine schedule.
+
+    Source: handout §4.3–4.5, §7.2.
+    """
+    schedule = optim.cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+    adam = optim.adamw(schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optim.chain(optim.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip > 0 else adam
+
+
+_CKPT = re.compile(r"^ckpt_(\d+)\.safetensors$")
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Periodic checkpoints ``ckpt_<step>.safetensors`` in ``out_dir``, oldest first."""
+    d = Path(out_dir)
+    found = [(int(m.group(1)), p) for p in d.glob("ckpt_*.safetensors") if (m := _CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite; names the step."""
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines past ``last_step`` (written after the checkpoint we resume from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file into a list of dicts."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> bool:
+    """Plot train and validation loss against steps and wall-clock time to ``out_png``.
+
+    Needs matplotlib (the ``plot`` extra); returns ``False`` without it.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("train_loss") is not None]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "wall_time", "wall-clock time (s)")):
+        ax.plot([r[key] for r in train], [r["train_loss"] for r in train], label="train", lw=1)
+        ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(out_png).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+    return True
+
+
+def train_loop(
+    model_config: TransformerConfig,
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    valid_tokens: np.ndarray | None,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train a model on memory-mapped tokens, with logging, evaluation, checkpoints and resume.
+
+    Every ``log_interval`` steps one metrics line is appended to ``out_dir/metrics.jsonl``
+    (``step``, ``wall_time``, ``tokens``, ``train_loss``, ``val_loss`` (null unless evaluated),
+    ``val_perplexity``, ``lr``, ``grad_norm``, ``tokens_per_sec``) and a log line printed with
+    ETA. Every ``eval_interval`` steps the validation loss is computed; the best model by
+    validation loss is saved as ``best.safetensors``. Every ``checkpoint_interval`` steps and at
+    the end ``ckpt_<step>.safetensors`` is written (params, optimiser state, step, sampler RNG),
+    keeping the newest ``keep_checkpoints``. With ``resume`` the newest checkpoint is loaded and
+    training continues at the same schedule position with the same sampler state, so the result
+    equals an uninterrupted run. Ctrl-C saves a checkpoint and returns; a non-finite loss raises
+    :class:`NonFiniteLossError` naming the step (the last good checkpoint stays).
+
+    Args:
+        model_config: the model.
+        cfg: optimiser and loop settings.
+        train_tokens: ``(n,)`` training ids (e.g. ``flm.data.load_tokens``).
+        valid_tokens: ``(m,)`` validation ids, or ``None``.
+        out_dir: the run directory.
+        resume: continue from the newest checkpoint in ``out_dir`` if there is one.
+        run_config: the whole run's settings, stored in checkpoints (default: model + train).
+        log: where log lines go.
+
+    Returns:
+        A summary: ``step``, ``status`` ("done" | "interrupted"), ``best_val_loss``,
+        ``final_val_loss``, ``wall_time``, ``tokens``, ``tokens_per_sec``.
+
+    Raises:
+        NonFiniteLossError: on a NaN/inf training loss.
+
+    Source: handout §5.3 (training_together), §7.1 (experiment_log).
+    """
+    from flm.checkpoint import load_checkpoint, save_checkpoint
+    from flm.data import get_batch
+    from flm.model import init_params
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    run_config = run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()}
+    device = torch.device(cfg.device)
+    tx = make_optimizer(cfg)
+    params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
+    opt_state = tx.init(params)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    start, wall_offset, best = 0, 0.0, math.inf
+
+    existing = list_checkpoints(out) if resume else []
+    if existing:
+        ckpt = load_checkpoint(existing[-1], like={"params": params, "opt_state": opt_state})
+        params, opt_state, start = ckpt.params, ckpt.opt_state, ckpt.step
+        if ckpt.rng_state is not None:
+            sampler.set_state(ckpt.rng_state)
+        wall_offset = float(ckpt.metadata.get("wall_time", 0.0))
+        best = float(ckpt.metadata.get("best_val_loss", math.inf))
+        _truncate_metrics(metrics_path, start)
+        log(f"resumed from {existing[-1].name} at step {start}")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    step_fn = make_train_step(model_config, tx, compile=cfg.compile)
+    tokens_per_step = cfg.batch_size * model_config.context_length
+    t0 = time.perf_counter() - wall_offset
+    last_log_time, last_log_step = time.perf_counter(), start
+    pending: list[dict[str, torch.Tensor]] = []
+    step = start
+    final_val: float | None = None
+    last_eval: tuple[int, float] | None = None
+
+    def checkpoint(path: Path, at_step: int) -> None:
+        save_checkpoint(
+            path,
+            params=params,
+            opt_state=opt_state,
+            step=at_step,
+            config=run_config,
+            generator=sampler,
+            metadata={"wall_time": time.perf_counter() - t0, "best_val_loss": best if math.isfinite(best) else None},
+        )
+
+    def periodic_checkpoint(at_step: int) -> None:
+        checkpoint(out / f"ckpt_{at_step:07d}.safetensors", at_step)
+        for old in list_checkpoints(out)[: -max(1, cfg.keep_checkpoints)]:
+            old.unlink()
+
+    def run_eval() -> tuple[float, float]:
+        res = evaluate(params, model_config, valid_tokens, cfg.batch_size, model_config.context_length, cfg.eval_batches)
+        return res["loss"], res["perplexity"]
+
+    status = "done"
+    try:
+        while step < cfg.max_iters:
+            inputs, targets = get_batch(train_tokens, cfg.batch_size, model_config.context_length, device, sampler)
+            params, opt_state, m = step_fn(params, opt_state, inputs, targets)
+            step += 1
+            pending.append(m)
+            at_eval = valid_tokens is not None and cfg.eval_interval > 0 and step % cfg.eval_interval == 0
+            at_ckpt = cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0
+            if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
+                continue
+            # One host sync per logged interval: find the first non-finite loss since the last one.
+            losses = torch.stack([p["loss"] for p in pending]).cpu()
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                raise NonFiniteLossError(
+                    f"training loss became {losses[int(bad[0])].item()} at step {step - len(pending) + int(bad[0]) + 1}; "
+                    f"stopping (the last good checkpoint is kept)"
+                )
+            now = time.perf_counter()
+            rate = (step - last_log_step) * tokens_per_step / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_step = now, step
+            record: dict[str, Any] = {
+                "step": step,
+                "wall_time": round(now - t0, 3),
+                "tokens": step * tokens_per_step,
+                "train_loss": float(losses.mean()),
+                "val_loss": None,
+                "val_perplexity": None,
+                "lr": float(pending[-1]["lr"]),
+                "grad_norm": float(pending[-1]["grad_norm"]),
+                "tokens_per_sec": round(rate, 1),
+            }
+            pending.clear()
+            if at_eval:
+                val_loss, val_ppl = run_eval()
+                last_eval = (step, val_loss)
+                record["val_loss"], record["val_perplexity"] = val_loss, val_ppl
+                if val_loss < best:
+                    best = val_loss
+                    checkpoint(out / "best.safetensors", step)
+            _append_jsonl(metrics_path, record)
+            eta = (cfg.max_iters - step) * tokens_per_step / max(rate, 1e-9)
+            val_text = f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})" if at_eval else ""
+            log(
+                f"step {step:6d}/{cfg.max_iters} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad norm {record['grad_norm']:.3f} | {rate:,.0f} tok/s | ETA {format_duration(eta)}{val_text}"
+            )
+            if at_ckpt:
+                periodic_checkpoint(step)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        log(f"interrupted at step {step}: saving a checkpoint")
+        periodic_checkpoint(step)
+    if status == "done":
+        if valid_tokens is not None:
+            final_val = last_eval[1] if last_eval and last_eval[0] == step else run_eval()[0]
+            if final_val < best:
+                best = final_val
+                checkpoint(out / "best.safetensors", step)
+        if not list_checkpoints(out) or list_checkpoints(out)[-1].name != f"ckpt_{step:07d}.safetensors":
+            periodic_checkpoint(step)
+    plot_metrics(metrics_path, out / "loss.png")
+    wall = time.perf_counter() - t0
+    trained = (step - start) * tokens_per_step
+    return {
+        "step": step,
+        "status": status,
+        "best_val_loss": best if math.isfinite(best) else None,
+        "final_val_loss": final_val,
+        "wall_time": wall,
+        "tokens": step * tokens_per_step,
+        "tokens_per_sec": trained / max(wall - wall_offset, 1e-9),
+    }
