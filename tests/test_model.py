@@ -34,6 +34,16 @@ EXACT = dict(rtol=0.0, atol=0.0)
 TINY = TransformerConfig(vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
+    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -311,7 +321,8 @@ def test_lm_is_causal(s, data, attention, position):
     t = data.draw(st.integers(0, s - 2))
     ids = torch.tensor(data.draw(st.lists(st.integers(0, cfg.vocab_size - 1), min_size=s, max_size=s)))
     other = ids.clone()
-    other[t + 1 :] = (ids[t + 1 :] + torch.tensor(data.draw(st.lists(st.integers(1, cfg.vocab_size - 1), min_size=s - t - 1, max_size=s - t - 1)))) % cfg.vocab_size
+    deltas = data.draw(st.lists(st.integers(1, cfg.vocab_size - 1), min_size=s - t - 1, max_size=s - t - 1))
+    other[t + 1 :] = (ids[t + 1 :] + torch.tensor(deltas)) % cfg.vocab_size  # every later token changes
     a, b = transformer_lm(params, ids, cfg), transformer_lm(params, other, cfg)
     torch.testing.assert_close(a[: t + 1], b[: t + 1], **F64)
     assert not torch.allclose(a[t + 1 :], b[t + 1 :])  # the later positions do see the change

@@ -30,7 +30,15 @@ EXACT = dict(rtol=0.0, atol=0.0)
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 LEADING = [(), (2,), (2, 3), (2, 1, 3)]  # 0, 1, 2 and 3 leading batch dims
 
-finite = st.floats(-10.0, 10.0, allow_nan=False, allow_infinity=False, width=32)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
+    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
