@@ -286,3 +286,17 @@ def test_bench_quick_runs(tmp_path, shared_data):
     result = bench.main(["--quick", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["rows"]
+
+
+def test_cli_train_then_encode(shared_data, tmp_path):
+    from flm.tokenizer.__main__ import main as cli
+
+    bpe = shared_data / "bpe"
+    assert cli(["train", str(bpe / "corpus.en"), "--vocab-size", "300", "--out-dir", str(tmp_path / "tok")]) == 0
+    v, m = tmp_path / "tok" / "vocab.json", tmp_path / "tok" / "merges.txt"
+    sample = bpe / "tinystories_sample.txt"
+    assert cli(["encode", str(sample), str(tmp_path / "s.bin"), "--vocab", str(v), "--merges", str(m)]) == 0
+    tok = Tokenizer.from_files(v, m, [EOT])
+    assert tok.vocab_size == 300
+    assert np.fromfile(tmp_path / "s.bin", dtype=np.uint16).tolist() == tok.encode(sample.read_text(encoding="utf-8"))
+    assert json.loads((tmp_path / "s.bin.json").read_text())["tokenizer_files"] == [str(v), str(m)]

@@ -186,8 +186,9 @@ def count_file(
         num_workers = 1 if size < (2 << 20) else min(os.cpu_count() or 1, 8)
     specials = tuple(special_tokens)
     split = safe_split_token(specials).encode("utf-8")
-    # Several ranges per worker balance the load; ~4 MB per range bounds each worker's memory.
-    n_chunks = 1 if num_workers <= 1 else max(num_workers * 4, size // (4 << 20))
+    # Several ranges per worker balance the load; ~4 MB ranges bound memory (when the special
+    # token occurs often enough to cut there), also in a single process.
+    n_chunks = max(num_workers * 4 if num_workers > 1 else 1, size // (4 << 20))
     cuts = chunk_boundaries(path, n_chunks, split)
     tasks = [(str(path), a, b, specials) for a, b in zip(cuts[:-1], cuts[1:])]
     total: Counter[str] = Counter()
