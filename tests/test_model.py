@@ -233,6 +233,17 @@ def test_lm_matches_reference(changes):
         torch.testing.assert_close(logits, _reference(cfg, params)(ids), **F64)
 
 
+@pytest.mark.parametrize("changes", [dict(), dict(norm="post", ffn="silu"), dict(norm="none", position="nope")])
+def test_block_matches_reference_block(changes):
+    cfg = TINY.replace(**changes)
+    block = _perturbed_params(cfg)["layers"][1]
+    ref = RefBlock(cfg).to(torch.float64)
+    ref.load_state_dict(flm.flatten(block), strict=True)
+    x = torch.randn(3, 7, cfg.d_model, dtype=torch.float64, generator=_gen(5))
+    with torch.no_grad():
+        torch.testing.assert_close(nn.transformer_block(block, x, cfg), ref(x), **F64)
+
+
 @pytest.mark.parametrize("shape", [(9,), (3, 9), (2, 3, 9), (1, 1)])
 def test_lm_any_leading_dims(shape):
     params = _perturbed_params(TINY)
@@ -549,3 +560,18 @@ def test_init_params_distribution():
         assert torch.equal(p[key], torch.ones(128))
     tied = flm.flatten(init_params(cfg.replace(tie_embeddings=True), _gen(0)))["token_embeddings.weight"]
     assert tied.std().item() == pytest.approx(0.986 / math.sqrt(128), rel=0.05)  # 1/√d_model for a shared table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_init_and_forward_match_cpu():
+    """Same seed → same parameters on every device (drawn on the generator's device, then moved)."""
+    cpu = init_params(TINY, _gen(3))
+    gpu = init_params(TINY, _gen(3), device="cuda")
+    for k, t in flm.flatten(gpu).items():
+        assert t.device.type == "cuda"
+        torch.testing.assert_close(t.cpu(), flm.flatten(cpu)[k], **EXACT)
+    ids = _ids(2, 9)
+    for attention in ("flm", "sdpa"):
+        cfg = TINY.replace(attention=attention)
+        out = transformer_lm(gpu, ids.cuda(), cfg)
+        torch.testing.assert_close(out.cpu(), transformer_lm(cpu, ids, cfg), rtol=1e-3, atol=1e-3)  # TF32 matmuls
