@@ -128,6 +128,8 @@ def test_bad_input(tmp_path):
     bad.write_bytes(b"caf\xe9 au lait")
     with pytest.raises(ValueError, match="latin1.txt"):
         train_bpe(bad, 300, [EOT])
+    with pytest.raises(ValueError, match=str(tmp_path.name)):
+        train_bpe(tmp_path, 300, [EOT])  # a folder
     with pytest.raises(ValueError):
         train_bpe(p, 300, EOT)  # a string, not a list
 

@@ -272,6 +272,11 @@ def test_encode_file_without_special_tokens_and_errors(small, tmp_path, capsys):
     assert meta["tokenizer_files"] is None and meta["count"] == n
     with pytest.raises(ValueError, match="missing.txt"):
         encode_file(small, tmp_path / "missing.txt", tmp_path / "x.bin", progress=False)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 " * 10)
+    with pytest.raises(ValueError, match="latin1.txt"):
+        encode_file(small, bad, tmp_path / "y.bin", progress=False)
+    assert not (tmp_path / "y.bin").exists() and not (tmp_path / "y.bin.json").exists()
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 

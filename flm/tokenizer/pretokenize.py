@@ -143,9 +143,12 @@ def safe_split_token(special_tokens: Sequence[str]) -> str:
 
 
 def _read_range(path: str | os.PathLike, start: int, end: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
