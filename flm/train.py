@@ -47,11 +47,17 @@ PyTree = Any
 TrainStep = Callable[[PyTree, Any, torch.Tensor, torch.Tensor], tuple[PyTree, Any, dict[str, torch.Tensor]]]
 
 
-def make_loss_fn(config: TransformerConfig) -> Callable[[PyTree, torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss_fn(
+    config: TransformerConfig, *, compute_dtype: torch.dtype | None = None
+) -> Callable[[PyTree, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return ``loss(params, inputs, targets) -> mean cross-entropy`` for ``config``'s LM.
 
     Args:
         config: the model's hyperparameters.
+        compute_dtype: mixed precision: cast the (float32 master) parameters to this dtype
+            (e.g. ``torch.bfloat16``) inside the loss, so matmuls run in it while gradients
+            flow back to the masters in their own dtype; norms, softmax and the loss stay
+            float32 (they upcast internally).
 
     Returns:
         A pure function of ``params``, ``inputs (..., seq_len)`` and ``targets (..., seq_len)``
@@ -62,6 +68,8 @@ def make_loss_fn(config: TransformerConfig) -> Callable[[PyTree, torch.Tensor, t
     """
 
     def loss_fn(params: PyTree, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if compute_dtype is not None:
+            params = tree_map(lambda p: p.to(compute_dtype), params)
         return cross_entropy(transformer_lm(params, inputs, config, check_ids=False), targets)
 
     return loss_fn
@@ -74,6 +82,7 @@ def make_train_step(
     compile: bool = False,
     donate: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> TrainStep:
     """Build ``step(params, opt_state, inputs, targets) -> (params, opt_state, metrics)``.
 
@@ -91,6 +100,8 @@ def make_train_step(
             not use the old ``params`` again). Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
             MPS, or ``{"mode": "max-autotune"}`` on CUDA).
+        compute_dtype: mixed precision (see :func:`make_loss_fn`); params and optimiser state
+            stay in their own (float32) dtype.
 
     Returns:
         ``step``. ``inputs``/``targets`` are ``(batch, seq_len)`` int64; ``metrics`` holds 0-d
@@ -99,7 +110,7 @@ def make_train_step(
 
     Source: handout §4–§5; ``torch.func.grad_and_value``.
     """
-    loss_and_grad = torch.func.grad_and_value(make_loss_fn(config))
+    loss_and_grad = torch.func.grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
 
     def step(
         params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor
@@ -193,6 +204,9 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 
 
+_DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimiser and loop settings of a training run (everything but the model).
@@ -215,6 +229,8 @@ class TrainConfig:
         seed: seeds the parameter init and (separately) the batch sampler.
         device: ``"cpu"``, ``"cuda"``, ``"mps"`` …
         compile: ``torch.compile`` the whole train step.
+        dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (mixed precision: float32 master
+            params and optimiser state, bf16 matmuls, float32 norms/softmax/loss).
     """
 
     batch_size: int = 32
@@ -234,6 +250,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     compile: bool = False
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_iters", "log_interval"):
@@ -244,6 +261,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be ≥ 0, got {getattr(self, name)!r}")
         if self.warmup_iters > self.max_iters:
             raise ValueError(f"TrainConfig: warmup_iters={self.warmup_iters} exceeds max_iters={self.max_iters}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"TrainConfig: dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig: need 0 ≤ min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
 
@@ -405,7 +424,7 @@ def train_loop(
     elif metrics_path.exists():
         metrics_path.unlink()
 
-    step_fn = make_train_step(model_config, tx, compile=cfg.compile)
+    step_fn = make_train_step(model_config, tx, compile=cfg.compile, compute_dtype=_DTYPES[cfg.dtype])
     tokens_per_step = cfg.batch_size * model_config.context_length
     t0 = time.perf_counter() - wall_offset
     last_log_time, last_log_step = time.perf_counter(), start
