@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from flm.tokenizer import GPT2_PATTERN, Tokenizer, encode_file, token_dtype, train_bpe
 from flm.tokenizer.gpt2_format import read_merges, read_vocab
+from flm.tokenizer.pretokenize import PRETOKEN_RE
 
 EOT = "<|endoftext|>"
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +116,12 @@ def test_roundtrip_with_special_tokens(gpt2, text):
     ids = gpt2.encode(text)
     assert gpt2.decode(ids) == text
     assert ids.count(50256) == text.count(EOT)
+
+
+@given(text=st.text())
+def test_gpt2_pattern_tiles_any_text(text):
+    # encode_iterable relies on the pre-tokens covering every character, with no gaps.
+    assert "".join(PRETOKEN_RE.findall(text)) == text
 
 
 fragment = st.sampled_from(

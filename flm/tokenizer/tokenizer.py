@@ -303,15 +303,14 @@ class Tokenizer:
         if limit <= pos:
             return out, pos
         text = buf[pos:limit]
-        pieces: list[str] = []
-        end = 0
-        for m in PRETOKEN_RE.finditer(text):
-            if m.end() + 2 > len(text):
-                break
-            pieces.append(m.group())
-            end = m.end()
+        # The GPT-2 pattern matches every character, so the pieces tile ``text``: drop trailing
+        # pieces until at least 2 characters are dropped; the rest ends at or before len - 2.
+        pieces = PRETOKEN_RE.findall(text)
+        dropped = 0
+        while pieces and dropped < 2:
+            dropped += len(pieces.pop())
         self._encode_pieces(pieces, out)
-        return out, pos + end
+        return out, limit - dropped if pieces else pos
 
     def encode_iterable(self, iterable: Iterable[str], *, buffer_chars: int = 1 << 16) -> Iterator[int]:
         """Lazily encode a stream of strings (e.g. a file's lines), with bounded memory.
