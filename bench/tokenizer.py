@@ -154,6 +154,24 @@ def bench_train(name: str, path: Path, vocab_size: int, repeats: int, rows: list
     rows.append(row("  merging (train_bpe_from_counts)", size, merge, None, None))
 
 
+def scaling_summary(rows: list[dict]) -> dict:
+    """Training time at 4x / 16x the excerpt relative to 1x, for flm (total, pre-tokenization, merging) and the peer."""
+    out: dict[str, dict[str, float]] = {}
+    base = {}
+    for i, r in enumerate(rows):
+        if r["task"].startswith("train tinystories x"):
+            k = r["task"].split()[1]
+            parts = {"flm total": r["flm_s"], "flm pre-tokenization": rows[i + 1]["flm_s"], "flm merging": rows[i + 2]["flm_s"]}
+            if r["peer_s"] is not None:
+                parts["tokenizers"] = r["peer_s"]
+            if k == "x1":
+                base = parts
+            elif base:
+                for name, t in parts.items():
+                    out.setdefault(name, {})[k] = t / base[name]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark, print a table, optionally write JSON.
 
@@ -223,13 +241,24 @@ def main(argv: list[str] | None = None) -> dict:
             t = measure(lambda: encode_file(tok, big, out, num_workers=w, progress=False), repeats if args.quick else 3)
             rows.append(row(f"encode_file gpt2 workers={w}", big.stat().st_size, t, None, None))
 
+    scaling = scaling_summary(rows)
     result = {
         "rows": rows,
+        "scaling": scaling,
         "notes": notes,
         "quick": args.quick,
-        "machine": {"cpu_count": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": sys.platform,
+            "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
     }
     print_table(rows)
+    if result["machine"]["loadavg_after"]:
+        print(f"load average after the run (1/5/15 min): {result['machine']['loadavg_after']} on {os.cpu_count()} CPUs")
+    for k, v in scaling.items():
+        print(f"scaling {k}: " + ", ".join(f"{x}: {t:.2f}x" for x, t in v.items()))
     for n in notes:
         print(n)
     if args.json:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import regex
 
@@ -164,13 +164,14 @@ def count_file(
     path: str | os.PathLike,
     special_tokens: Sequence[str] = (),
     num_workers: int | None = None,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> Counter[str]:
     """Count the pre-tokens of a UTF-8 file, in parallel over special-token-aligned ranges.
 
     Args:
         path: the text file.
-        special_tokens: special tokens (split on, not counted); ranges are cut before the first.
+        special_tokens: special tokens (split on, not counted); ranges of about 4 MB are cut
+            before one of them (see :func:`safe_split_token`). A file without any is read whole.
         num_workers: processes to use; None picks 1 for files under 2 MB (process start-up
             costs more than it saves there), else ``min(os.cpu_count(), 8)``.
         progress: an optional callable ``progress(n_bytes)`` called as ranges finish.
