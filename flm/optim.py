@@ -151,8 +151,8 @@ def cosine_schedule(
         \\end{cases}
 
     Args:
-        max_learning_rate: α_max.
-        min_learning_rate: α_min.
+        max_learning_rate: α_max (a float, or a 0-d tensor: one value per model inside ``vmap``).
+        min_learning_rate: α_min (likewise).
         warmup_iters: T_w ≥ 0.
         cosine_cycle_iters: T_c ≥ T_w.
 
@@ -169,22 +169,30 @@ def cosine_schedule(
         raise ValueError(
             f"cosine_schedule: need 0 ≤ warmup_iters ≤ cosine_cycle_iters, got {warmup_iters}, {cosine_cycle_iters}"
         )
-    a_max, a_min = float(max_learning_rate), float(min_learning_rate)
+    a_max, a_min = _hyper(max_learning_rate), _hyper(min_learning_rate)
     t_w, t_c = int(warmup_iters), int(cosine_cycle_iters)
 
     def schedule(step: torch.Tensor | int) -> torch.Tensor:
         t = torch.as_tensor(step).to(torch.float64)
-        warm = t / t_w * a_max if t_w > 0 else torch.full_like(t, a_max)
-        progress = (t - t_w) / (t_c - t_w) if t_c > t_w else torch.zeros_like(t)
+        zero = torch.zeros_like(t)
+        warm = t / t_w * a_max if t_w > 0 else zero + a_max
+        progress = (t - t_w) / (t_c - t_w) if t_c > t_w else zero
         cosine = a_min + 0.5 * (1.0 + torch.cos(progress * math.pi)) * (a_max - a_min)
-        return torch.where(t < t_w, warm, torch.where(t <= t_c, cosine, torch.full_like(t, a_min)))
+        return torch.where(t < t_w, warm, torch.where(t <= t_c, cosine, zero + a_min))
 
     return schedule
 
 
-def _as_schedule(lr: float | Schedule) -> Schedule:
+def _hyper(x: float | torch.Tensor) -> float | torch.Tensor:
+    """A hyperparameter as a float, or as the tensor it is (a per-model value under ``vmap``)."""
+    return x.to(torch.float64) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _as_schedule(lr: float | torch.Tensor | Schedule) -> Schedule:
     if callable(lr):
         return lr
+    if isinstance(lr, torch.Tensor):  # e.g. one learning rate per model in a vmapped sweep
+        return lambda step: torch.zeros((), dtype=torch.float64, device=lr.device) + lr.to(torch.float64)
     if not isinstance(lr, (int, float)) or lr < 0:
         raise ValueError(f"learning rate must be a non-negative float or a schedule, got {lr!r}")
     return constant_schedule(float(lr))
@@ -385,7 +393,7 @@ def adamw(
     lr: float | Schedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    weight_decay: float | torch.Tensor = 0.01,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
     *,
     inplace: bool = False,
@@ -407,10 +415,11 @@ def adamw(
     ``torch.optim.AdamW`` to float64 round-off.
 
     Args:
-        lr: α, a float or a schedule ``step -> α`` (evaluated on the 0-d step tensor).
+        lr: α, a float, a 0-d tensor (e.g. one value per model inside ``vmap``) or a schedule
+            ``step -> α`` (evaluated on the 0-d step tensor).
         betas: (β1, β2), each in [0, 1).
         eps: ε > 0.
-        weight_decay: λ ≥ 0.
+        weight_decay: λ ≥ 0 (a float, or a 0-d tensor such as a per-model value inside ``vmap``).
         mask: which leaves get weight decay: a tree of bools shaped like the params, or a
             callable ``params -> tree of bools`` (e.g. skip gains and embeddings).
         inplace: write the new moments into the incoming state's buffers (donating them) instead
@@ -431,8 +440,10 @@ def adamw(
         raise ValueError(f"adamw: betas must be in [0, 1), got {betas!r}")
     if not eps > 0:
         raise ValueError(f"adamw: eps must be positive, got {eps!r}")
-    if weight_decay < 0:
+    if not isinstance(weight_decay, torch.Tensor) and weight_decay < 0:
         raise ValueError(f"adamw: weight_decay must be ≥ 0, got {weight_decay!r}")
+    # A tensor weight decay (per model under vmap) is always applied; a float 0 skips the work.
+    use_decay = isinstance(weight_decay, torch.Tensor) or weight_decay > 0
 
     def init(params: PyTree) -> AdamWState:
         zeros = tree_map(torch.zeros_like, params)
@@ -445,7 +456,7 @@ def adamw(
             raise ValueError(f"adamw: {len(g)} gradient leaves but state has {len(m)} m / {len(v)} v leaves")
         if not g:
             return grads, state._replace(step=state.step + 1)
-        if weight_decay > 0 and params is None:
+        if use_decay and params is None:
             raise ValueError("adamw: update needs params when weight_decay > 0")
         step = state.step + 1
         lr_t = schedule(state.step).to(torch.float64)
@@ -474,7 +485,7 @@ def adamw(
             m_new = [mi.lerp(gi, 1.0 - b1) for mi, gi in zip(m, g)]
             v_new = [vi * b2 + gi * gi * (1.0 - b2) for vi, gi in zip(v, g)]
             upd = [mi / (vi.sqrt() / bias2_sqrt.to(dtype) + eps) * (-step_size).to(dtype) for mi, vi in zip(m_new, v_new)]
-        if weight_decay > 0:
+        if use_decay:
             p = tree_leaves(params)
             flags = _decay_mask(mask, params, len(p))
             decay = (-lr_t * weight_decay).to(dtype)

@@ -32,6 +32,8 @@ from flm.tree import tree_leaves, tree_map
 __all__ = [
     "make_loss_fn",
     "make_train_step",
+    "make_vmapped_train_step",
+    "init_vmapped",
     "evaluate",
     "TrainConfig",
     "make_optimizer",
@@ -127,6 +129,101 @@ def make_train_step(
     if compile:
         return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
     return step
+
+
+def make_vmapped_train_step(
+    config: TransformerConfig,
+    make_tx: Callable[[dict[str, torch.Tensor]], optim.GradientTransformation],
+    *,
+    shared_batch: bool = False,
+    compile: bool = False,
+    compile_kwargs: dict[str, Any] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> Callable[..., tuple[PyTree, Any, dict[str, torch.Tensor]]]:
+    """Train K independent models in one call by ``torch.func.vmap`` over a leading model axis.
+
+    ``step(params, opt_state, hparams, inputs, targets) -> (params, opt_state, metrics)`` where
+    every leaf of ``params`` and ``opt_state`` has a leading axis of size K (build them with
+    :func:`flm.tree.stack`, or :func:`init_vmapped`), ``hparams`` is a dict of ``(K,)`` tensors
+    (e.g. ``{"lr": ..., "weight_decay": ...}``) that ``make_tx`` turns into each model's
+    optimiser (inside ``vmap`` each value is that model's 0-d tensor), and the metrics have shape
+    ``(K,)``. The models must use ``attention="flm"``: PyTorch's fused attention has no batching
+    rule. Each model computes exactly what :func:`make_train_step` would compute for it.
+
+    Args:
+        config: the (shared) model shape.
+        make_tx: ``hparams -> GradientTransformation``, e.g. ``lambda h: chain(clip_by_global_norm(1.0),
+            adamw(cosine_schedule(h["lr"], 0.1 * h["lr"], 100, 1000), weight_decay=h["weight_decay"]))``.
+        shared_batch: all models see the same ``(batch, seq_len)`` batch; otherwise ``inputs`` and
+            ``targets`` are ``(K, batch, seq_len)``, one batch per model.
+        compile: ``torch.compile`` the vmapped step (``fullgraph=True``).
+        compile_kwargs: extra ``torch.compile`` arguments.
+        compute_dtype: mixed precision (see :func:`make_loss_fn`).
+
+    Returns:
+        The vmapped step.
+
+    Raises:
+        ValueError: if ``config.attention`` is not ``"flm"``.
+
+    Source: ``torch.func.vmap``; handout §7.2 (learning-rate sweeps).
+    """
+    if config.attention != "flm":
+        raise ValueError(f"make_vmapped_train_step: use attention='flm' inside vmap, got {config.attention!r}")
+    loss_and_grad = torch.func.grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
+
+    def single(params: PyTree, opt_state: Any, hparams: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+        tx = make_tx(hparams)
+        lr = optim.learning_rate_at(tx, opt_state)
+        grads, loss = loss_and_grad(params, inputs, targets)
+        metrics = {"loss": loss.detach(), "grad_norm": optim.global_norm(grads)}
+        if lr is not None:
+            metrics["lr"] = lr
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), opt_state, metrics
+
+    batch_dim = None if shared_batch else 0
+    step = torch.func.vmap(single, in_dims=(0, 0, 0, batch_dim, batch_dim))
+    if compile:
+        return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
+    return step
+
+
+def init_vmapped(
+    config: TransformerConfig,
+    make_tx: Callable[[dict[str, torch.Tensor]], optim.GradientTransformation],
+    hparams: dict[str, torch.Tensor],
+    seeds: list[int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PyTree, Any]:
+    """Stacked parameters and optimiser states of K models, one seed each.
+
+    Args:
+        config: the model shape.
+        make_tx: as in :func:`make_vmapped_train_step`.
+        hparams: dict of ``(K,)`` tensors.
+        seeds: K init seeds.
+        device: where to place the stacks.
+        dtype: parameter dtype.
+
+    Returns:
+        ``(params, opt_state)`` with a leading model axis of size K on every leaf.
+
+    Raises:
+        ValueError: if the number of seeds and the hyperparameter lengths differ.
+    """
+    from flm.model import init_params
+    from flm.tree import stack
+
+    k = len(seeds)
+    for name, value in hparams.items():
+        if value.shape != (k,):
+            raise ValueError(f"init_vmapped: hparams[{name!r}] has shape {tuple(value.shape)}, expected ({k},)")
+    models = [init_params(config, torch.Generator().manual_seed(s), device=device, dtype=dtype) for s in seeds]
+    states = [make_tx({n: v[i] for n, v in hparams.items()}).init(p) for i, p in enumerate(models)]
+    return stack(models), stack(states)
 
 
 def _as_tensor_1d(tokens: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
