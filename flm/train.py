@@ -77,6 +77,43 @@ def make_loss_fn(
     return loss_fn
 
 
+def _accumulated_grads(loss_and_grad: Callable, params: PyTree, inputs: torch.Tensor, targets: torch.Tensor, steps: int):
+    if steps == 1:
+        return loss_and_grad(params, inputs, targets)
+    if inputs.shape[0] % steps:
+        raise ValueError(f"train step: batch of {inputs.shape[0]} does not split into {steps} equal micro-batches")
+    micro_x, micro_y = inputs.chunk(steps), targets.chunk(steps)
+    grads, loss = loss_and_grad(params, micro_x[0], micro_y[0])
+    for x, y in zip(micro_x[1:], micro_y[1:]):
+        g, l_i = loss_and_grad(params, x, y)
+        grads = tree_map(torch.add, grads, g)
+        loss = loss + l_i
+    return tree_map(lambda g: g / steps, grads), loss / steps
+
+
+def _step_body(
+    tx: optim.GradientTransformation,
+    loss_and_grad: Callable,
+    params: PyTree,
+    opt_state: Any,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    grad_accum_steps: int = 1,
+    grad_reduce: Callable[[PyTree], PyTree] | None = None,
+    donate: bool = False,
+) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
+    """Gradients (accumulated, reduced) → metrics → optimiser update → new params."""
+    lr = optim.learning_rate_at(tx, opt_state)
+    grads, loss = _accumulated_grads(loss_and_grad, params, inputs, targets, grad_accum_steps)
+    if grad_reduce is not None:
+        grads = grad_reduce(grads)
+    metrics = {"loss": loss.detach(), "grad_norm": optim.global_norm(grads)}
+    if lr is not None:
+        metrics["lr"] = lr
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optim.apply_updates(params, updates, inplace=donate), opt_state, metrics
+
+
 def make_train_step(
     config: TransformerConfig,
     tx: optim.GradientTransformation,
@@ -85,6 +122,8 @@ def make_train_step(
     donate: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
     compute_dtype: torch.dtype | None = None,
+    grad_accum_steps: int = 1,
+    grad_reduce: Callable[[PyTree], PyTree] | None = None,
 ) -> TrainStep:
     """Build ``step(params, opt_state, inputs, targets) -> (params, opt_state, metrics)``.
 
@@ -104,6 +143,11 @@ def make_train_step(
             MPS, or ``{"mode": "max-autotune"}`` on CUDA).
         compute_dtype: mixed precision (see :func:`make_loss_fn`); params and optimiser state
             stay in their own (float32) dtype.
+        grad_accum_steps: split the batch into this many equal micro-batches, run them one
+            after another and average their gradients (the same gradient as the whole batch,
+            with a fraction of the activation memory).
+        grad_reduce: applied to the gradients before clipping and the optimiser, e.g.
+            :func:`flm.distributed.all_reduce_mean` for data parallelism.
 
     Returns:
         ``step``. ``inputs``/``targets`` are ``(batch, seq_len)`` int64; ``metrics`` holds 0-d
@@ -112,19 +156,14 @@ def make_train_step(
 
     Source: handout §4–§5; ``torch.func.grad_and_value``.
     """
+    if grad_accum_steps < 1:
+        raise ValueError(f"make_train_step: grad_accum_steps must be ≥ 1, got {grad_accum_steps}")
     loss_and_grad = torch.func.grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
 
     def step(
         params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
-        lr = optim.learning_rate_at(tx, opt_state)
-        grads, loss = loss_and_grad(params, inputs, targets)
-        metrics = {"loss": loss.detach(), "grad_norm": optim.global_norm(grads)}
-        if lr is not None:
-            metrics["lr"] = lr
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optim.apply_updates(params, updates, inplace=donate)
-        return params, opt_state, metrics
+        return _step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
 
     if compile:
         return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
@@ -173,14 +212,7 @@ def make_vmapped_train_step(
     loss_and_grad = torch.func.grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
 
     def single(params: PyTree, opt_state: Any, hparams: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
-        tx = make_tx(hparams)
-        lr = optim.learning_rate_at(tx, opt_state)
-        grads, loss = loss_and_grad(params, inputs, targets)
-        metrics = {"loss": loss.detach(), "grad_norm": optim.global_norm(grads)}
-        if lr is not None:
-            metrics["lr"] = lr
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state, metrics
+        return _step_body(make_tx(hparams), loss_and_grad, params, opt_state, inputs, targets)
 
     batch_dim = None if shared_batch else 0
     step = torch.func.vmap(single, in_dims=(0, 0, 0, batch_dim, batch_dim))
