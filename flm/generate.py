@@ -424,7 +424,10 @@ def _prompts_to_padded(
     for i, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, torch.Tensor)) or len(row) == 0:
             raise ValueError(f"generate: prompt {i} is empty or not a sequence of ids: {row!r}")
-        if not isinstance(row, torch.Tensor) and not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+        if isinstance(row, torch.Tensor):
+            if row.dim() != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+                raise ValueError(f"generate: prompt {i} must be a 1-D integer tensor, got {row.dtype} {tuple(row.shape)}")
+        elif not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
             raise ValueError(f"generate: prompt {i} must hold ints, got {row!r}")
     lengths = [len(r) for r in rows]
     width = max(lengths)

@@ -262,6 +262,9 @@ def test_batch_equals_per_prompt_generation():
     assert generate(params, cfg, x, 6, temperature=0.0) == [naive_greedy(params, cfg, r, 6) for r in x.tolist()]
     assert generate(params, cfg, torch.tensor([1, 2, 3]), 6, temperature=0.0) == [naive_greedy(params, cfg, [1, 2, 3], 6)]
     assert generate(params, cfg, [1, 2, 3], 6, temperature=0.0) == [naive_greedy(params, cfg, [1, 2, 3], 6)]
+    assert generate(params, cfg, [torch.tensor([4, 5]), torch.tensor([6])], 6, temperature=0.0) == [
+        naive_greedy(params, cfg, [4, 5], 6), naive_greedy(params, cfg, [6], 6)
+    ]
 
 
 @pytest.mark.parametrize("variant", [{}, {"position": "nope", "attention": "sdpa"}])
@@ -299,6 +302,8 @@ def test_sampled_generation_with_eos_and_sliding_runs():
         ([[-1]], {}, "outside"),
         (torch.tensor([[1.0]]), {}, "integer"),
         ([["a"]], {}, "ints"),
+        ([[True]], {}, "ints"),
+        ([torch.tensor([1.0])], {}, "integer"),
         ("abc", {}, "list of lists"),
         ([[1]], {"temperature": -0.5}, "temperature"),
         ([[1]], {"top_p": 0.0}, "top_p"),
