@@ -7,12 +7,11 @@ import importlib.util
 import json
 import pickle
 import tracemalloc
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from flm.tokenizer import GPT2_PATTERN, Tokenizer, encode_file, token_dtype, train_bpe
