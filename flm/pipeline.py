@@ -160,6 +160,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage for parsed ``args``; return the results written to ``results.json``."""
+    from flm import distributed
     from flm.checkpoint import load_checkpoint
     from flm.data import download, load_tokens
     from flm.generate import generate
@@ -169,12 +170,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     model_cfg, train_cfg = build_configs(args)
     out = Path(args.out_dir or f"runs/{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
+    # Under torchrun: rank 0 prepares data and tokenizer while the others wait, then all train.
+    info = distributed.init_from_env(train_cfg.device)
+    if not info.is_main:
+        log = lambda _msg: None  # noqa: E731
+        distributed.barrier()
 
     # 1. data
     if (args.train_text is None) != (args.valid_text is None):
         raise ValueError("give both --train-text and --valid-text, or neither (to download --dataset)")
     if args.train_text is None:
-        paths = download(args.dataset, args.data_dir)
+        paths = download(args.dataset, args.data_dir, progress=info.is_main)
         train_text, valid_text = str(paths["train"]), str(paths["valid"])
     else:
         train_text, valid_text = args.train_text, args.valid_text
@@ -189,7 +195,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "preset": args.preset,
         "num_params": count_params(model_cfg),
     }
-    _write_json(out / "config.json", run_config)
+    if info.is_main:
+        _write_json(out / "config.json", run_config)
     log(f"model: {count_params(model_cfg):,} parameters; run dir {out}")
 
     # 2. tokenizer
@@ -218,18 +225,27 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
             _write_json(out / f"{split}.stamp.json", stamp)
             log(f"encode {split}: {n:,} tokens in {time.perf_counter() - t:.1f}s")
         tokens[split] = load_tokens(tok_path, vocab_size=model_cfg.vocab_size, tokenizer_fingerprint=tokenizer.fingerprint())
+    if info.is_main:
+        distributed.barrier()  # release the other ranks: tokenizer and token files are ready
 
     # 4. train (skipped when a finished run with the same settings is already here)
     summary_path = out / "train_summary.json"
     finished = summary_path.exists() and json.loads(summary_path.read_text()).get("run_config") == run_config
-    if finished and not args.resume:
+    if finished and not args.resume and not info.enabled:
         log("train: cached (a finished run with these settings is in the run dir)")
         summary = json.loads(summary_path.read_text())["summary"]
     else:
-        if not args.resume:
+        if not args.resume and info.is_main:
             for old in out.glob("*.safetensors"):
                 old.unlink()
-        summary = train_loop(model_cfg, train_cfg, tokens["train"], tokens["valid"], out, resume=args.resume, run_config=run_config, log=log)
+        distributed.barrier()
+        summary = train_loop(
+            model_cfg, train_cfg, tokens["train"], tokens["valid"], out,
+            resume=args.resume, run_config=run_config, log=log, dist_info=info,
+        )
+        if not info.is_main:
+            distributed.shutdown()
+            return summary
         if summary["status"] != "done":
             log(f"stopped at step {summary['step']}; continue with --resume")
             return summary
@@ -269,6 +285,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     log(sep.join(texts))
     results["samples"] = texts
     _write_json(out / "results.json", results)
+    distributed.shutdown()
     return results
 
 

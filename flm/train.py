@@ -10,6 +10,7 @@ Source: CS336 assignment 1 handout §4–§5 (training loop), design notes in ``
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -492,6 +493,7 @@ def train_loop(
     resume: bool = False,
     run_config: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    dist_info: Any = None,
 ) -> dict[str, Any]:
     """Train a model on memory-mapped tokens, with logging, evaluation, checkpoints and resume.
 
@@ -515,6 +517,10 @@ def train_loop(
         resume: continue from the newest checkpoint in ``out_dir`` if there is one.
         run_config: the whole run's settings, stored in checkpoints (default: model + train).
         log: where log lines go.
+        dist_info: a :class:`flm.distributed.DistInfo` for data parallelism: ``batch_size`` is
+            the global batch, each rank draws ``batch_size / world_size`` sequences from its own
+            rank-seeded sampler, gradients are averaged with a bucketed all-reduce, and only
+            rank 0 logs, evaluates and writes files (checkpoints hold every rank's sampler state).
 
     Returns:
         A summary: ``step``, ``status`` ("done" | "interrupted"), ``best_val_loss``,
@@ -525,35 +531,53 @@ def train_loop(
 
     Source: handout §5.3 (training_together), §7.1 (experiment_log).
     """
+    from flm import distributed
     from flm.checkpoint import load_checkpoint, save_checkpoint
     from flm.data import get_batch
     from flm.model import init_params
+
+    dist_info = dist_info or distributed.DistInfo(device=cfg.device)
+    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    if cfg.batch_size % world:
+        raise ValueError(f"train_loop: batch_size={cfg.batch_size} does not divide over {world} ranks")
+    local_batch = cfg.batch_size // world
+    if not main:
+        log = lambda _msg: None  # noqa: E731  (only rank 0 speaks)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     run_config = run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()}
-    device = torch.device(cfg.device)
+    device = torch.device(dist_info.device if dist_info.enabled else cfg.device)
     tx = make_optimizer(cfg)
     params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
     opt_state = tx.init(params)
-    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)
     start, wall_offset, best = 0, 0.0, math.inf
 
     existing = list_checkpoints(out) if resume else []
     if existing:
         ckpt = load_checkpoint(existing[-1], like={"params": params, "opt_state": opt_state})
         params, opt_state, start = ckpt.params, ckpt.opt_state, ckpt.step
-        if ckpt.rng_state is not None:
+        states = ckpt.metadata.get("rng_states")
+        if world > 1 and states and len(states) == world:
+            sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[rank])), dtype=torch.uint8))
+        elif ckpt.rng_state is not None and rank == 0:
             sampler.set_state(ckpt.rng_state)
         wall_offset = float(ckpt.metadata.get("wall_time", 0.0))
         best = float(ckpt.metadata.get("best_val_loss", math.inf))
         _truncate_metrics(metrics_path, start)
         log(f"resumed from {existing[-1].name} at step {start}")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and main:
         metrics_path.unlink()
 
-    step_fn = make_train_step(model_config, tx, compile=cfg.compile, compute_dtype=_DTYPES[cfg.dtype])
+    step_fn = make_train_step(
+        model_config,
+        tx,
+        compile=cfg.compile,
+        compute_dtype=_DTYPES[cfg.dtype],
+        grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
+    )
     tokens_per_step = cfg.batch_size * model_config.context_length
     t0 = time.perf_counter() - wall_offset
     last_log_time, last_log_step = time.perf_counter(), start
@@ -562,19 +586,21 @@ def train_loop(
     final_val: float | None = None
     last_eval: tuple[int, float] | None = None
 
-    def checkpoint(path: Path, at_step: int) -> None:
-        save_checkpoint(
-            path,
-            params=params,
-            opt_state=opt_state,
-            step=at_step,
-            config=run_config,
-            generator=sampler,
-            metadata={"wall_time": time.perf_counter() - t0, "best_val_loss": best if math.isfinite(best) else None},
-        )
+    def checkpoint(path: Path, at_step: int, rng_states: list[str] | None = None) -> None:
+        if not main:
+            return
+        meta = {"wall_time": time.perf_counter() - t0, "best_val_loss": best if math.isfinite(best) else None}
+        if rng_states:
+            meta["rng_states"] = rng_states
+        save_checkpoint(path, params=params, opt_state=opt_state, step=at_step, config=run_config, generator=sampler, metadata=meta)
 
-    def periodic_checkpoint(at_step: int) -> None:
-        checkpoint(out / f"ckpt_{at_step:07d}.safetensors", at_step)
+    def periodic_checkpoint(at_step: int, gather: bool = True) -> None:
+        states = None
+        if dist_info.enabled and gather:  # a collective: every rank takes part
+            states = [base64.b64encode(t.numpy().tobytes()).decode() for t in distributed.all_gather_bytes(sampler.get_state())]
+        if not main:
+            return
+        checkpoint(out / f"ckpt_{at_step:07d}.safetensors", at_step, states)
         for old in list_checkpoints(out)[: -max(1, cfg.keep_checkpoints)]:
             old.unlink()
 
@@ -585,11 +611,11 @@ def train_loop(
     status = "done"
     try:
         while step < cfg.max_iters:
-            inputs, targets = get_batch(train_tokens, cfg.batch_size, model_config.context_length, device, sampler)
+            inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
             params, opt_state, m = step_fn(params, opt_state, inputs, targets)
             step += 1
             pending.append(m)
-            at_eval = valid_tokens is not None and cfg.eval_interval > 0 and step % cfg.eval_interval == 0
+            at_eval = main and valid_tokens is not None and cfg.eval_interval > 0 and step % cfg.eval_interval == 0
             at_ckpt = cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0
             if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
                 continue
@@ -623,7 +649,8 @@ def train_loop(
                 if val_loss < best:
                     best = val_loss
                     checkpoint(out / "best.safetensors", step)
-            _append_jsonl(metrics_path, record)
+            if main:
+                _append_jsonl(metrics_path, record)
             eta = (cfg.max_iters - step) * tokens_per_step / max(rate, 1e-9)
             val_text = f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})" if at_eval else ""
             log(
@@ -635,16 +662,17 @@ def train_loop(
     except KeyboardInterrupt:
         status = "interrupted"
         log(f"interrupted at step {step}: saving a checkpoint")
-        periodic_checkpoint(step)
+        periodic_checkpoint(step, gather=False)  # other ranks may be gone: no collective here
     if status == "done":
-        if valid_tokens is not None:
+        if valid_tokens is not None and main:
             final_val = last_eval[1] if last_eval and last_eval[0] == step else run_eval()[0]
             if final_val < best:
                 best = final_val
                 checkpoint(out / "best.safetensors", step)
-        if not list_checkpoints(out) or list_checkpoints(out)[-1].name != f"ckpt_{step:07d}.safetensors":
-            periodic_checkpoint(step)
-    plot_metrics(metrics_path, out / "loss.png")
+        if not (cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0 and step > start):
+            periodic_checkpoint(step)  # the loop has not just saved this step
+    if main:
+        plot_metrics(metrics_path, out / "loss.png")
     wall = time.perf_counter() - t0
     trained = (step - start) * tokens_per_step
     return {
