@@ -16,6 +16,8 @@ Rows (each the median over ``--repeats`` runs after one warm-up run, with min/ma
 * ``encode_file``: the excerpt x16 to a token file with 1, 2, ... workers.
 
 ``ratio`` is flm's time / the peer's time (lower is better; 3.0 means three times slower).
+``cpu s`` is flm's CPU time (this process plus its worker processes): with free cores, a pool
+that scales shows wall time well under CPU time.
 A peer that is not installed is skipped with a line saying so. Shared data is found through
 ``$FLM_SHARED_DATA`` or ``../shared/data`` relative to the repository root.
 """
@@ -56,20 +58,28 @@ def shared_data_dir() -> Path:
     raise SystemExit("shared data not found: set FLM_SHARED_DATA or place it at ../shared/data")
 
 
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls.
 
     Returns:
-        ``{"median": s, "min": s, "max": s, "n": repeats}``.
+        ``{"median": s, "min": s, "max": s, "cpu": s, "n": repeats}``: wall-clock seconds, and the
+        median CPU seconds of this process and its finished children (for worker pools it sums
+        the workers; on a busy machine it shows the work apart from the waiting).
     """
     for _ in range(warmup):
         fn()
-    ts = []
+    ts, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": repeats}
+        cpu.append(_cpu_seconds() - c0)
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "cpu": statistics.median(cpu), "n": repeats}
 
 
 def hf_train_fn(path: Path, vocab_size: int) -> Callable[[], object] | None:
@@ -114,6 +124,7 @@ def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, 
         "flm_s": flm["median"],
         "flm_min_s": flm["min"],
         "flm_max_s": flm["max"],
+        "flm_cpu_s": flm["cpu"],
         "flm_MBps": size / flm["median"] / 1e6 if size and flm["median"] else None,
         "peer": peer,
         "peer_s": peer_t["median"] if peer_t else None,
@@ -125,7 +136,7 @@ def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, 
 
 def print_table(rows: list[dict]) -> None:
     """Print the rows as a fixed-width table."""
-    head = f"{'task':44} {'size MB':>8} {'flm s (min-max)':>24} {'MB/s':>7} {'peer':>10} {'peer s':>8} {'ratio':>6}"
+    head = f"{'task':40} {'size MB':>8} {'flm s (min-max)':>24} {'cpu s':>6} {'MB/s':>6} {'peer':>10} {'peer s':>7} {'ratio':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -133,7 +144,10 @@ def print_table(rows: list[dict]) -> None:
         mbps = f"{r['flm_MBps']:.1f}" if r["flm_MBps"] else "-"
         peer_s = f"{r['peer_s']:.3f}" if r["peer_s"] is not None else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        print(f"{r['task']:44} {r['size_bytes'] / 1e6:8.3f} {spread:>24} {mbps:>7} {(r['peer'] or '-'):>10} {peer_s:>8} {ratio:>6}")
+        print(
+            f"{r['task']:40} {r['size_bytes'] / 1e6:8.3f} {spread:>24} {r['flm_cpu_s']:6.2f} {mbps:>6}"
+            f" {(r['peer'] or '-'):>10} {peer_s:>7} {ratio:>6}"
+        )
 
 
 def bench_train(name: str, path: Path, vocab_size: int, repeats: int, rows: list, notes: list) -> None:
