@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       ("num-heads", int), ("d-ff", int), ("rope-theta", float), ("batch-size", int), ("lr", float),
                       ("min-lr", float), ("warmup-iters", int), ("max-iters", int), ("weight-decay", float),
                       ("grad-clip", float), ("eval-interval", int), ("eval-batches", int),
-                      ("checkpoint-interval", int), ("log-interval", int)):
+                      ("checkpoint-interval", int), ("log-interval", int), ("grad-accum-steps", int)):
         p.add_argument(f"--{name}", type=typ, default=None)
     p.add_argument("--tokens", type=float, default=None, help="total training tokens (sets --max-iters)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
@@ -110,6 +110,7 @@ def build_configs(args: argparse.Namespace) -> tuple[TransformerConfig, Any]:
     from flm.train import TrainConfig
 
     s = dict(PRESETS[args.preset])
+    s.setdefault("grad_accum_steps", 1)
     for key in list(s) + ["eval_batches"]:
         value = getattr(args, key, None)
         if value is not None:
@@ -126,7 +127,7 @@ def build_configs(args: argparse.Namespace) -> tuple[TransformerConfig, Any]:
         warmup_iters=s["warmup_iters"], weight_decay=s["weight_decay"], grad_clip=s["grad_clip"],
         eval_interval=s["eval_interval"], eval_batches=s["eval_batches"], checkpoint_interval=s["checkpoint_interval"],
         log_interval=s["log_interval"], seed=args.seed, device=args.device or default_device(),
-        compile=args.compile, dtype=args.dtype,
+        compile=args.compile, dtype=args.dtype, grad_accum_steps=s["grad_accum_steps"],
     )
     return model, train
 

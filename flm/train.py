@@ -361,6 +361,8 @@ class TrainConfig:
         compile: ``torch.compile`` the whole train step.
         dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (mixed precision: float32 master
             params and optimiser state, bf16 matmuls, float32 norms/softmax/loss).
+        grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and
+            average their gradients: the same update with a fraction of the activation memory.
     """
 
     batch_size: int = 32
@@ -381,9 +383,10 @@ class TrainConfig:
     device: str = "cpu"
     compile: bool = False
     dtype: str = "float32"
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_iters", "log_interval"):
+        for name in ("batch_size", "max_iters", "log_interval", "grad_accum_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig: {name} must be positive, got {getattr(self, name)!r}")
         for name in ("warmup_iters", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
@@ -541,6 +544,10 @@ def train_loop(
     if cfg.batch_size % world:
         raise ValueError(f"train_loop: batch_size={cfg.batch_size} does not divide over {world} ranks")
     local_batch = cfg.batch_size // world
+    if local_batch % cfg.grad_accum_steps:
+        raise ValueError(
+            f"train_loop: the per-rank batch of {local_batch} does not split into {cfg.grad_accum_steps} micro-batches"
+        )
     if not main:
         log = lambda _msg: None  # noqa: E731  (only rank 0 speaks)
 
@@ -576,6 +583,7 @@ def train_loop(
         tx,
         compile=cfg.compile,
         compute_dtype=_DTYPES[cfg.dtype],
+        grad_accum_steps=cfg.grad_accum_steps,
         grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
     )
     tokens_per_step = cfg.batch_size * model_config.context_length
