@@ -307,6 +307,8 @@ def evaluate(
         raise ValueError(f"evaluate: batch_size and context_length must be positive, got {batch_size}, {context_length}")
     if context_length > config.context_length:
         raise ValueError(f"evaluate: context_length={context_length} exceeds the model's {config.context_length}")
+    if num_batches is not None and num_batches <= 0:  # 0 would evaluate nothing and divide by zero
+        raise ValueError(f"evaluate: num_batches must be positive or None, got {num_batches}")
     num_windows = (n - 1) // context_length
     if num_windows == 0:
         raise ValueError(f"evaluate: need at least context_length + 1 = {context_length + 1} tokens, got {n}")

@@ -29,7 +29,7 @@ LOCKSTEP_STEPS = 1000
 TOL = 1e-10
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
     n = torch.get_num_threads()
