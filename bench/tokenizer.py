@@ -17,7 +17,8 @@ Rows (each the median over ``--repeats`` runs after one warm-up run, with min/ma
 
 ``ratio`` is flm's time / the peer's time (lower is better; 3.0 means three times slower).
 ``cpu s`` is flm's CPU time (this process plus its worker processes): with free cores, a pool
-that scales shows wall time well under CPU time.
+that scales shows wall time well under CPU time. ``cpu ratio`` compares CPU seconds (fairer
+when other jobs share the machine; HF ``tokenizers`` may use several threads).
 A peer that is not installed is skipped with a line saying so. Shared data is found through
 ``$FLM_SHARED_DATA`` or ``../shared/data`` relative to the repository root.
 """
@@ -59,8 +60,14 @@ def shared_data_dir() -> Path:
 
 
 def _cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    try:
+        import resource
+
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children = ch.ru_utime + ch.ru_stime
+    except ImportError:  # not POSIX
+        children = 0.0
+    return time.process_time() + children
 
 
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
@@ -129,6 +136,8 @@ def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, 
         "peer": peer,
         "peer_s": peer_t["median"] if peer_t else None,
         "ratio": flm["median"] / peer_t["median"] if peer_t else None,
+        "peer_cpu_s": peer_t["cpu"] if peer_t else None,
+        "ratio_cpu": flm["cpu"] / peer_t["cpu"] if peer_t and peer_t["cpu"] > 0 else None,
     }
     r.update(extra)
     return r
@@ -136,7 +145,7 @@ def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, 
 
 def print_table(rows: list[dict]) -> None:
     """Print the rows as a fixed-width table."""
-    head = f"{'task':40} {'size MB':>8} {'flm s (min-max)':>24} {'cpu s':>6} {'MB/s':>6} {'peer':>10} {'peer s':>7} {'ratio':>6}"
+    head = f"{'task':40} {'size MB':>8} {'flm s (min-max)':>24} {'cpu s':>6} {'MB/s':>6} {'peer':>10} {'peer s':>7} {'ratio':>6} {'cpu ratio':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -144,9 +153,10 @@ def print_table(rows: list[dict]) -> None:
         mbps = f"{r['flm_MBps']:.1f}" if r["flm_MBps"] else "-"
         peer_s = f"{r['peer_s']:.3f}" if r["peer_s"] is not None else "-"
         ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
+        ratio_cpu = f"{r['ratio_cpu']:.2f}" if r["ratio_cpu"] is not None else "-"
         print(
-            f"{r['task']:40} {r['size_bytes'] / 1e6:8.3f} {spread:>24} {r['flm_cpu_s']:6.2f} {mbps:>6}"
-            f" {(r['peer'] or '-'):>10} {peer_s:>7} {ratio:>6}"
+            f"{r['task']:40} {r['size_bytes'] / 1e6:8.3f} {spread:>24} {r['flm_cpu_s']:6.3f} {mbps:>6}"
+            f" {(r['peer'] or '-'):>10} {peer_s:>7} {ratio:>6} {ratio_cpu:>9}"
         )
 
 
@@ -174,7 +184,7 @@ def scaling_summary(rows: list[dict]) -> dict:
     base = {}
     for i, r in enumerate(rows):
         if r["task"].startswith("train tinystories x"):
-            k = r["task"].split()[1]
+            k = r["task"].split()[2]
             parts = {"flm total": r["flm_s"], "flm pre-tokenization": rows[i + 1]["flm_s"], "flm merging": rows[i + 2]["flm_s"]}
             if r["peer_s"] is not None:
                 parts["tokenizers"] = r["peer_s"]
