@@ -522,3 +522,20 @@ def test_constant_schedule():
         v = s(t)
         assert v.dtype == torch.float64 and v.dim() == 0 and float(v) == 3e-4
     assert optim.adamw(3e-4).learning_rate(torch.tensor(7)) == 3e-4
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [lambda: optim.clip_by_global_norm(1.0), lambda: optim.adamw(1e-2, weight_decay=0.1), lambda: optim.sgd(1e-2, momentum=0.9)],
+    ids=["clip", "adamw", "sgd"],
+)
+def test_mixed_dtype_trees_keep_their_dtypes(make_tx):
+    gen = torch.Generator().manual_seed(0)
+    p = {"a": torch.randn(4, generator=gen), "b": torch.randn(3, generator=gen).bfloat16(), "c": torch.randn(2, generator=gen).double()}
+    g = tree_map(lambda t: t * 100, p)
+    tx = make_tx()
+    u, state = tx.update(g, tx.init(p), p)
+    assert {k: v.dtype for k, v in u.items()} == {k: v.dtype for k, v in p.items()}
+    assert all(torch.isfinite(v.float()).all() for v in u.values())
+    new = optim.apply_updates(p, u)
+    assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in p.items()}

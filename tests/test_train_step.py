@@ -156,16 +156,6 @@ def test_compiled_step_fullgraph_equals_eager():
     assert torch.equal(optim.step_count(sc), optim.step_count(se))
 
 
-def test_train_step_explain_has_no_graph_breaks():
-    tx = optim.adamw(1e-3)
-    step = make_train_step(CCFG, tx)
-    p = _params(CCFG, dtype=torch.float32)
-    x, y = _batch(CCFG)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(step)(p, tx.init(p), x, y)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
-
-
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
