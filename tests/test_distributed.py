@@ -1,0 +1,205 @@
+"""Data parallelism on CPU: 2 gloo processes (``torch.multiprocessing.spawn``) on 127.0.0.1.
+
+(a) ``all_reduce_mean`` over a pytree is the mean (several buckets, mixed dtypes, input untouched);
+(b) one data-parallel step over two half-batches equals one single-process step over the whole
+    batch (float64), and both ranks hold identical parameters;
+(c) a 2-process ``train_loop`` run that crashed after step 10 and resumed ends at the same
+    parameters as an uninterrupted one, and only rank 0 wrote files.
+
+Each spawn group does all of its work in one go (process start-up dominates the run time).
+"""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flm import optim
+from flm.model import TransformerConfig, init_params
+from flm.train import TrainConfig, decay_mask, make_train_step
+from flm.tree import tree_leaves
+
+WORLD = 2
+CFG = TransformerConfig(vocab_size=50, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+def _tree(rank: int) -> dict:
+    """A rank-dependent tree with float32/float64/float16 leaves of assorted sizes."""
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "a": torch.randn(3, 5, generator=g),
+        "b": [torch.randn(7, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g)],
+        "c": {"d": torch.randn(11, generator=g).half(), "e": torch.randn((), generator=g, dtype=torch.float64)},
+        "f": torch.randn(40, generator=g),
+    }
+    return {k: _scale(v, rank) for k, v in base.items()}
+
+
+def _scale(node, rank):
+    if isinstance(node, torch.Tensor):
+        return node * (rank + 1) + rank
+    if isinstance(node, list):
+        return [_scale(x, rank) for x in node]
+    return {k: _scale(v, rank) for k, v in node.items()}
+
+
+def _tx():
+    adam = optim.adamw(optim.cosine_schedule(1e-2, 1e-3, 0, 10), betas=(0.9, 0.95), weight_decay=0.1, mask=decay_mask)
+    return optim.chain(optim.clip_by_global_norm(0.5), adam)
+
+
+def _batch(batch=8):
+    w = torch.randint(0, CFG.vocab_size, (batch, CFG.context_length + 1), generator=torch.Generator().manual_seed(9))
+    return w[:, :-1], w[:, 1:]
+
+
+def _collectives_worker(rank: int, port: int, out: str) -> None:
+    from flm.distributed import all_reduce_mean
+
+    _join(rank, port)
+    try:
+        # (a) mean over ranks, with tiny buckets (many collectives) and the default (one per dtype).
+        tree = _tree(rank)
+        before = [t.clone() for t in tree_leaves(tree)]
+        small = all_reduce_mean(tree, bucket_bytes=48)
+        default = all_reduce_mean(tree)
+        assert all(torch.equal(a, b) for a, b in zip(tree_leaves(tree), before)), "input modified"
+        # (b) one data-parallel step on this rank's half of the batch.
+        x, y = _batch()
+        half = x.shape[0] // WORLD
+        tx = _tx()
+        params = init_params(CFG, torch.Generator().manual_seed(0), dtype=torch.float64)
+        step = make_train_step(CFG, tx, grad_reduce=all_reduce_mean)
+        state = tx.init(params)
+        for _ in range(2):
+            params, state, metrics = step(params, state, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
+        torch.save({"small": small, "default": default, "params": params, "grad_norm": metrics["grad_norm"]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_mean_and_data_parallel_step(tmp_path):
+    _spawn(_collectives_worker, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    # (a) every rank holds the mean, leaf dtypes and structure preserved.
+    trees = [_tree(r) for r in range(WORLD)]
+    for res in results:
+        for key in ("small", "default"):
+            got, want = tree_leaves(res[key]), [sum(ls) / WORLD for ls in zip(*map(tree_leaves, trees))]
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert g.dtype == w.dtype and g.shape == w.shape
+                tol = 1e-3 if g.dtype == torch.float16 else 1e-6
+                torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+    # (b) identical replicas equal to the single-process full-batch step.
+    tx = _tx()
+    params = init_params(CFG, torch.Generator().manual_seed(0), dtype=torch.float64)
+    state = tx.init(params)
+    step = make_train_step(CFG, tx)
+    x, y = _batch()
+    for _ in range(2):
+        params, state, m = step(params, state, x, y)
+    r0, r1 = results
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(r0["params"]), tree_leaves(r1["params"])))
+    torch.testing.assert_close(r0["grad_norm"], m["grad_norm"], rtol=1e-12, atol=0)
+    for a, b in zip(tree_leaves(r0["params"]), tree_leaves(params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------
+# (c) train_loop under 2 processes: crash after step 10, resume, compare with an uninterrupted run
+# ------------------------------------------------------------------------------------------------
+
+LOOP = TrainConfig(
+    batch_size=8, max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=3, eval_interval=5, eval_batches=2,
+    checkpoint_interval=5, keep_checkpoints=10, log_interval=5, seed=1,
+)
+
+
+def _loop_worker(rank: int, port: int, root: str) -> None:
+    import flm.checkpoint
+    import flm.train
+    from flm.distributed import DistInfo
+
+    _join(rank, port)
+    writes: list[str] = []
+    if rank != 0:  # record any attempt by rank 1 to write a file
+        real_save, real_append, real_plot = flm.checkpoint.save_checkpoint, flm.train._append_jsonl, flm.train.plot_metrics
+        flm.checkpoint.save_checkpoint = lambda path, *a, **k: (writes.append(str(path)), real_save(path, *a, **k))[1]
+        flm.train._append_jsonl = lambda path, rec: (writes.append(str(path)), real_append(path, rec))[1]
+        flm.train.plot_metrics = lambda m, png: (writes.append(str(png)), real_plot(m, png))[1]
+    try:
+        rng = np.random.default_rng(0)
+        train = rng.integers(0, CFG.vocab_size, 4000).astype(np.uint16)
+        valid = rng.integers(0, CFG.vocab_size, 600).astype(np.uint16)
+        info = DistInfo(rank=rank, world_size=WORLD, local_rank=rank, device="cpu")
+        full, crashed = Path(root, "full"), Path(root, "crashed")
+        s_full = flm.train.train_loop(CFG, LOOP, train, valid, full, log=lambda _m: None, dist_info=info)
+        dist.barrier()
+        if rank == 0:  # "crash" after step 10: the later checkpoints and metric lines never happened
+            shutil.copytree(full, crashed)
+            for name in ("ckpt_0000015.safetensors", "ckpt_0000020.safetensors"):
+                (crashed / name).unlink()
+        dist.barrier()
+        s_resumed = flm.train.train_loop(CFG, LOOP, train, valid, crashed, resume=True, log=lambda _m: None, dist_info=info)
+        torch.save({"writes": writes, "full": s_full, "resumed": s_resumed}, f"{root}/loop_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_train_loop_resume_matches_uninterrupted(tmp_path):
+    from flm.checkpoint import load_checkpoint
+    from flm.train import list_checkpoints, read_metrics
+
+    _spawn(_loop_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"loop_rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert r1["writes"] == [], f"rank 1 wrote files: {r1['writes']}"
+    assert r0["full"]["step"] == r0["resumed"]["step"] == LOOP.max_iters
+    assert r0["full"]["status"] == r0["resumed"]["status"] == "done"
+
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    assert [p.name for p in list_checkpoints(full)] == [f"ckpt_{s:07d}.safetensors" for s in (5, 10, 15, 20)]
+    assert [p.name for p in list_checkpoints(crashed)][-1] == "ckpt_0000020.safetensors"
+    a, b = load_checkpoint(full / "ckpt_0000020.safetensors"), load_checkpoint(crashed / "ckpt_0000020.safetensors")
+    for x, y in zip(tree_leaves(a.params), tree_leaves(b.params)):
+        assert torch.equal(x, y), "resumed params differ from the uninterrupted run"
+    for x, y in zip(tree_leaves(a.opt_state), tree_leaves(b.opt_state)):
+        assert torch.equal(x, y)
+    # The metrics agree step by step (wall time and throughput aside).
+    keys = ("step", "tokens", "train_loss", "val_loss", "lr", "grad_norm")
+    ma, mb = read_metrics(full / "metrics.jsonl"), read_metrics(crashed / "metrics.jsonl")
+    assert [m["step"] for m in ma] == [5, 10, 15, 20]
+    assert [{k: m[k] for k in keys} for m in ma] == [{k: m[k] for k in keys} for m in mb]
+    assert r0["full"]["final_val_loss"] == r0["resumed"]["final_val_loss"]
+    # Only rank 0's files exist: no per-rank artefacts.
+    assert sorted(p.name for p in full.iterdir()) == sorted(
+        ["metrics.jsonl", "loss.png", "best.safetensors"] + [p.name for p in list_checkpoints(full)]
+    )
+    assert not any(p.name.startswith("rank") for p in full.iterdir())
+    assert os.path.getsize(full / "loss.png") > 0
