@@ -26,6 +26,7 @@ from flm.tree import num_elements, tree_leaves, tree_map
 
 CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
 LOCKSTEP_STEPS = 1000
+VARIANT_STEPS = 500  # cosine / mask variants: half as long to keep CI time down
 TOL = 1e-10
 
 
@@ -105,11 +106,11 @@ def test_adamw_matches_torch_lockstep_1000_steps(one_thread):
 
 
 def test_adamw_matches_torch_with_cosine_schedule(one_thread):
-    sched = optim.cosine_schedule(1e-2, 1e-3, warmup_iters=100, cosine_cycle_iters=800)  # covers all 3 phases
+    sched = optim.cosine_schedule(1e-2, 1e-3, warmup_iters=50, cosine_cycle_iters=400)  # covers all 3 phases
     tx = optim.adamw(sched, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     make = lambda ps: torch.optim.AdamW(ps, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # noqa: E731
-    err, _ = _lockstep(tx, make, steps=LOCKSTEP_STEPS, schedule=sched)
-    print(f"\nAdamW + cosine schedule, {LOCKSTEP_STEPS} float64 steps: max relative error {err:.3e}")
+    err, _ = _lockstep(tx, make, steps=VARIANT_STEPS, schedule=sched)
+    print(f"\nAdamW + cosine schedule, {VARIANT_STEPS} float64 steps: max relative error {err:.3e}")
     assert err <= TOL
 
 
@@ -128,8 +129,8 @@ def test_adamw_matches_torch_with_weight_decay_mask(one_thread):
             lr=5e-3, betas=(0.9, 0.95), eps=1e-8,
         )
 
-    err, _ = _lockstep(tx, make, steps=LOCKSTEP_STEPS)
-    print(f"\nAdamW + weight-decay mask (two torch param groups), {LOCKSTEP_STEPS} steps: max relative error {err:.3e}")
+    err, _ = _lockstep(tx, make, steps=VARIANT_STEPS)
+    print(f"\nAdamW + weight-decay mask (two torch param groups), {VARIANT_STEPS} steps: max relative error {err:.3e}")
     assert err <= TOL
 
 
