@@ -26,7 +26,7 @@ import numpy as np
 
 from flm.tokenizer.gpt2_format import atomic_write_text
 from flm.tokenizer.pretokenize import chunk_boundaries, safe_split_token
-from flm.tokenizer.progress import Progress
+from flm.progress import ProgressBar
 from flm.tokenizer.tokenizer import Tokenizer
 
 __all__ = ["encode_file", "token_dtype", "SIDECAR_FORMAT", "SIDECAR_VERSION"]
@@ -135,7 +135,7 @@ def encode_file(
         for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
     ]
     show = progress if progress is not None else size > (4 << 20)
-    bar = Progress(size, f"encode {Path(input_path).name}", enabled=bool(show))
+    bar = ProgressBar(size, f"encode {Path(input_path).name}", enabled=bool(show))
     tmp_out = os.path.join(workdir, "all.bin")
     total = 0
     try:
