@@ -109,6 +109,14 @@ def _use_foreach(leaves: Sequence[torch.Tensor]) -> bool:
     return not any(is_wrapped(t) for t in leaves)
 
 
+def _host_scalars(leaves: Sequence[torch.Tensor], *scalars: float | torch.Tensor) -> bool:
+    """Whether the leaves live on the CPU and the scalars are floats or 0-d CPU tensors, so the
+    foreach kernels can take the scalars as Python floats without a device sync."""
+    if any(t.device.type != "cpu" for t in leaves):
+        return False
+    return all(not isinstance(x, torch.Tensor) or (x.dim() == 0 and x.device.type == "cpu") for x in scalars)
+
+
 def _scalar(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
     return x if not isinstance(x, torch.Tensor) else x.to(like.device)
 
@@ -475,17 +483,39 @@ def adamw(
                 m_new = torch._foreach_lerp(m, g, 1.0 - b1)
                 v_new = torch._foreach_mul(v, b2)
                 torch._foreach_addcmul_(v_new, g, g, 1.0 - b2)
-            # Δ = −(α√(1−β2ᵗ)/(1−β1ᵗ)) · m / (√v + ε√(1−β2ᵗ)), in one buffer: denom, denom/m, m/denom, ×scale.
-            upd = torch._foreach_sqrt(v_new)
-            torch._foreach_add_(upd, (eps * bias2_sqrt).to(dtype))
-            torch._foreach_div_(upd, m_new)
-            torch._foreach_reciprocal_(upd)
-            torch._foreach_mul_(upd, (-step_size * bias2_sqrt).to(dtype))
+            host = _host_scalars(g, lr_t, weight_decay)
+            if host:
+                # CPU tensors: the scalars can be Python floats (reading a CPU 0-d tensor is no device
+                # sync), which lets the decay fold into a fused kernel: Δ = −λα·θ + addcdiv(m, denom).
+                # 4 passes over the leaves instead of 7 (sqrt, +ε, decay·θ, addcdiv).
+                denom = torch._foreach_sqrt(v_new)
+                torch._foreach_add_(denom, float(eps * bias2_sqrt))
+                scale = float(-step_size * bias2_sqrt)
+                flags = _decay_mask(mask, params, len(g)) if use_decay else [False] * len(g)
+                if all(flags):
+                    upd = torch._foreach_mul(tree_leaves(params), float(-lr_t * weight_decay))
+                    torch._foreach_addcdiv_(upd, m_new, denom, scale)
+                else:
+                    upd = torch._foreach_div(m_new, denom)
+                    torch._foreach_mul_(upd, scale)
+                    idx = [i for i, f in enumerate(flags) if f]
+                    if idx:
+                        p = tree_leaves(params)
+                        torch._foreach_add_([upd[i] for i in idx], [p[i] for i in idx], alpha=float(-lr_t * weight_decay))
+                del denom
+            else:
+                # Δ = −(α√(1−β2ᵗ)/(1−β1ᵗ)) · m / (√v + ε√(1−β2ᵗ)), in one buffer: denom, denom/m, m/denom, ×scale.
+                upd = torch._foreach_sqrt(v_new)
+                torch._foreach_add_(upd, (eps * bias2_sqrt).to(dtype))
+                torch._foreach_div_(upd, m_new)
+                torch._foreach_reciprocal_(upd)
+                torch._foreach_mul_(upd, (-step_size * bias2_sqrt).to(dtype))
         else:
+            host = False
             m_new = [mi.lerp(gi, 1.0 - b1) for mi, gi in zip(m, g)]
             v_new = [vi * b2 + gi * gi * (1.0 - b2) for vi, gi in zip(v, g)]
             upd = [mi / (vi.sqrt() / bias2_sqrt.to(dtype) + eps) * (-step_size).to(dtype) for mi, vi in zip(m_new, v_new)]
-        if use_decay:
+        if use_decay and not host:
             p = tree_leaves(params)
             flags = _decay_mask(mask, params, len(p))
             decay = (-lr_t * weight_decay).to(dtype)
