@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", nargs="+", default=None, help="run only these benches")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--no-wait", action="store_true", help="do not wait while /tmp/flm_quiet exists")
     args = ap.parse_args(argv)
+    if args.no_wait:
+        os.environ["FLM_BENCH_NO_WAIT"] = "1"
     names = [n for n in (args.only or BENCHES) if (HERE / f"{n}.py").exists()]
     machine = common.machine_info(args.device)
     t_start = time.perf_counter()
