@@ -437,6 +437,15 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite; names the step."""
 
 
+def _tensorboard_writer(out: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``out/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -505,7 +514,8 @@ def train_loop(
     Every ``log_interval`` steps one metrics line is appended to ``out_dir/metrics.jsonl``
     (``step``, ``wall_time``, ``tokens``, ``train_loss``, ``val_loss`` (null unless evaluated),
     ``val_perplexity``, ``lr``, ``grad_norm``, ``tokens_per_sec``) and a log line printed with
-    ETA. Every ``eval_interval`` steps the validation loss is computed; the best model by
+    ETA (and written to TensorBoard under ``out_dir/tensorboard`` when tensorboard is
+    installed). Every ``eval_interval`` steps the validation loss is computed; the best model by
     validation loss is saved as ``best.safetensors``. Every ``checkpoint_interval`` steps and at
     the end ``ckpt_<step>.safetensors`` is written (params, optimiser state, step, sampler RNG),
     keeping the newest ``keep_checkpoints``. With ``resume`` the newest checkpoint is loaded and
@@ -618,6 +628,7 @@ def train_loop(
         res = evaluate(params, model_config, valid_tokens, cfg.batch_size, model_config.context_length, cfg.eval_batches)
         return res["loss"], res["perplexity"]
 
+    tb = _tensorboard_writer(out) if main else None
     status = "done"
     try:
         while step < cfg.max_iters:
@@ -661,6 +672,10 @@ def train_loop(
                     checkpoint(out / "best.safetensors", step)
             if main:
                 _append_jsonl(metrics_path, record)
+                if tb is not None:
+                    for key in ("train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec"):
+                        if record[key] is not None:
+                            tb.add_scalar(key, record[key], step, walltime=None)
             eta = (cfg.max_iters - step) * tokens_per_step / max(rate, 1e-9)
             val_text = f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})" if at_eval else ""
             log(
@@ -681,6 +696,8 @@ def train_loop(
                 checkpoint(out / "best.safetensors", step)
         if not (cfg.checkpoint_interval > 0 and step % cfg.checkpoint_interval == 0 and step > start):
             periodic_checkpoint(step)  # the loop has not just saved this step
+    if tb is not None:
+        tb.close()
     if main:
         plot_metrics(metrics_path, out / "loss.png")
     wall = time.perf_counter() - t0
