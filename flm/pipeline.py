@@ -46,8 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "cpu-small": dict(
         vocab_size=4096, context_length=128, d_model=256, num_layers=4, num_heads=8, d_ff=704,
-        rope_theta=10_000.0, batch_size=16, max_iters=1500, lr=2e-3, min_lr=2e-4, warmup_iters=100,
-        weight_decay=0.1, grad_clip=1.0, eval_interval=100, eval_batches=None, checkpoint_interval=250,
+        rope_theta=10_000.0, batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60,
+        weight_decay=0.1, grad_clip=1.0, eval_interval=50, eval_batches=None, checkpoint_interval=200,
         log_interval=10,
     ),
     "tiny": dict(
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     for split, text in (("train", train_text), ("valid", valid_text)):
         tok_path = out / f"{split}.tokens"
         stamp = {"text": _file_stamp(text), "tokenizer": tokenizer.fingerprint()}
-        if _cached(out / f"{split}.stamp.json", stamp, [tok_path]):
+        if _cached(out / f"{split}.stamp.json", stamp, [tok_path, Path(f"{tok_path}.json")]):
             log(f"encode {split}: cached")
         else:
             t = time.perf_counter()
