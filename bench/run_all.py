@@ -77,7 +77,8 @@ def render_markdown(results: dict[str, Any], machine: dict, total_s: float, quic
         f"{machine['torch_threads']} torch threads",
         f"- torch {machine['torch']}, Python {machine['python']}, device {machine['device']}",
         f"- load average (1/5/15 min) at start: {machine['load_avg']}; at end: {common.load_average()}",
-        f"- total wall time: {total_s / 60:.1f} min",
+        f"- total wall time: {total_s / 60:.1f} min (benches alone: "
+        f"{sum(r.get('_seconds', 0) for r in results.values()) / 60:.1f} min; the rest waited for /tmp/flm_quiet)",
         "",
         "`ratio` = flm's time / the peer's time (lower is better). Times are medians after warm-up; "
         "`load 1m` is the 1-minute load average when the row was timed (above the CPU count means "
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.no_wait:
         os.environ["FLM_BENCH_NO_WAIT"] = "1"
     names = [n for n in (args.only or BENCHES) if (HERE / f"{n}.py").exists()]
-    machine = common.machine_info(args.device)
+    common.wait_for_quiet()
+    machine = common.machine_info(args.device)  # after the wait: the load average the run starts with
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for name in names:
