@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     args = ap.parse_args(argv)
     device, dtype = common.check_device(args.device), common.resolve_dtype(args.dtype)
-    if not args.no_wait:
-        common.wait_for_quiet()
     seq_lens = [32, 64] if args.quick else args.seq_lens
     b, h, d = (1, 2, 8) if args.quick else (args.batch_size, args.heads, args.d_head)
     repeats = 1 if args.quick else args.repeats

@@ -197,20 +197,6 @@ def matmul_peak_flops(
             "flops_per_s": 2 * n**3 / stats["min"], "load_avg_1m": stats["load_avg_1m"]}
 
 
-def wait_for_quiet(path: str = "/tmp/flm_quiet", poll_s: float = 30.0, max_wait_s: float = 3600.0) -> None:
-    """Block while ``path`` exists (another job on the shared machine asked for quiet).
-
-    Returns at once when ``$FLM_BENCH_NO_WAIT`` is set (tests, CI).
-    """
-    if os.environ.get("FLM_BENCH_NO_WAIT"):
-        return
-    waited = 0.0
-    while os.path.exists(path) and waited < max_wait_s:
-        print(f"{path} exists: waiting {poll_s:.0f} s for a quiet machine", flush=True)
-        time.sleep(poll_s)
-        waited += poll_s
-
-
 # ------------------------------------------------------------------------------------------
 # Command line, tables, JSON
 # ------------------------------------------------------------------------------------------
@@ -226,7 +212,6 @@ def make_parser(description: str, *, dtype: bool = True, repeats: int = 5) -> ar
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one timed iteration (smoke test)")
     ap.add_argument("--repeats", type=int, default=repeats, help=f"timed runs per row (default {repeats})")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (default 1)")
-    ap.add_argument("--no-wait", action="store_true", help="do not wait while /tmp/flm_quiet exists")
     return ap
 
 

@@ -77,7 +77,7 @@ def _malloc_child(args) -> list[dict]:
     """Run this bench again in a child process with glibc's malloc env set; return its rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
-        cmd = [sys.executable, __file__, "--no-malloc-compare", "--no-compile", "--no-wait", "--json", str(out),
+        cmd = [sys.executable, __file__, "--no-malloc-compare", "--no-compile", "--json", str(out),
                "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
         print("re-running in a child with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()), flush=True)
         subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, check=True, stdout=subprocess.DEVNULL)
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-malloc-compare", action="store_true", help="skip the child run with glibc's malloc env")
     args = ap.parse_args(argv)
     device, dtype = common.check_device(args.device), common.resolve_dtype(args.dtype)
-    if not args.no_wait:
-        common.wait_for_quiet()
     cfg = QUICK if args.quick else HANDOUT
     repeats = 1 if args.quick else args.repeats
     notes: list[str] = []

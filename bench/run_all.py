@@ -8,15 +8,13 @@ is recorded with its error and the others still run.
 
     python bench/run_all.py [--quick] [--device cpu] [--only train_step optimizer] [--out-dir bench/results]
 
-``--quick`` passes through to every bench (tiny sizes, one iteration: the smoke test). Waits while
-``/tmp/flm_quiet`` exists (a timing-sensitive job on the shared machine) before each bench.
+``--quick`` passes through to every bench (tiny sizes, one iteration: the smoke test).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 import traceback
@@ -77,8 +75,7 @@ def render_markdown(results: dict[str, Any], machine: dict, total_s: float, quic
         f"{machine['torch_threads']} torch threads",
         f"- torch {machine['torch']}, Python {machine['python']}, device {machine['device']}",
         f"- load average (1/5/15 min) at start: {machine['load_avg']}; at end: {common.load_average()}",
-        f"- total wall time: {total_s / 60:.1f} min (benches alone: "
-        f"{sum(r.get('_seconds', 0) for r in results.values()) / 60:.1f} min; the rest waited for /tmp/flm_quiet)",
+        f"- total wall time: {total_s / 60:.1f} min",
         "",
         "`ratio` = flm's time / the peer's time (lower is better). Times are medians after warm-up; "
         "`load 1m` is the 1-minute load average when the row was timed (above the CPU count means "
@@ -113,17 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", nargs="+", default=None, help="run only these benches")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
-    ap.add_argument("--no-wait", action="store_true", help="do not wait while /tmp/flm_quiet exists")
     args = ap.parse_args(argv)
-    if args.no_wait:
-        os.environ["FLM_BENCH_NO_WAIT"] = "1"
     names = [n for n in (args.only or BENCHES) if (HERE / f"{n}.py").exists()]
-    common.wait_for_quiet()
-    machine = common.machine_info(args.device)  # after the wait: the load average the run starts with
+    machine = common.machine_info(args.device)
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for name in names:
-        common.wait_for_quiet()
         print(f"\n===== {name} (load {common.load_average()}) =====", flush=True)
         t0 = time.perf_counter()
         try:

@@ -206,8 +206,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-sdpa", action="store_true", help="skip the SDPA rows")
     args = ap.parse_args(argv)
     device, dtype = common.check_device(args.device), common.resolve_dtype(args.dtype)
-    if not args.no_wait:
-        common.wait_for_quiet()
     cfg = QUICK if args.quick else HANDOUT
     batch = 2 if args.quick else args.batch_size
     seq = args.seq_len or cfg.context_length

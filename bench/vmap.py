@@ -86,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     device = common.check_device(args.device)
     dtype = common.resolve_dtype(args.dtype)
-    if not args.no_wait:
-        common.wait_for_quiet()
     cfg = QUICK if args.quick else SMALL
     ks = args.ks or ([2] if args.quick else [2, 4, 8])
     batch = args.batch_size or (2 if args.quick else 8)

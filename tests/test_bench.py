@@ -18,11 +18,6 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 
-@pytest.fixture(autouse=True)
-def _no_wait(monkeypatch):
-    monkeypatch.setenv("FLM_BENCH_NO_WAIT", "1")
-
-
 def test_common_summary_and_tables(tmp_path):
     import common
 
@@ -43,7 +38,7 @@ def test_run_all_quick(tmp_path):
     import run_all
     from conftest import shared_data_dir
 
-    out = run_all.main(["--quick", "--no-wait", "--out-dir", str(tmp_path)])
+    out = run_all.main(["--quick", "--out-dir", str(tmp_path)])
     benches = out["benches"]
     expected = [n for n in run_all.BENCHES if (BENCH / f"{n}.py").exists()]
     assert list(benches) == expected
