@@ -35,7 +35,7 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-    m = x.amax(dim=-1, keepdim=True)
+    m = x.amax(dim=-1, keepdim=True).detach()  # the shift cancels: no gradient flows through it
     lse = m.squeeze(-1) + (x - m).exp().sum(dim=-1).log()
     target_logit = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return lse - target_logit

@@ -14,7 +14,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 
 if TYPE_CHECKING:  # pragma: no cover
     from flm.model import TransformerConfig
@@ -188,7 +188,9 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     """
     in_dtype = x.dtype
     x32 = x.to(_compute_dtype(in_dtype))
-    shifted = x32 - x32.amax(dim=dim, keepdim=True)
+    # The shift cancels in the result, so it carries no gradient: detaching it spares the
+    # backward pass the scatter of gradients onto the maxima (exactly the same derivative).
+    shifted = x32 - x32.amax(dim=dim, keepdim=True).detach()
     e = shifted.exp()
     return (e / e.sum(dim=dim, keepdim=True)).to(in_dtype)
 
@@ -223,7 +225,8 @@ def scaled_dot_product_attention(
     """
     _check_attention_inputs(q, k, v)
     d_k = q.shape[-1]
-    scores = einsum(q, k, "... queries d_k, ... keys d_k -> ... queries keys") * (1.0 / math.sqrt(d_k))
+    # (..., queries, d_k) @ (..., d_k, keys): einsum "... q d, ... k d -> ... q k" as one batched GEMM.
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d_k))
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"attention: mask must be bool (True = attend), got {mask.dtype}")
@@ -237,7 +240,7 @@ def scaled_dot_product_attention(
             )
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = softmax(scores, dim=-1)
-    return einsum(probs, v, "... queries keys, ... keys d_v -> ... queries d_v")
+    return torch.matmul(probs, v)  # (..., queries, keys) @ (..., keys, d_v) -> (..., queries, d_v)
 
 
 def causal_mask(num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
