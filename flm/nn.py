@@ -192,7 +192,7 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     # backward pass the scatter of gradients onto the maxima (exactly the same derivative).
     shifted = x32 - x32.amax(dim=dim, keepdim=True).detach()
     e = shifted.exp()
-    return (e / e.sum(dim=dim, keepdim=True)).to(in_dtype)
+    return (e * e.sum(dim=dim, keepdim=True).reciprocal()).to(in_dtype)  # one reciprocal per row, then a multiply
 
 
 def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
