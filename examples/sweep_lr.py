@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from flm import optim
-from flm.data import get_batch, load_tokens
+from flm.data import get_batch
 from flm.model import TransformerConfig
-from flm.pipeline import EOT, PRESETS, _cached, _file_stamp, _write_json
+from flm.pipeline import PRESETS
+from flm.pipeline import prepare_tokens as pipeline_prepare_tokens
 from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
 from flm.tree import unstack
 
@@ -74,31 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_tokens(out: Path, train_text: str, valid_text: str, vocab_size: int, num_workers: int | None, log=print):
-    """The pipeline's tokenizer and encode stages (cached by the same stamps): memmapped tokens."""
-    from flm.tokenizer import Tokenizer, encode_file, train_bpe
-
-    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
-    stamp = {"train_text": _file_stamp(train_text), "vocab_size": vocab_size, "special_tokens": [EOT]}
-    if _cached(out / "tokenizer.stamp.json", stamp, [vocab_path, merges_path]):
-        log("tokenizer: cached")
-    else:
-        vocab, merges = train_bpe(train_text, vocab_size, [EOT], num_workers=num_workers, progress=False)
-        Tokenizer(vocab, merges, [EOT]).save(vocab_path, merges_path)
-        _write_json(out / "tokenizer.stamp.json", stamp)
-        log(f"tokenizer: trained {len(vocab)} tokens")
-    tokenizer = Tokenizer.from_files(vocab_path, merges_path, special_tokens=[EOT])
-    tokens = {}
-    for split, text in (("train", train_text), ("valid", valid_text)):
-        tok_path = out / f"{split}.tokens"
-        stamp = {"text": _file_stamp(text), "tokenizer": tokenizer.fingerprint()}
-        if _cached(out / f"{split}.stamp.json", stamp, [tok_path, tok_path.with_name(tok_path.name + ".json")]):
-            log(f"encode {split}: cached")
-        else:
-            n = encode_file(tokenizer, text, tok_path, num_workers=num_workers, progress=False)
-            _write_json(out / f"{split}.stamp.json", stamp)
-            log(f"encode {split}: {n:,} tokens")
-        tokens[split] = load_tokens(tok_path, vocab_size=vocab_size, tokenizer_fingerprint=tokenizer.fingerprint())
-    return tokens
+    """The pipeline's tokenizer and encode stages (same cache stamps): memmapped train/valid tokens."""
+    return pipeline_prepare_tokens(out, train_text, valid_text, vocab_size, num_workers, log=log, progress=False)[1]
 
 
 def _finite(values: torch.Tensor) -> list[float | None]:

@@ -30,7 +30,7 @@ import torch
 from flm.model import TransformerConfig, count_params
 from flm.tree import tree_map
 
-__all__ = ["PRESETS", "parse_args", "build_configs", "unigram_entropy", "run", "main"]
+__all__ = ["PRESETS", "parse_args", "build_configs", "unigram_entropy", "prepare_tokens", "run", "main"]
 
 EOT = "<|endoftext|>"
 
@@ -159,13 +159,68 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def prepare_tokens(
+    out: Path,
+    train_text: str,
+    valid_text: str,
+    vocab_size: int,
+    num_workers: int | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> tuple[Any, dict[str, np.ndarray]]:
+    """Stages 2–3: train (or reuse) the BPE tokenizer and encode (or reuse) the token files.
+
+    Each stage is skipped when its stamp (input file path/size/mtime, vocabulary size, tokenizer
+    fingerprint) matches and its outputs exist.
+
+    Args:
+        out: the run directory (``vocab.json``, ``merges.txt``, ``{train,valid}.tokens`` + sidecars).
+        train_text: training text file.
+        valid_text: validation text file.
+        vocab_size: BPE vocabulary size (special token included).
+        num_workers: processes for pre-tokenisation and encoding (``None``: automatic).
+        log: where progress lines go.
+        progress: progress bars on stderr.
+
+    Returns:
+        ``(tokenizer, {"train": memmap, "valid": memmap})``.
+    """
+    from flm.data import load_tokens
+    from flm.tokenizer import Tokenizer, encode_file, train_bpe
+
+    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
+    stamp = {"train_text": _file_stamp(train_text), "vocab_size": vocab_size, "special_tokens": [EOT]}
+    if _cached(out / "tokenizer.stamp.json", stamp, [vocab_path, merges_path]):
+        log("tokenizer: cached")
+    else:
+        t = time.perf_counter()
+        vocab, merges = train_bpe(train_text, vocab_size, [EOT], num_workers=num_workers, progress=progress)
+        Tokenizer(vocab, merges, [EOT]).save(vocab_path, merges_path)
+        _write_json(out / "tokenizer.stamp.json", stamp)
+        log(f"tokenizer: trained {len(vocab)} tokens in {time.perf_counter() - t:.1f}s")
+    tokenizer = Tokenizer.from_files(vocab_path, merges_path, special_tokens=[EOT])
+    tokens = {}
+    for split, text in (("train", train_text), ("valid", valid_text)):
+        tok_path = out / f"{split}.tokens"
+        stamp = {"text": _file_stamp(text), "tokenizer": tokenizer.fingerprint()}
+        if _cached(out / f"{split}.stamp.json", stamp, [tok_path, Path(f"{tok_path}.json")]):
+            log(f"encode {split}: cached")
+        else:
+            t = time.perf_counter()
+            n = encode_file(tokenizer, text, tok_path, num_workers=num_workers, progress=progress)
+            _write_json(out / f"{split}.stamp.json", stamp)
+            log(f"encode {split}: {n:,} tokens in {time.perf_counter() - t:.1f}s")
+        tokens[split] = load_tokens(tok_path, vocab_size=vocab_size, tokenizer_fingerprint=tokenizer.fingerprint())
+    return tokenizer, tokens
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage for parsed ``args``; return the results written to ``results.json``."""
     from flm import distributed
     from flm.checkpoint import load_checkpoint
-    from flm.data import download, load_tokens
+    from flm.data import download
     from flm.generate import generate
-    from flm.tokenizer import Tokenizer, encode_file, train_bpe
     from flm.train import evaluate, train_loop
 
     model_cfg, train_cfg = build_configs(args)
@@ -200,32 +255,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         _write_json(out / "config.json", run_config)
     log(f"model: {count_params(model_cfg):,} parameters; run dir {out}")
 
-    # 2. tokenizer
-    vocab_path, merges_path = out / "vocab.json", out / "merges.txt"
-    stamp = {"train_text": _file_stamp(train_text), "vocab_size": model_cfg.vocab_size, "special_tokens": [EOT]}
-    if _cached(out / "tokenizer.stamp.json", stamp, [vocab_path, merges_path]):
-        log("tokenizer: cached")
-    else:
-        t = time.perf_counter()
-        vocab, merges = train_bpe(train_text, model_cfg.vocab_size, [EOT], num_workers=args.num_workers, progress=True)
-        Tokenizer(vocab, merges, [EOT]).save(vocab_path, merges_path)
-        _write_json(out / "tokenizer.stamp.json", stamp)
-        log(f"tokenizer: trained {len(vocab)} tokens in {time.perf_counter() - t:.1f}s")
-    tokenizer = Tokenizer.from_files(vocab_path, merges_path, special_tokens=[EOT])
-
-    # 3. encode
-    tokens = {}
-    for split, text in (("train", train_text), ("valid", valid_text)):
-        tok_path = out / f"{split}.tokens"
-        stamp = {"text": _file_stamp(text), "tokenizer": tokenizer.fingerprint()}
-        if _cached(out / f"{split}.stamp.json", stamp, [tok_path, Path(f"{tok_path}.json")]):
-            log(f"encode {split}: cached")
-        else:
-            t = time.perf_counter()
-            n = encode_file(tokenizer, text, tok_path, num_workers=args.num_workers, progress=True)
-            _write_json(out / f"{split}.stamp.json", stamp)
-            log(f"encode {split}: {n:,} tokens in {time.perf_counter() - t:.1f}s")
-        tokens[split] = load_tokens(tok_path, vocab_size=model_cfg.vocab_size, tokenizer_fingerprint=tokenizer.fingerprint())
+    # 2.–3. tokenizer and token files
+    tokenizer, tokens = prepare_tokens(out, train_text, valid_text, model_cfg.vocab_size, args.num_workers, log=log)
     if info.is_main:
         distributed.barrier()  # release the other ranks: tokenizer and token files are ready
 
