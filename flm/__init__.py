@@ -4,7 +4,7 @@ Model components are pure functions over nested parameter dicts (pytrees), diffe
 ``torch.func`` and optimised with functional transformations. See README.md.
 """
 
-from flm import loss, model, nn, tree
+from flm import checkpoint, data, generate, loss, model, nn, optim, train, tree
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import flatten, unflatten
 
@@ -15,6 +15,11 @@ __all__ = [
     "model",
     "loss",
     "tree",
+    "optim",
+    "train",
+    "checkpoint",
+    "data",
+    "generate",
     "flatten",
     "unflatten",
     "TransformerConfig",
