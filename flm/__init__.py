@@ -4,7 +4,10 @@ Model components are pure functions over nested parameter dicts (pytrees), diffe
 ``torch.func`` and optimised with functional transformations. See README.md.
 """
 
-from flm import checkpoint, data, generate, loss, model, nn, optim, train, tree
+import importlib
+from typing import Any
+
+from flm import checkpoint, loss, model, nn, optim, train, tree
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import flatten, unflatten
 
@@ -27,3 +30,10 @@ __all__ = [
     "transformer_lm",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import ``flm.data`` and ``flm.generate`` on first use (both also run as ``python -m``)."""
+    if name in ("data", "generate", "pipeline", "distributed", "tokenizer"):
+        return importlib.import_module(f"flm.{name}")
+    raise AttributeError(f"module 'flm' has no attribute {name!r}")
