@@ -323,11 +323,16 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: parse, run, report errors in one line."""
+    from flm.train import NonFiniteLossError
+
     args = parse_args(argv)
     try:
         run(args, log=lambda s: print(s, flush=True))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
