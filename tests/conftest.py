@@ -16,8 +16,9 @@ settings.register_profile("dev", max_examples=50, deadline=None, suppress_health
 settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-# Under pytest-xdist each worker gets one thread (workers × threads ≤ cores); alone, use up to 2.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread for the whole suite: the tensors are tiny, so thread-pool overhead dominates
+# (up to ~40× per op when pytest-xdist workers oversubscribe a 2-core machine).
+torch.set_num_threads(1)
 
 
 def shared_data_dir() -> Path | None:

@@ -36,16 +36,6 @@ GPT2 = {  # (num_layers, d_model, num_heads); d_ff = 4·d_model
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
-    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gpt2(name: str, **changes) -> TransformerConfig:
     L, d, h = GPT2[name]
     return TransformerConfig(vocab_size=V, context_length=CTX, d_model=d, num_layers=L, num_heads=h, d_ff=4 * d).replace(**changes)

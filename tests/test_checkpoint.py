@@ -27,14 +27,6 @@ CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _tx():
     return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.cosine_schedule(1e-2, 1e-3, 2, 20)))
 
@@ -388,7 +380,7 @@ def test_exact_resume_in_fresh_process_is_bitwise(tmp_path):
     assert not torch.equal(a.params["lm_head"]["weight"], init["lm_head"]["weight"])
 
 
-def test_exact_resume_in_process_with_bytesio(one_thread):
+def test_exact_resume_in_process_with_bytesio():
     """Same property with fresh Python objects in this process and a file object."""
     from flm.data import get_batch
     from flm.train import make_train_step

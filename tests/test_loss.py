@@ -21,16 +21,6 @@ F32 = dict(rtol=1e-5, atol=1e-5)  # float32 logits (loss computed in float32) ag
 BF16 = dict(rtol=1e-5, atol=1e-5)  # bf16 logits: computed exactly in float32 from the bf16 values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
-    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -34,16 +34,6 @@ EXACT = dict(rtol=0.0, atol=0.0)
 TINY = TransformerConfig(vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
-    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -31,16 +31,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 LEADING = [(), (2,), (2, 3), (2, 1, 3)]  # 0, 1, 2 and 3 leading batch dims
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
-    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

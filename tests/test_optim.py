@@ -30,15 +30,6 @@ VARIANT_STEPS = 500  # cosine / mask variants: half as long to keep CI time down
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _params64(seed: int = 0):
     return init_params(CFG, torch.Generator().manual_seed(seed), dtype=torch.float64)
 
@@ -97,7 +88,7 @@ def _lockstep(tx, make_torch_opt, *, steps, schedule=None, own_grads=False):
 # --------------------------------------------------------------------------------------------
 
 
-def test_adamw_matches_torch_lockstep_1000_steps(one_thread):
+def test_adamw_matches_torch_lockstep_1000_steps():
     hp = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     tx = optim.adamw(hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
     err, _ = _lockstep(tx, lambda ps: torch.optim.AdamW(ps, **hp), steps=LOCKSTEP_STEPS)
@@ -105,7 +96,7 @@ def test_adamw_matches_torch_lockstep_1000_steps(one_thread):
     assert err <= TOL
 
 
-def test_adamw_matches_torch_with_cosine_schedule(one_thread):
+def test_adamw_matches_torch_with_cosine_schedule():
     sched = optim.cosine_schedule(1e-2, 1e-3, warmup_iters=50, cosine_cycle_iters=400)  # covers all 3 phases
     tx = optim.adamw(sched, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     make = lambda ps: torch.optim.AdamW(ps, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)  # noqa: E731
@@ -114,7 +105,7 @@ def test_adamw_matches_torch_with_cosine_schedule(one_thread):
     assert err <= TOL
 
 
-def test_adamw_matches_torch_with_weight_decay_mask(one_thread):
+def test_adamw_matches_torch_with_weight_decay_mask():
     def decay_mask(params):  # decay matrices only; no decay for RMSNorm gains
         return tree_map(lambda t: t.dim() >= 2, params)
 
@@ -147,7 +138,7 @@ def test_adamw_mask_as_tree_equals_mask_as_callable():
         optim.adamw(1e-2, mask=[True]).update(g, a.init(p), p)
 
 
-def test_adamw_own_gradients_trajectory_stays_close(one_thread):
+def test_adamw_own_gradients_trajectory_stays_close():
     """Each side differentiates its own parameters (flm: torch.func.grad; torch: autograd).
 
     Over 300 steps the trajectories agree to ≤ 1e-10; they are not bitwise equal because flm
@@ -167,7 +158,7 @@ def test_adamw_own_gradients_trajectory_stays_close(one_thread):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_sgd_matches_torch(momentum, one_thread):
+def test_sgd_matches_torch(momentum):
     tx = optim.sgd(0.05, momentum=momentum)
     err, _ = _lockstep(tx, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=momentum), steps=200)
     print(f"\nSGD(momentum={momentum}) vs torch.optim.SGD, 200 steps: max relative error {err:.3e}")

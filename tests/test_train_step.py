@@ -18,15 +18,6 @@ from flm.tree import tree_leaves, tree_map
 CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with 2 intra-op threads on a shared 2-core box a step is ~10× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _params(cfg=CFG, dtype=torch.float64, seed=0):
     return init_params(cfg, torch.Generator().manual_seed(seed), dtype=dtype)
 

@@ -16,16 +16,6 @@ from flm import tree
 from flm.model import TransformerConfig, init_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids thread-pool overhead, which dominates
-    (up to ~40× per op) when pytest-xdist workers oversubscribe the 2 cores. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _same(a, b) -> bool:
     """Structural equality of trees of dicts/lists with tensor (or other) leaves."""
     if isinstance(a, dict):
