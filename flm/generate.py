@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -534,22 +534,22 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
-def _temperature_arg(s: str) -> float:
-    value = float(s)
-    try:
-        _check_temperature(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+def _float_arg(check: Callable[[float], None]) -> Callable[[str], float]:
+    """An argparse type: parse a float and validate it with ``check`` (its ValueError becomes a usage error)."""
+
+    def parse(s: str) -> float:
+        value = float(s)
+        try:
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    return parse
 
 
-def _top_p_arg(s: str) -> float:
-    value = float(s)
-    try:
-        _check_top_p(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
+_temperature_arg = _float_arg(_check_temperature)
+_top_p_arg = _float_arg(_check_top_p)
 
 
 def _non_negative_int(s: str) -> int:
