@@ -1,13 +1,13 @@
-"""A tiny progress bar for long loops (downloads, tokenization, data passes), written to stderr.
+"""Progress bars for long loops (downloads, BPE training, encoding, evaluation), on stderr.
 
-No dependencies. ``ProgressBar`` redraws one line in place (``\\r``) on a terminal, at most every
-``min_interval`` seconds; when the stream is not a terminal (CI logs, files) it prints a fresh
-line at most every ``log_interval`` seconds instead, so logs stay short. It shows the count, the
-total and percentage when the total is known, the rate, and an ETA.
+:func:`progress_bar` returns a ``tqdm`` bar (``tqdm.auto``: a widget in notebooks) when stderr is
+a terminal or a notebook runs the code, and otherwise a :class:`ProgressBar` that prints a plain
+line at most every ``log_interval`` seconds, so CI logs and files stay short and free of ``\\r``.
+Both have ``update(n)``, ``close()`` and work as context managers.
 
 Example::
 
-    with ProgressBar(total=n_bytes, desc="train.txt") as bar:
+    with progress_bar(total=n_bytes, desc="train.txt") as bar:
         for chunk in chunks:
             ...
             bar.update(len(chunk))
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
-__all__ = ["ProgressBar", "format_count", "format_duration"]
+__all__ = ["progress_bar", "want_progress", "ProgressBar", "format_count", "format_duration"]
+
+AUTO_PROGRESS_BYTES = 4 << 20  # inputs over this size get a bar when progress=None
 
 _BINARY_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi")
 _DECIMAL_PREFIXES = ("", "k", "M", "G", "T", "P")
@@ -203,3 +205,46 @@ class ProgressBar:
         except (OSError, ValueError):  # a closed or broken stream must not break the work itself
             self.enabled = False
         self._last_len = len(text)
+
+
+def _in_notebook() -> bool:
+    return "ipykernel" in sys.modules
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(
+    total: int | float | None, desc: str = "", unit: str = "B", enabled: bool = True, *, initial: int | float = 0
+) -> Any:
+    """A progress bar suited to where the output goes: ``tqdm`` on a terminal or in a notebook,
+    plain throttled lines (:class:`ProgressBar`) in logs and files.
+
+    Args:
+        total: expected final count, or ``None`` when unknown.
+        desc: a short label (e.g. a file name).
+        unit: unit of the count; ``"B"`` is shown with binary prefixes.
+        enabled: ``False`` gives a bar that counts but never writes.
+        initial: count already done (e.g. a resumed download), excluded from the rate.
+
+    Returns:
+        An object with ``update(n)``, ``close()`` and context-manager support.
+    """
+    if enabled and (_stderr_is_tty() or _in_notebook()):
+        from tqdm.auto import tqdm
+
+        binary = unit == "B"
+        return tqdm(
+            total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if binary else 1000,
+            initial=initial, dynamic_ncols=True,
+        )
+    return ProgressBar(total, desc, unit, enabled, initial=initial)
+
+
+def want_progress(progress: bool | None, size: int) -> bool:
+    """Whether to show a bar: ``progress`` if given, else whether the input (``size`` bytes) is over 4 MB."""
+    return bool(progress) if progress is not None else size > AUTO_PROGRESS_BYTES

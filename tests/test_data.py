@@ -235,9 +235,9 @@ def test_vocab_check_names_the_bad_id(tmp_path):
 
 
 def test_vocab_check_scans_in_chunks(tmp_path, monkeypatch):
-    import flm.data as data
+    import flm.tokens as tokens
 
-    monkeypatch.setattr(data, "_SCAN_CHUNK", 7)  # force many chunks; the bad id sits in a late one
+    monkeypatch.setattr(tokens, "_SCAN_CHUNK", 7)  # force many chunks; the bad id sits in a late one
     path = tmp_path / "tok.bin"
     write_tokens(path, np.arange(100) % 50, vocab_size=50)
     load_tokens(path)

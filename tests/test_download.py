@@ -13,6 +13,7 @@ import pytest
 
 import flm.data as data
 from flm.data import DATASETS, download
+import flm.download as download_mod
 from flm.progress import ProgressBar, format_count, format_duration
 
 TIMEOUT = 5  # seconds; everything is on loopback
@@ -257,12 +258,12 @@ def test_progress_bar_on_stderr(server, tinystories, tmp_path, capsys):
 
 def test_cli(server, tinystories, tmp_path, capsys):
     dest = tmp_path / "dest"
-    rc = data._main(["download", "tinystories", str(dest), "--base-url", server.url, "--no-progress"])
+    rc = download_mod._main(["download", "tinystories", str(dest), "--base-url", server.url, "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0
     assert f"train\t{dest / 'TinyStoriesV2-GPT4-train.txt'}" in out
     assert (dest / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == tinystories["valid"]
-    rc = data._main(["download", "owt", str(tmp_path / "d2"), "--base-url", server.url, "--no-progress"])
+    rc = download_mod._main(["download", "owt", str(tmp_path / "d2"), "--base-url", server.url, "--no-progress"])
     assert rc == 1 and "owt_train.txt.gz" in capsys.readouterr().err
 
 

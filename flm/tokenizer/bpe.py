@@ -23,8 +23,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from flm.tokenizer.pretokenize import count_file
-from flm.progress import ProgressBar
-from flm.tokenizer.progress import want_progress
+from flm.progress import progress_bar, want_progress
 
 __all__ = ["train_bpe", "train_bpe_from_counts", "check_train_args"]
 
@@ -134,7 +133,7 @@ def train_bpe_from_counts(
     heapq.heapify(heap)
 
     merges: list[tuple[bytes, bytes]] = []
-    bar = ProgressBar(n_merges, "bpe merges", unit="merges", enabled=progress)
+    bar = progress_bar(n_merges, "bpe merges", unit="merges", enabled=progress)
     while len(merges) < n_merges:
         # Pop stale entries until the top holds its pair's current count.
         while heap:
@@ -233,6 +232,6 @@ def train_bpe(
     except OSError as e:
         raise ValueError(f"cannot read {input_path}: {e}") from e
     show = want_progress(progress, size)
-    with ProgressBar(size, "pre-tokenize", enabled=show) as bar:
+    with progress_bar(size, "pre-tokenize", enabled=show) as bar:
         counts = count_file(input_path, specials, num_workers=num_workers, progress=bar.update)
     return train_bpe_from_counts(counts, vocab_size, specials, progress=show)

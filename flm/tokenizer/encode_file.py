@@ -15,7 +15,6 @@ Both files are written atomically (temp file + rename), the sidecar last.
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import shutil
 import tempfile
@@ -24,31 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from flm.tokenizer.gpt2_format import atomic_write_text
+from flm._io import atomic_write_json
 from flm.tokenizer.pretokenize import chunk_boundaries, safe_split_token
-from flm.progress import ProgressBar
+from flm.progress import progress_bar, want_progress
 from flm.tokenizer.tokenizer import Tokenizer
+from flm.tokens import sidecar_dict, token_dtype
 
-__all__ = ["encode_file", "token_dtype", "SIDECAR_FORMAT", "SIDECAR_VERSION"]
+__all__ = ["encode_file", "token_dtype"]
 
-SIDECAR_FORMAT = "flm-tokens"
-SIDECAR_VERSION = 1
 _READ_BLOCK = 1 << 20  # bytes read at a time by a worker
 _RANGE_BYTES = 16 << 20  # target size of one range (bounds a part file, not memory)
 
 _worker_tokenizer: Tokenizer | None = None  # set once per worker process by _init_worker
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The on-disk dtype for ids below ``vocab_size``: little-endian uint16 if they fit, else uint32.
-
-    Args:
-        vocab_size: number of ids (max id + 1).
-
-    Returns:
-        ``np.dtype("<u2")`` or ``np.dtype("<u4")``.
-    """
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
 def _read_text_blocks(path: str, start: int, end: int) -> Iterator[str]:
@@ -134,8 +120,7 @@ def encode_file(
         (input_path, a, b, os.path.join(workdir, f"{k:06d}.bin"), dtype.str)
         for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
     ]
-    show = progress if progress is not None else size > (4 << 20)
-    bar = ProgressBar(size, f"encode {Path(input_path).name}", enabled=bool(show))
+    bar = progress_bar(size, f"encode {Path(input_path).name}", enabled=want_progress(progress, size))
     tmp_out = os.path.join(workdir, "all.bin")
     total = 0
     try:
@@ -163,15 +148,12 @@ def encode_file(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     files = tokenizer_files if tokenizer_files is not None else getattr(tokenizer, "source_files", None)
-    meta = {
-        "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
-        "dtype": dtype.name,
-        "count": total,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer_fingerprint": tokenizer.fingerprint(),
-        "tokenizer_files": [str(p) for p in files] if files else None,
-        "source": input_path,
-    }
-    atomic_write_text(output_path + ".json", json.dumps(meta, indent=2) + "\n")
+    meta = sidecar_dict(
+        total,
+        tokenizer.vocab_size,
+        tokenizer_fingerprint=tokenizer.fingerprint(),
+        tokenizer_files=[str(p) for p in files] if files else None,
+        source=input_path,
+    )
+    atomic_write_json(output_path + ".json", meta)
     return total

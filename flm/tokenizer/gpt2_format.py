@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from flm._io import atomic_write_text
 
 __all__ = [
     "bytes_to_unicode",
@@ -24,7 +25,6 @@ __all__ = [
     "read_merges",
     "write_vocab",
     "write_merges",
-    "atomic_write_text",
 ]
 
 
@@ -152,25 +152,6 @@ def read_merges(path: str | os.PathLike) -> list[tuple[bytes, bytes]]:
         except KeyError as e:
             raise ValueError(f"{path}:{lineno}: character {e.args[0]!r} is not a byte-to-unicode character") from e
     return merges
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder, then rename.
-
-    Args:
-        path: destination file.
-        text: the content.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_vocab(path: str | os.PathLike, vocab: dict[int, bytes]) -> None:

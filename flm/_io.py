@@ -1,0 +1,139 @@
+"""Atomic file writes, the one way flm writes a file a reader may see.
+
+Every write goes to a temporary file in the target's directory (named ``.<name>.<random>.tmp``),
+is flushed and fsynced, gets ordinary permissions (``0666 & ~umask``, i.e. 0644 under the usual
+umask: ``mkstemp`` alone would make it 0600), and is renamed over the target; the directory is
+then fsynced so the rename survives a power cut. A reader therefore sees the old file or the new
+one, never a torn one, and an interrupted write leaves at most an orphan ``.…tmp`` file, which
+:func:`remove_orphan_temps` clears at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_writer",
+    "fsync_dir",
+    "remove_orphan_temps",
+    "TEMP_SUFFIX",
+]
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename in ``directory`` durable where the platform allows it (POSIX); best effort elsewhere."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file that replaces ``path`` when the ``with`` block ends without an error.
+
+    Args:
+        path: the destination; its directory must exist.
+        mode: ``"wb"`` (bytes) or ``"w"`` (UTF-8 text with ``\\n`` newlines).
+
+    Yields:
+        The open temporary file. On an exception (``KeyboardInterrupt`` included) it is removed
+        and ``path`` is left as it was.
+
+    Raises:
+        OSError: the directory is not writable, the disk is full, …
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_writer: mode must be 'wb' or 'w', got {mode!r}")
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    try:
+        kw = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], Any]) -> None:
+    """Write ``data`` (bytes, or a function that writes into the open file) to ``path`` atomically.
+
+    Raises:
+        OSError: as :func:`atomic_writer`; ``path`` keeps its old content.
+    """
+    with atomic_writer(path, "wb") as f:
+        if callable(data):
+            data(f)
+        else:
+            f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8, ``\\n`` newlines) to ``path`` atomically.
+
+    Raises:
+        OSError: as :func:`atomic_writer`; ``path`` keeps its old content.
+    """
+    with atomic_writer(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON (plus a final newline) to ``path`` atomically.
+
+    Raises:
+        TypeError: ``obj`` is not JSON-serialisable (nothing is written).
+        OSError: as :func:`atomic_writer`.
+    """
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files a killed atomic write left in ``directory`` (``.<name>.*.tmp``).
+
+    Only hidden files ending in ``.tmp`` are touched, so nothing a user made is removed. Call it
+    when a run starts, while holding the run directory's lock.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
