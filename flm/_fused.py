@@ -1,34 +1,43 @@
-"""The one place flm calls PyTorch's fused attention: an explicitly selected fast path.
+"""The one place flm calls PyTorch's fused attention kernels.
 
-``TransformerConfig(attention="sdpa")`` routes attention here instead of
-:func:`flm.nn.scaled_dot_product_attention`. The result is tested equal to flm's own attention,
-forward and gradients (tests/test_nn.py). It has no ``torch.func.vmap`` batching rule, so
-vmapped training uses ``attention="flm"``.
+:func:`flm.nn.dot_product_attention` routes here for ``implementation="sdpa"``, and for the
+default ``"auto"`` everywhere but inside ``torch.func.vmap`` (the fused CPU kernels have no
+batching rule there). The result is tested equal to flm's own masked-softmax attention, forward
+and gradients (``tests/test_nn.py``); flm's attention stays selectable as the reference with
+``attention="flm"``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812  (fast path, selected explicitly)
+import torch.nn.functional as F  # noqa: N812  (the fused fast path)
 
 
-def fused_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
 ) -> torch.Tensor:
-    """Causal attention with PyTorch's fused kernels (flash / memory-efficient / math).
+    """Attention with PyTorch's fused kernels (flash / memory-efficient / math).
 
     Args:
         q: ``(..., queries, d_k)``.
         k: ``(..., keys, d_k)``.
         v: ``(..., keys, d_v)``.
-        mask: optional bool mask ``(queries, keys)`` (True = attend); when ``None`` the plain
-            causal mask ``j ≤ i`` is used (queries = keys).
+        mask: optional bool mask broadcastable to ``(..., queries, keys)`` (True = attend).
+        causal: the causal mask ``j ≤ i + (keys − queries)`` instead of ``mask``.
 
     Returns:
         ``(..., queries, d_v)``.
 
     Source: handout §3.5.4; Dao et al. (2022) FlashAttention.
     """
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if causal:
+        if q.shape[-2] == k.shape[-2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # PyTorch's is_causal aligns the mask top-left; flm's causal mask aligns it bottom-right
+        # (queries are the last positions of the keys), so pass it explicitly.
+        from flm.nn import causal_mask
+
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v)

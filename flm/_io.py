@@ -25,10 +25,14 @@ __all__ = [
     "atomic_writer",
     "fsync_dir",
     "remove_orphan_temps",
+    "run_lock",
+    "RunLockedError",
     "TEMP_SUFFIX",
+    "LOCK_NAME",
 ]
 
 TEMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
 
 
 def _umask() -> int:
@@ -137,3 +141,68 @@ def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
                 p.unlink()
                 removed.append(p)
     return removed
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock (the message names its pid)."""
+
+
+# Locks this process holds: resolved directory -> [open lock file, depth]. A process may take
+# the same run directory's lock again (the command holds it around the library's train loop);
+# flock itself would refuse a second open file description of the same file.
+_HELD: dict[str, list[Any]] = {}
+
+
+@contextlib.contextmanager
+def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory (``DIR/.lock``) for the ``with`` block.
+
+    Two processes writing one run directory would interleave metrics and delete each other's
+    checkpoints, so the second one fails at once instead. The lock is an ``fcntl.flock`` on
+    ``DIR/.lock``, released by the kernel when the process dies (a stale lock file is harmless);
+    the file records the holder's pid for the message. Re-entrant within a process. Where
+    ``fcntl`` does not exist (Windows) the lock is advisory only: the pid is written, not enforced.
+
+    Args:
+        directory: the run directory (created if missing).
+
+    Raises:
+        RunLockedError: another process holds the lock (names its pid).
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    key = str(d.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    f = open(d / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115  (held for the block)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover (Windows)
+            fcntl = None
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise RunLockedError(
+                    f"run directory {d} is in use by another flm process (pid {holder}); "
+                    "wait for it to finish or use another --out-dir"
+                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        _HELD[key] = [f, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        f.close()  # closing the file releases the flock

@@ -2,8 +2,8 @@
 
 Run under ``torchrun --nproc_per_node N …``: :func:`init_from_env` joins the process group (NCCL on
 CUDA, gloo on CPU), :func:`all_reduce_mean` averages a gradient pytree over ranks in flattened
-buckets (one collective per bucket instead of one per leaf), and :func:`broadcast_tree` makes
-every rank start from rank 0's parameters. The train step takes the all-reduce as its
+buckets (one collective per bucket instead of one per leaf). Every rank initialises the same
+parameters from the same seed, so no broadcast is needed. The train step takes the all-reduce as its
 ``grad_reduce`` hook, so the optimiser sees the same averaged gradient on every rank and the
 replicas stay identical without ever exchanging parameters.
 
@@ -21,7 +21,7 @@ import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_from_env", "all_reduce_mean", "broadcast_tree", "all_gather_bytes", "barrier", "shutdown"]
+__all__ = ["DistInfo", "init_from_env", "all_reduce_mean", "all_gather_bytes", "barrier", "shutdown"]
 
 PyTree = Any
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -140,17 +140,6 @@ def all_reduce_mean(tree: PyTree, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -
                     offset += n
                 bucket, size = [], 0
     return optree.tree_unflatten(spec, out)
-
-
-def broadcast_tree(tree: PyTree, src: int = 0) -> PyTree:
-    """Return rank ``src``'s values of ``tree`` on every rank (copies; the input is not modified)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tree
-    leaves, spec = optree.tree_flatten(tree, namespace="")
-    copies = [t.detach().clone().contiguous() for t in leaves]
-    for t in copies:
-        dist.broadcast(t, src=src)
-    return optree.tree_unflatten(spec, copies)
 
 
 def all_gather_bytes(data: torch.Tensor) -> list[torch.Tensor]:

@@ -2,9 +2,13 @@
 
 ``prefill(params, config, token_ids)`` runs the prompt once and returns its logits and a
 :class:`KVCache`; ``decode_step(params, config, token_ids_last, cache)`` feeds one new token per
-row and costs one position, not the whole prefix. ``generate`` drives them: temperature scaling
-(temperature 0 is greedy argmax), top-p filtering, a stop at ``eos_id`` or ``max_new_tokens``,
-batches of prompts of different lengths, and a sliding window at ``context_length``.
+row and costs one position, not the whole prefix. Both run the model's own
+:func:`flm.model.transformer_lm` with an attention hook per layer (``attend``) that writes the new
+keys and values into the cache and attends over everything cached, so every model variant is
+written once. ``generate`` drives them: temperature scaling (temperature 0 is greedy argmax),
+top-k and top-p filtering, a stop at ``eos_id`` or ``max_new_tokens``, batches of prompts of
+different lengths, and a sliding window at ``context_length``; ``generate_stream`` yields the
+tokens as they are sampled.
 
 Policies (documented once here, referred to below):
 
@@ -23,34 +27,40 @@ Policies (documented once here, referred to below):
 - **Randomness** comes only from the explicit ``torch.Generator`` (a fresh one seeded 0 when
   ``None``, so a plain call is reproducible).
 
-The cache's buffers are preallocated to ``context_length`` and written in place at the new
-slots (no O(n²) concatenation). The cache is explicit state, returned by every call, but
+The cache's buffers are preallocated to ``min(context_length, prompt + max_new_tokens)`` slots
+and written in place at the new slots (no O(n²) concatenation); nothing else grows with
+``max_new_tokens`` but the returned ids themselves. The cache is explicit state, returned by every call, but
 ``decode_step`` *donates* its input cache's buffers to its output (as JAX's donated buffers):
 the old cache stays valid for its own ``length``, but branching from it overwrites the newer one;
 :func:`clone_cache` first if you need to branch.
 
-Command line::
-
-    python -m flm.generate --checkpoint RUN_DIR/ckpt.safetensors --prompt "Once upon a time" \\
-        --temperature 0.8 --top-p 0.9 --max-new-tokens 256 [--seed 0] [--device cpu] [--num-samples N]
+Command line: ``flm generate RUN_DIR --prompt "Once upon a time"`` (``flm.cli.generate``;
+``python -m flm.generate`` runs the same).
 
 Source: CS336 assignment 1 handout §6 (decoding, temperature, top-p); Holtzman et al. (2019),
-"The Curious Case of Neural Text Degeneration" (nucleus sampling).
+"The Curious Case of Neural Text Degeneration" (nucleus sampling); Fan et al. (2018),
+"Hierarchical Neural Story Generation" (top-k sampling).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from einops import rearrange
 
 from flm import nn
-from flm.model import TransformerConfig, check_token_ids
+from flm.model import TransformerConfig, check_token_ids, transformer_lm
+from flm.sampling import (
+    _check_temperature,
+    _check_top_k,
+    _check_top_p,
+    sample_next_token,
+    top_k_mask,
+    top_p_filter,
+    top_p_mask,
+)
 
 __all__ = [
     "KVCache",
@@ -60,10 +70,10 @@ __all__ = [
     "decode_step",
     "top_p_mask",
     "top_p_filter",
+    "top_k_mask",
     "sample_next_token",
     "generate",
-    "parse_args",
-    "main",
+    "generate_stream",
 ]
 
 Params = dict[str, Any]
@@ -142,12 +152,13 @@ def _attention_mask(cache: KVCache, num_new: int, device: torch.device) -> torch
     """Bool mask ``(batch or 1, 1, num_new, length + num_new)`` for the new queries, or ``None``.
 
     Query at slot ``i`` attends key slot ``j`` iff ``j ≤ i`` and ``j`` is a real token of its row;
-    a pad query attends itself only (its output is never used, but must stay finite).
+    a pad query attends itself only (its output is never used, but must stay finite). ``None``
+    when one unpadded query attends every filled slot (nothing to mask).
     """
     total = cache.length + num_new
-    causal = nn.causal_mask(num_new, total, device=device)  # (num_new, total)
     if cache.pad_lengths is None:
-        return causal[None, None]
+        return None if num_new == 1 else nn.causal_mask(num_new, total, device=device)[None, None]
+    causal = nn.causal_mask(num_new, total, device=device)  # (num_new, total)
     slots = torch.arange(total, device=device)
     real_key = slots[None, :] >= cache.pad_lengths[:, None]  # (batch, total)
     diag = slots[None, :] == (slots[cache.length :, None])  # (num_new, total)
@@ -160,6 +171,21 @@ def _positions(cache: KVCache, num_new: int, device: torch.device) -> torch.Tens
     if cache.pad_lengths is None:
         return slots
     return (slots[None, :] - cache.pad_lengths[:, None]).clamp(min=0)
+
+
+def _cache_hook(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, mask: torch.Tensor | None, implementation: str
+) -> nn.Attend:
+    """The attention hook of one layer: store the new keys/values at slots ``[start, start + n)``
+    (in place: the buffers are donated) and attend over every filled slot."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        end = start + k.shape[-2]
+        k_buf[:, :, start:end] = k
+        v_buf[:, :, start:end] = v
+        return nn.dot_product_attention(q, k_buf[:, :, :end], v_buf[:, :, :end], mask, implementation=implementation)
+
+    return attend
 
 
 def _forward(
@@ -177,43 +203,12 @@ def _forward(
     if cache.keys and cache.keys[0].shape[0] != batch:
         raise ValueError(f"KV cache has batch {cache.keys[0].shape[0]}, token_ids batch {batch}")
     device = token_ids.device
-    rope_theta = config.rope_theta if config.position == "rope" else None
-    positions = _positions(cache, num_new, device)
     mask = _attention_mask(cache, num_new, device)
-    if config.attention == "flm" and cache.pad_lengths is None and num_new == 1:
-        mask = None  # one query attending every filled slot: nothing to mask
-    ffn = nn.swiglu if config.ffn == "swiglu" else nn.silu_ffn
-
-    def attn(layer: Params, h: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> torch.Tensor:
-        q, k, v = nn.attention_qkv(layer["attn"], h, config.num_heads, rope_theta, positions)
-        k_buf[:, :, start:end] = k  # donated buffers: in-place write of the new slots only
-        v_buf[:, :, start:end] = v
-        keys, values = k_buf[:, :, :end], v_buf[:, :, :end]
-        if config.attention == "sdpa":
-            from flm._fused import fused_causal_attention
-
-            out = fused_causal_attention(q, keys, values, None if start == 0 and cache.pad_lengths is None else mask)
-        else:
-            out = nn.scaled_dot_product_attention(q, keys, values, mask)
-        return nn.linear(layer["attn"]["output_proj"], rearrange(out, "b heads seq d_head -> b seq (heads d_head)"))
-
-    x = nn.embedding(params["token_embeddings"], token_ids)
-    for layer, k_buf, v_buf in zip(params["layers"], cache.keys, cache.values, strict=True):
-        if config.norm == "pre":
-            z = x + attn(layer, nn.rms_norm(layer["ln1"], x, config.eps), k_buf, v_buf)
-            x = z + ffn(layer["ffn"], nn.rms_norm(layer["ln2"], z, config.eps))
-        elif config.norm == "post":
-            z = nn.rms_norm(layer["ln1"], x + attn(layer, x, k_buf, v_buf), config.eps)
-            x = nn.rms_norm(layer["ln2"], z + ffn(layer["ffn"], z), config.eps)
-        else:
-            z = x + attn(layer, x, k_buf, v_buf)
-            x = z + ffn(layer["ffn"], z)
-    if last_only:
-        x = x[:, -1:]
-    if config.norm != "none":
-        x = nn.rms_norm(params["ln_final"], x, config.eps)
-    head = params["token_embeddings"] if config.tie_embeddings else params["lm_head"]
-    return nn.linear(head, x), KVCache(cache.keys, cache.values, end, cache.pad_lengths)
+    hooks = [_cache_hook(k, v, start, mask, config.attention) for k, v in zip(cache.keys, cache.values, strict=True)]
+    logits = transformer_lm(
+        params, token_ids, config, _positions(cache, num_new, device), check_ids=False, attend=hooks, last_only=last_only
+    )
+    return logits, KVCache(cache.keys, cache.values, end, cache.pad_lengths)
 
 
 def _check_2d_ids(token_ids: torch.Tensor, config: TransformerConfig, name: str) -> None:
@@ -299,104 +294,6 @@ def decode_step(
 
 
 # --------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------
-
-
-def _check_top_p(top_p: float) -> None:
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
-
-
-def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The nucleus: the smallest set of most-probable tokens whose probability reaches ``top_p``.
-
-    Sort descending and keep each token whose cumulative probability *before* it is ``< top_p``;
-    the most probable token is always kept. Among tied probabilities at the boundary the sort
-    order decides which one is kept (the smallest set is then not unique).
-
-    Args:
-        probs: ``(..., vocab_size)`` probabilities (rows sum to 1), float dtype.
-        top_p: threshold in ``(0, 1]``; 1 keeps every token.
-
-    Returns:
-        ``(..., vocab_size)`` bool mask, True = kept.
-
-    Raises:
-        ValueError: ``top_p`` outside ``(0, 1]``.
-
-    Source: handout §6 ("nucleus or top-p sampling"); Holtzman et al. (2019) §3.1.
-    """
-    _check_top_p(top_p)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tokens outside the nucleus and renormalise.
-
-    Args:
-        probs: ``(..., vocab_size)`` probabilities, float dtype.
-        top_p: threshold in ``(0, 1]``.
-
-    Returns:
-        ``(..., vocab_size)`` probabilities, same dtype, supported on :func:`top_p_mask`.
-
-    Raises:
-        ValueError: ``top_p`` outside ``(0, 1]``.
-
-    Source: handout §6, nucleus sampling equation; Holtzman et al. (2019).
-    """
-    if top_p >= 1.0:
-        _check_top_p(top_p)
-        return probs
-    kept = probs * top_p_mask(probs, top_p)
-    return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample one token per row from temperature-scaled, nucleus-filtered logits.
-
-    Args:
-        logits: ``(batch, vocab_size)`` unnormalised scores.
-        temperature: ``τ ≥ 0``; probabilities ``softmax(logits / τ)``; 0 = greedy argmax (no
-            randomness, ``top_p`` irrelevant).
-        top_p: nucleus threshold in ``(0, 1]``.
-        generator: the only source of randomness (sampling happens on its device).
-
-    Returns:
-        ``(batch,)`` int64 token ids on ``logits``' device.
-
-    Raises:
-        ValueError: ``temperature < 0`` (or not finite), ``top_p`` outside ``(0, 1]``.
-
-    Source: handout §6, eq. (24) and the nucleus equation; Holtzman et al. (2019).
-    """
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probs = top_p_filter(nn.softmax(logits.float() / temperature, dim=-1), top_p)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(logits.device)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-# --------------------------------------------------------------------------------------------
 # Generation
 # --------------------------------------------------------------------------------------------
 
@@ -439,7 +336,101 @@ def _prompts_to_padded(
     return padded.to(device), pads.to(device)
 
 
+def _check_generate_args(
+    config: TransformerConfig, max_new_tokens: int, temperature: float, top_p: float, top_k: int | None, eos_id: int | None
+) -> None:
+    _check_temperature(temperature)
+    _check_top_p(top_p)
+    _check_top_k(top_k)
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < config.vocab_size):
+        raise ValueError(f"generate: eos_id must be in [0, vocab_size={config.vocab_size}), got {eos_id!r}")
+
+
 @torch.no_grad()
+def generate_stream(
+    params: Params,
+    config: TransformerConfig,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int | None]]:
+    """Sample continuations step by step, yielding each step's new tokens as they are sampled.
+
+    The same decoding as :func:`generate` (see the module's policies), as a generator: after each
+    step it yields one entry per prompt, the id just sampled, or ``None`` for a row that has
+    already finished (sampled ``eos_id``; the EOS itself is yielded as ``None`` too). Stops after
+    ``max_new_tokens`` steps or when every row has finished. Only the KV cache (at most
+    ``context_length`` slots) and a ``context_length`` window of ids are kept, so a large
+    ``max_new_tokens`` allocates nothing up front.
+
+    Args:
+        params: the tree from :func:`flm.model.init_params` (or a checkpoint).
+        config: the model's hyperparameters.
+        prompt_ids: as in :func:`generate`.
+        max_new_tokens: most tokens to generate per prompt (≥ 0).
+        temperature: ``τ ≥ 0``; 0 = greedy argmax.
+        top_p: nucleus threshold in ``(0, 1]`` (1 = no filtering).
+        top_k: keep the ``top_k`` most likely tokens (``None``/0 = off).
+        eos_id: stop a row after it samples this id, or ``None``.
+        generator: the only source of randomness; ``None`` = a fresh generator seeded 0 on the
+            parameters' device.
+
+    Yields:
+        ``list[int | None]`` of length ``batch`` per step.
+
+    Raises:
+        ValueError: as :func:`generate` (raised at the first ``next``).
+
+    Source: handout §6; Holtzman et al. (2019); Fan et al. (2018).
+    """
+    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id)
+    device = params["token_embeddings"]["weight"].device
+    prompts, pads = _prompts_to_padded(prompt_ids, config.vocab_size, device)
+    if max_new_tokens == 0:
+        return
+    if generator is None and temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(0)
+    ctx = config.context_length
+    window = prompts[:, -ctx:]  # the model sees at most the last ctx ids
+    pads = (pads - (prompts.shape[1] - window.shape[1])).clamp(min=0)
+    capacity = min(ctx, window.shape[1] + max_new_tokens - 1)
+
+    def window_prefill() -> tuple[torch.Tensor, KVCache]:
+        return prefill(params, config, window, pad_lengths=pads, capacity=capacity, last_only=True)
+
+    logits, cache = window_prefill()
+    finished = torch.zeros(window.shape[0], dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits[:, -1], temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        if eos_id is not None:
+            token = torch.where(finished, eos_id, token)
+            was_done = finished.clone()
+            finished |= token == eos_id
+            yield [None if done else t for done, t in zip((was_done | finished).tolist(), token.tolist())]
+            if bool(finished.all()):  # the one host sync per token
+                return
+        else:
+            yield token.tolist()
+        if step == max_new_tokens - 1:
+            return
+        if window.shape[1] < ctx:
+            window = torch.cat([window, token[:, None]], dim=1)
+        else:  # slide: drop the oldest id, recompute the window with positions from 0
+            window = torch.cat([window[:, 1:], token[:, None]], dim=1)
+            pads = (pads - 1).clamp(min=0)
+        if cache.length < capacity:
+            logits, cache = decode_step(params, config, token, cache)
+        else:
+            logits, cache = window_prefill()
+
+
 def generate(
     params: Params,
     config: TransformerConfig,
@@ -448,6 +439,7 @@ def generate(
     *,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> list[list[int]]:
@@ -461,6 +453,7 @@ def generate(
         max_new_tokens: most tokens to generate per prompt (≥ 0).
         temperature: ``τ ≥ 0``; 0 = greedy argmax.
         top_p: nucleus threshold in ``(0, 1]`` (1 = no filtering).
+        top_k: keep only the ``top_k`` most likely tokens (``None``/0 = off).
         eos_id: stop a row after it samples this id (excluded from the result), or ``None``.
         generator: the only source of randomness; ``None`` = a fresh generator seeded 0 on the
             parameters' device.
@@ -471,191 +464,23 @@ def generate(
 
     Raises:
         ValueError: empty prompt, id outside the vocabulary, ``temperature < 0``, ``top_p``
-            outside ``(0, 1]``, negative ``max_new_tokens`` or ``eos_id`` outside the vocabulary.
+            outside ``(0, 1]``, ``top_k < 0``, negative ``max_new_tokens`` or ``eos_id`` outside
+            the vocabulary.
 
-    Source: handout §6; Holtzman et al. (2019) for top-p.
+    Source: handout §6; Holtzman et al. (2019) for top-p; Fan et al. (2018) for top-k.
     """
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
-    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < config.vocab_size):
-        raise ValueError(f"generate: eos_id must be in [0, vocab_size={config.vocab_size}), got {eos_id!r}")
-    device = params["token_embeddings"]["weight"].device
-    prompts, pads = _prompts_to_padded(prompt_ids, config.vocab_size, device)
-    batch, width = prompts.shape
-    if max_new_tokens == 0:
-        return [[] for _ in range(batch)]
-    if generator is None and temperature > 0:
-        generator = torch.Generator(device=device).manual_seed(0)
-
-    ctx = config.context_length
-    # history: right-aligned prompts then generated tokens; the model sees its last ≤ ctx slots.
-    history = torch.zeros(batch, width + max_new_tokens, dtype=torch.int64, device=device)
-    history[:, :width] = prompts
-    filled = width
-
-    def window_prefill(end: int) -> tuple[torch.Tensor, KVCache]:
-        begin = max(0, end - ctx)
-        window_pads = (pads - begin).clamp(min=0)
-        return prefill(params, config, history[:, begin:end], pad_lengths=window_pads, last_only=True)
-
-    logits, cache = window_prefill(filled)
-    out = torch.zeros(batch, max_new_tokens, dtype=torch.int64, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = 0
-    for step in range(max_new_tokens):
-        token = sample_next_token(logits[:, -1], temperature=temperature, top_p=top_p, generator=generator)
-        if eos_id is not None:
-            token = torch.where(finished, eos_id, token)
-        out[:, step] = token
-        history[:, filled] = token
-        filled += 1
-        steps = step + 1
-        if eos_id is not None:
-            finished |= token == eos_id
-            if bool(finished.all()):  # the one host sync per token
-                break
-        if step == max_new_tokens - 1:
-            break
-        if cache.length < ctx:
-            logits, cache = decode_step(params, config, token, cache)
-        else:  # slide: drop the oldest token, recompute the window with positions from 0
-            logits, cache = window_prefill(filled)
-
-    rows = out[:, :steps].tolist()
-    if eos_id is not None:
-        rows = [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id)
+    rows: list[list[int]] | None = None
+    for step in generate_stream(
+        params, config, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        eos_id=eos_id, generator=generator,
+    ):
+        if rows is None:
+            rows = [[] for _ in step]
+        for row, t in zip(rows, step):
+            if t is not None:
+                row.append(t)
+    if rows is None:  # max_new_tokens == 0: still validate the prompts and return one list each
+        device = params["token_embeddings"]["weight"].device
+        return [[] for _ in range(_prompts_to_padded(prompt_ids, config.vocab_size, device)[0].shape[0])]
     return rows
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _float_arg(check: Callable[[float], None]) -> Callable[[str], float]:
-    """An argparse type: parse a float and validate it with ``check`` (its ValueError becomes a usage error)."""
-
-    def parse(s: str) -> float:
-        value = float(s)
-        try:
-            check(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return value
-
-    return parse
-
-
-_temperature_arg = _float_arg(_check_temperature)
-_top_p_arg = _float_arg(_check_top_p)
-
-
-def _non_negative_int(s: str) -> int:
-    value = int(s)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 0, got {value}")
-    return value
-
-
-def _positive_int(s: str) -> int:
-    value = int(s)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
-    return value
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line of ``python -m flm.generate``.
-
-    Args:
-        argv: arguments without the program name (default ``sys.argv[1:]``).
-
-    Returns:
-        A namespace with ``checkpoint``, ``prompt``, ``temperature``, ``top_p``,
-        ``max_new_tokens``, ``seed``, ``device``, ``num_samples``.
-
-    Raises:
-        SystemExit: on bad arguments (argparse's behaviour), e.g. ``--top-p 0``.
-    """
-    p = argparse.ArgumentParser(prog="python -m flm.generate", description="Sample text from a trained flm checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/ckpt.safetensors; vocab.json and merges.txt sit beside it")
-    p.add_argument("--prompt", default="", help="text to continue (default: start from <|endoftext|>)")
-    p.add_argument("--temperature", type=_temperature_arg, default=1.0, help="softmax temperature ≥ 0 (0 = greedy)")
-    p.add_argument("--top-p", type=_top_p_arg, default=1.0, help="nucleus threshold in (0, 1]")
-    p.add_argument("--max-new-tokens", type=_non_negative_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--num-samples", type=_positive_int, default=1)
-    return p.parse_args(argv)
-
-
-def _model_config(config: Any) -> TransformerConfig:
-    """Accept a ``TransformerConfig``, its ``to_dict()``, or a run config with a ``"model"`` key."""
-    if isinstance(config, TransformerConfig):
-        return config
-    if not isinstance(config, dict):
-        raise ValueError(f"checkpoint config must be a dict, got {type(config).__name__}")
-    if "model" in config:
-        return _model_config(config["model"])
-    return TransformerConfig.from_dict(config)
-
-
-def main(argv: Sequence[str] | None = None) -> list[str]:
-    """Load a checkpoint and its tokenizer, sample continuations of ``--prompt`` and print them.
-
-    Args:
-        argv: command-line arguments (see :func:`parse_args`).
-
-    Returns:
-        The decoded continuations, one per sample.
-
-    Raises:
-        ValueError: an unreadable config, a prompt that encodes to no tokens without an EOS to
-            start from, or prompt ids outside the model's vocabulary.
-    """
-    from pathlib import Path
-
-    from flm.checkpoint import load_checkpoint  # lazy: written alongside this module
-    from flm.tokenizer import Tokenizer
-
-    args = parse_args(argv)
-    ckpt_path = Path(args.checkpoint)
-    run_dir = ckpt_path.parent
-    ckpt = load_checkpoint(ckpt_path)
-    config = _model_config(ckpt.config)
-    from flm.tree import tree_map
-
-    params = tree_map(lambda t: t.to(args.device), ckpt.params)
-    eot = "<|endoftext|>"
-    tokenizer = Tokenizer.from_files(str(run_dir / "vocab.json"), str(run_dir / "merges.txt"), special_tokens=[eot])
-    eot_ids = tokenizer.encode(eot)
-    eos_id = eot_ids[0] if len(eot_ids) == 1 else None
-    prompt_ids = tokenizer.encode(args.prompt)
-    if not prompt_ids:
-        if eos_id is None:
-            raise ValueError("empty prompt and no <|endoftext|> token to start from")
-        prompt_ids = [eos_id]
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    outputs = generate(
-        params,
-        config,
-        [prompt_ids] * args.num_samples,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        eos_id=eos_id,
-        generator=generator,
-    )
-    texts = [tokenizer.decode(ids) for ids in outputs]
-    for i, text in enumerate(texts):
-        if args.num_samples > 1:
-            print(f"--- sample {i} ---")
-        print(args.prompt + text)
-        sys.stdout.flush()
-    return texts
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from flm import nn
 __all__ = [
     "TransformerConfig",
     "init_params",
+    "param_template",
+    "check_params",
     "transformer_lm",
     "check_token_ids",
     "count_params",
@@ -38,8 +41,11 @@ _CHOICES = {
     "norm": ("pre", "post", "none"),
     "ffn": ("swiglu", "silu"),
     "position": ("rope", "nope"),
-    "attention": ("flm", "sdpa"),
+    "attention": nn.ATTENTION_IMPLEMENTATIONS,
 }
+# The longest context a config may claim (2**24 tokens): a guard against corrupt or hand-edited
+# configs, far above anything this library trains.
+MAX_CONTEXT_LENGTH = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,9 @@ class TransformerConfig:
         ffn: ``"swiglu"`` (default) or ``"silu"`` (ungated, §7.3).
         position: ``"rope"`` (default) or ``"nope"`` (no position information, §7.3).
         tie_embeddings: share the token embedding with the LM head (no ``lm_head`` parameter).
-        attention: ``"flm"`` (own attention) or ``"sdpa"`` (PyTorch's fused kernels).
+        attention: ``"auto"`` (default: PyTorch's fused kernels, flm's own attention under
+            ``vmap``), ``"flm"`` (flm's masked-softmax attention, the reference) or ``"sdpa"``
+            (always the fused kernels); see :func:`flm.nn.dot_product_attention`.
 
     Raises:
         ValueError: naming the offending value, e.g. ``d_model % num_heads != 0`` or an odd
@@ -78,13 +86,17 @@ class TransformerConfig:
     ffn: str = "swiglu"
     position: str = "rope"
     tie_embeddings: bool = False
-    attention: str = "flm"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "num_layers", "num_heads", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"TransformerConfig: {name} must be a positive int, got {value!r}")
+        if self.context_length > MAX_CONTEXT_LENGTH:
+            raise ValueError(
+                f"TransformerConfig: context_length={self.context_length} exceeds the limit {MAX_CONTEXT_LENGTH}"
+            )
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"TransformerConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
@@ -107,6 +119,18 @@ class TransformerConfig:
     def d_head(self) -> int:
         """Per-head dimension ``d_model // num_heads``."""
         return self.d_model // self.num_heads
+
+    @property
+    def block(self) -> nn.BlockConfig:
+        """The settings each Transformer block takes (:class:`flm.nn.BlockConfig`)."""
+        return nn.BlockConfig(
+            num_heads=self.num_heads,
+            rope_theta=self.rope_theta if self.position == "rope" else None,
+            norm=self.norm,
+            ffn=self.ffn,
+            eps=self.eps,
+            attention=self.attention,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a JSON-serialisable dict."""
@@ -156,12 +180,54 @@ def init_params(
     kw = dict(generator=generator, device=device, dtype=dtype)
     emb_std = config.d_model**-0.5 if config.tie_embeddings else 1.0
     params: Params = {"token_embeddings": nn.init_embedding(config.vocab_size, config.d_model, std=emb_std, **kw)}
-    params["layers"] = [nn.init_transformer_block(config, **kw) for _ in range(config.num_layers)]
+    block = dict(norm=config.norm, ffn=config.ffn)
+    params["layers"] = [nn.init_transformer_block(config.d_model, config.d_ff, **block, **kw) for _ in range(config.num_layers)]
     if config.norm != "none":
         params["ln_final"] = nn.init_rms_norm(config.d_model, device=device, dtype=dtype)
     if not config.tie_embeddings:
         params["lm_head"] = nn.init_linear(config.d_model, config.vocab_size, **kw)
     return params
+
+
+def param_template(config: TransformerConfig, dtype: torch.dtype | None = None) -> Params:
+    """The parameter tree of ``config`` on the ``meta`` device: shapes and dtypes, no memory, no draws.
+
+    Args:
+        config: the model's hyperparameters.
+        dtype: parameter dtype (default float32).
+
+    Returns:
+        The tree :func:`init_params` would return, with ``meta`` tensors.
+    """
+    return init_params(config, device="meta", dtype=dtype)
+
+
+def check_params(params: Params, config: TransformerConfig, *, name: str = "params") -> None:
+    """Check that ``params`` has exactly the tensors and shapes ``config`` describes.
+
+    Compares every leaf against :func:`param_template` (built on the ``meta`` device, so a
+    corrupt config claiming a huge model allocates nothing).
+
+    Args:
+        params: a parameter tree (e.g. from a checkpoint).
+        config: the config the tree should match.
+        name: how to call the tree in messages (e.g. the checkpoint's path).
+
+    Raises:
+        ValueError: naming the first missing or unexpected tensor, or the first shape mismatch.
+    """
+    from flm.tree import flatten
+
+    want = {k: tuple(v.shape) for k, v in flatten(param_template(config)).items()}
+    have = {k: tuple(v.shape) for k, v in flatten(params).items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing:
+        raise ValueError(f"{name}: the config describes a tensor {missing[0]!r} that is missing ({len(missing)} missing)")
+    if extra:
+        raise ValueError(f"{name}: tensor {extra[0]!r} is not part of the model the config describes")
+    for key, shape in want.items():
+        if have[key] != shape:
+            raise ValueError(f"{name}: {key!r} has shape {have[key]}, the config implies {shape}")
 
 
 def check_token_ids(token_ids: torch.Tensor, vocab_size: int) -> None:
@@ -194,6 +260,8 @@ def transformer_lm(
     token_positions: torch.Tensor | None = None,
     *,
     check_ids: bool = True,
+    attend: Sequence[nn.Attend] | None = None,
+    last_only: bool = False,
 ) -> torch.Tensor:
     """Map token ids to next-token logits: embed → blocks → final RMSNorm → LM head.
 
@@ -204,12 +272,17 @@ def transformer_lm(
         token_positions: ``(..., seq_len)`` absolute positions (default ``arange(seq_len)``).
         check_ids: check id values (a host sync). Skipped automatically while compiling; the
             train step passes ``False`` (its batches are checked where they enter).
+        attend: one attention hook per layer (see :func:`flm.nn.multihead_self_attention`),
+            e.g. the KV cache of ``flm.generate``; ``None`` = causal self-attention.
+        last_only: return the logits of the last position only, ``(..., 1, vocab_size)``
+            (what sampling needs; skips the LM head for the other positions).
 
     Returns:
         Logits ``(..., seq_len, vocab_size)`` in the parameters' dtype (unnormalised).
 
     Raises:
-        ValueError: ``seq_len > context_length``, an empty sequence, or an id outside the vocabulary.
+        ValueError: ``seq_len > context_length``, an empty sequence, an id outside the
+            vocabulary, or a number of hooks other than ``num_layers``.
 
     Source: handout §3.1, §3.6 (Figure 1).
     """
@@ -220,11 +293,16 @@ def transformer_lm(
         raise ValueError(f"transformer_lm: seq_len={seq_len} exceeds context_length={config.context_length}")
     if token_positions is not None and token_positions.shape[-1] != seq_len:
         raise ValueError(f"transformer_lm: token_positions has {token_positions.shape[-1]} positions, token_ids {seq_len}")
+    if attend is not None and len(attend) != len(params["layers"]):
+        raise ValueError(f"transformer_lm: {len(attend)} attention hooks for {len(params['layers'])} layers")
     if check_ids and not torch.compiler.is_compiling():
         check_token_ids(token_ids, config.vocab_size)
+    block = config.block
     x = nn.embedding(params["token_embeddings"], token_ids)
-    for block in params["layers"]:
-        x = nn.transformer_block(block, x, config, token_positions)
+    for i, layer in enumerate(params["layers"]):
+        x = nn.transformer_block(layer, x, block, token_positions, attend=None if attend is None else attend[i])
+    if last_only:
+        x = x[..., -1:, :]
     if config.norm != "none":
         x = nn.rms_norm(params["ln_final"], x, config.eps)
     head = params["token_embeddings"] if config.tie_embeddings else params["lm_head"]

@@ -11,13 +11,23 @@ scaled dot-product attention, causal multi-head self-attention, the pre-norm blo
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from einops import rearrange
 
-if TYPE_CHECKING:  # pragma: no cover
-    from flm.model import TransformerConfig
+from flm.init import (
+    truncated_normal,
+    init_linear,
+    init_embedding,
+    init_rms_norm,
+    init_swiglu,
+    init_silu_ffn,
+    init_multihead_self_attention,
+    init_transformer_block,
+)
 
 __all__ = [
     "linear",
@@ -28,10 +38,13 @@ __all__ = [
     "silu_ffn",
     "softmax",
     "scaled_dot_product_attention",
+    "dot_product_attention",
+    "ATTENTION_IMPLEMENTATIONS",
     "causal_mask",
     "rope",
     "attention_qkv",
     "multihead_self_attention",
+    "BlockConfig",
     "transformer_block",
     "truncated_normal",
     "init_linear",
@@ -44,6 +57,9 @@ __all__ = [
 ]
 
 Params = dict[str, Any]
+# The attention hook: per-head queries, keys and values (after RoPE) -> per-head outputs.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ATTENTION_IMPLEMENTATIONS = ("auto", "flm", "sdpa")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -344,6 +360,73 @@ def attention_qkv(
     return q, k, v
 
 
+def _is_vmapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is (or wraps) a ``torch.func.vmap`` batched tensor."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(x):
+        if functorch.is_batchedtensor(x):
+            return True
+        x = functorch.get_unwrapped(x)
+    return False
+
+
+def _use_fused(implementation: str, q: torch.Tensor) -> bool:
+    if implementation == "flm":
+        return False
+    if implementation == "sdpa":
+        return True
+    if implementation == "auto":
+        # PyTorch's fused CPU kernels have no vmap batching rule (torch 2.13 falls back to a slow
+        # per-example loop with a warning), so under vmap the reference attention is the fast one.
+        return torch.compiler.is_compiling() or not _is_vmapped(q)
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Scaled dot-product attention by the chosen implementation: flm's own or PyTorch's fused kernel.
+
+    ``"flm"`` is :func:`scaled_dot_product_attention` (the reference: it materialises the
+    ``queries × keys`` scores). ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention``
+    (flash / memory-efficient kernels; tested equal to ``"flm"``, forward and gradients, in
+    ``tests/test_nn.py``). ``"auto"`` (the default) takes the fused kernel except under
+    ``torch.func.vmap``, where it lacks a batching rule.
+
+    Args:
+        q: ``(..., queries, d_k)``.
+        k: ``(..., keys, d_k)``.
+        v: ``(..., keys, d_v)``.
+        mask: optional bool mask broadcastable to ``(..., queries, keys)``, ``True`` = attend.
+        causal: apply the causal mask ``j ≤ i + (keys − queries)`` (instead of ``mask``).
+        implementation: ``"auto"``, ``"flm"`` or ``"sdpa"``.
+
+    Returns:
+        ``(..., queries, d_v)`` in ``q``'s dtype.
+
+    Raises:
+        ValueError: an unknown implementation, both ``mask`` and ``causal``, or bad shapes.
+
+    Source: handout §3.5.4, eq. (11); Dao et al. (2022) for the fused kernels.
+    """
+    if mask is not None and causal:
+        raise ValueError("dot_product_attention: give a mask or causal=True, not both")
+    if _use_fused(implementation, q):
+        from flm._fused import fused_attention
+
+        _check_attention_inputs(q, k, v)
+        return fused_attention(q, k, v, mask, causal=causal)
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    return scaled_dot_product_attention(q, k, v, mask)
+
+
 def multihead_self_attention(
     params: Params,
     x: torch.Tensor,
@@ -351,7 +434,8 @@ def multihead_self_attention(
     rope_theta: float | None = None,
     token_positions: torch.Tensor | None = None,
     *,
-    attention: str = "flm",
+    attention: str = "auto",
+    attend: Attend | None = None,
 ) -> torch.Tensor:
     """Causal multi-head self-attention ``W_O · MultiHead(W_Q x, W_K x, W_V x)``.
 
@@ -361,9 +445,10 @@ def multihead_self_attention(
         num_heads: number of heads; ``d_model`` must be divisible by it.
         rope_theta: apply RoPE with this base to q and k; ``None`` for no positions (NoPE).
         token_positions: ``(..., seq_len)`` absolute positions (default ``arange(seq_len)``).
-        attention: ``"flm"`` (this module's :func:`scaled_dot_product_attention`) or ``"sdpa"``
-            (PyTorch's fused ``scaled_dot_product_attention`` kernels; an explicitly selected
-            fast path, tested equal to ``"flm"``; it has no ``vmap`` batching rule).
+        attention: the implementation of causal attention, see :func:`dot_product_attention`.
+        attend: a hook replacing causal attention: ``attend(q, k, v) -> out`` on per-head tensors
+            ``(..., heads, seq_len, d_head)`` after RoPE (e.g. a KV cache that stores ``k, v``
+            and attends over everything cached; see ``flm.generate``).
 
     Returns:
         ``(..., seq_len, d_model)``.
@@ -374,20 +459,54 @@ def multihead_self_attention(
     Source: handout §3.5.5; Vaswani et al. (2017) §3.2.2.
     """
     q, k, v = attention_qkv(params, x, num_heads, rope_theta, token_positions)
-    seq_len = x.shape[-2]
-    if attention == "flm":
-        out = scaled_dot_product_attention(q, k, v, causal_mask(seq_len, device=x.device))
-    elif attention == "sdpa":
-        from flm._fused import fused_causal_attention
-
-        out = fused_causal_attention(q, k, v)
+    if attend is None:
+        out = dot_product_attention(q, k, v, causal=True, implementation=attention)
     else:
-        raise ValueError(f"attention must be 'flm' or 'sdpa', got {attention!r}")
+        out = attend(q, k, v)
     return linear(params["output_proj"], rearrange(out, "... heads seq d_head -> ... seq (heads d_head)"))
 
 
+_BLOCK_CHOICES = {"norm": ("pre", "post", "none"), "ffn": ("swiglu", "silu"), "attention": ATTENTION_IMPLEMENTATIONS}
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """What one Transformer block needs to know (``TransformerConfig.block`` builds it).
+
+    Attributes:
+        num_heads: attention heads.
+        rope_theta: the RoPE base Θ, or ``None`` for no position information (NoPE).
+        norm: ``"pre"``, ``"post"`` or ``"none"`` (handout §7.3).
+        ffn: ``"swiglu"`` or ``"silu"`` (ungated).
+        eps: RMSNorm epsilon.
+        attention: ``"auto"``, ``"flm"`` or ``"sdpa"`` (see :func:`dot_product_attention`).
+
+    Raises:
+        ValueError: an unknown choice or a non-positive head count.
+    """
+
+    num_heads: int
+    rope_theta: float | None = 10000.0
+    norm: str = "pre"
+    ffn: str = "swiglu"
+    eps: float = 1e-5
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+            raise ValueError(f"BlockConfig: num_heads must be a positive int, got {self.num_heads!r}")
+        for name, allowed in _BLOCK_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"BlockConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
 def transformer_block(
-    params: Params, x: torch.Tensor, config: TransformerConfig, token_positions: torch.Tensor | None = None
+    params: Params,
+    x: torch.Tensor,
+    config: BlockConfig,
+    token_positions: torch.Tensor | None = None,
+    *,
+    attend: Attend | None = None,
 ) -> torch.Tensor:
     """One Transformer block: attention and feed-forward sub-layers with residual connections.
 
@@ -396,25 +515,26 @@ def transformer_block(
         z = x + MHA(RMSNorm(x));  y = z + FFN(RMSNorm(z))
 
     ``"post"`` gives ``z = RMSNorm(x + MHA(x)); y = RMSNorm(z + FFN(z))`` and ``"none"`` drops the
-    norms. ``config.ffn`` picks SwiGLU or the ungated SiLU FFN; ``config.position`` RoPE or NoPE.
+    norms. ``config.ffn`` picks SwiGLU or the ungated SiLU FFN; ``config.rope_theta=None`` is NoPE.
 
     Args:
         params: ``{"ln1", "attn", "ln2", "ffn"}`` (no ``ln1``/``ln2`` when ``norm == "none"``).
         x: ``(..., seq_len, d_model)``.
-        config: the model's :class:`flm.model.TransformerConfig`.
+        config: the block's :class:`BlockConfig`.
         token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``).
+        attend: attention hook passed to :func:`multihead_self_attention` (e.g. a KV cache).
 
     Returns:
         ``(..., seq_len, d_model)``.
 
     Source: handout §3.6 eq. (15), Figure 2; ablations §7.3.
     """
-    rope_theta = config.rope_theta if config.position == "rope" else None
     ffn = swiglu if config.ffn == "swiglu" else silu_ffn
 
     def attn(h: torch.Tensor) -> torch.Tensor:
         return multihead_self_attention(
-            params["attn"], h, config.num_heads, rope_theta, token_positions, attention=config.attention
+            params["attn"], h, config.num_heads, config.rope_theta, token_positions,
+            attention=config.attention, attend=attend,
         )
 
     if config.norm == "pre":
@@ -425,169 +545,3 @@ def transformer_block(
         return rms_norm(params["ln2"], z + ffn(params["ffn"], z), config.eps)
     z = x + attn(x)
     return z + ffn(params["ffn"], z)
-
-
-# --------------------------------------------------------------------------------------------
-# Initialisers (handout §3.4.1); all randomness from an explicit torch.Generator.
-# --------------------------------------------------------------------------------------------
-
-
-def truncated_normal(
-    shape: tuple[int, ...],
-    std: float,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Sample ``N(0, std²)`` truncated to ``[-3·std, 3·std]`` by inverse-CDF sampling.
-
-    The draw happens on the generator's device (CPU for a default ``torch.Generator()``) in
-    float32, then moves to ``device``/``dtype``, so one seed gives the same values everywhere.
-
-    Args:
-        shape: output shape.
-        std: standard deviation before truncation (> 0).
-        generator: source of randomness (``None``: PyTorch's global generator).
-        device: target device.
-        dtype: target float dtype (default float32).
-
-    Returns:
-        A tensor of ``shape`` with values in ``[-3·std, 3·std]``.
-
-    Source: handout §3.4.1 (what ``torch.nn.init.trunc_normal_`` computes).
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    lo = 0.5 * (1.0 + math.erf(-3.0 / math.sqrt(2.0)))  # Φ(-3)
-    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    u = lo + (1.0 - 2.0 * lo) * u  # uniform on [Φ(-3), Φ(3)]
-    z = math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)  # Φ⁻¹(u)
-    z = z.clamp_(-3.0, 3.0) * std
-    return z.to(device=device, dtype=dtype or torch.float32)
-
-
-def init_linear(
-    d_in: int,
-    d_out: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise a linear layer: ``W ~ N(0, 2/(d_in + d_out))`` truncated at ±3σ.
-
-    Returns:
-        ``{"weight": (d_out, d_in)}``.
-
-    Source: handout §3.4.1.
-    """
-    std = math.sqrt(2.0 / (d_in + d_out))
-    return {"weight": truncated_normal((d_out, d_in), std, generator=generator, device=device, dtype=dtype)}
-
-
-def init_embedding(
-    vocab_size: int,
-    d_model: int,
-    *,
-    std: float = 1.0,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise an embedding table: ``N(0, std²)`` truncated at ±3·std (handout: std 1).
-
-    Returns:
-        ``{"weight": (vocab_size, d_model)}``.
-
-    Source: handout §3.4.1.
-    """
-    return {"weight": truncated_normal((vocab_size, d_model), std, generator=generator, device=device, dtype=dtype)}
-
-
-def init_rms_norm(
-    d_model: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-) -> Params:
-    """Initialise an RMSNorm gain to ones.
-
-    Returns:
-        ``{"weight": (d_model,)}``.
-
-    Source: handout §3.4.1.
-    """
-    return {"weight": torch.ones(d_model, device=device, dtype=dtype or torch.float32)}
-
-
-def init_swiglu(
-    d_model: int,
-    d_ff: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise a SwiGLU FFN: ``w1, w3: (d_ff, d_model)``, ``w2: (d_model, d_ff)``.
-
-    Source: handout §3.4.1, §3.5.2.
-    """
-    kw = dict(generator=generator, device=device, dtype=dtype)
-    return {"w1": init_linear(d_model, d_ff, **kw), "w2": init_linear(d_ff, d_model, **kw), "w3": init_linear(d_model, d_ff, **kw)}
-
-
-def init_silu_ffn(
-    d_model: int,
-    d_ff: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise an ungated SiLU FFN: ``w1: (d_ff, d_model)``, ``w2: (d_model, d_ff)``.
-
-    Source: handout §7.3.
-    """
-    kw = dict(generator=generator, device=device, dtype=dtype)
-    return {"w1": init_linear(d_model, d_ff, **kw), "w2": init_linear(d_ff, d_model, **kw)}
-
-
-def init_multihead_self_attention(
-    d_model: int,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise the four ``(d_model, d_model)`` projections of multi-head self-attention.
-
-    Returns:
-        ``{"q_proj", "k_proj", "v_proj", "output_proj"}``, each ``{"weight": (d_model, d_model)}``.
-
-    Source: handout §3.4.1, §3.5.5.
-    """
-    kw = dict(generator=generator, device=device, dtype=dtype)
-    return {name: init_linear(d_model, d_model, **kw) for name in ("q_proj", "k_proj", "v_proj", "output_proj")}
-
-
-def init_transformer_block(
-    config: TransformerConfig,
-    *,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Params:
-    """Initialise one Transformer block for ``config`` (norm/FFN variants included).
-
-    Returns:
-        ``{"ln1", "attn", "ln2", "ffn"}`` (without the norms when ``config.norm == "none"``).
-
-    Source: handout §3.4.1, §3.6.
-    """
-    kw = dict(generator=generator, device=device, dtype=dtype)
-    init_ffn = init_swiglu if config.ffn == "swiglu" else init_silu_ffn
-    block: Params = {}
-    if config.norm != "none":
-        block["ln1"] = init_rms_norm(config.d_model, device=device, dtype=dtype)
-    block["attn"] = init_multihead_self_attention(config.d_model, **kw)
-    if config.norm != "none":
-        block["ln2"] = init_rms_norm(config.d_model, device=device, dtype=dtype)
-    block["ffn"] = init_ffn(config.d_model, config.d_ff, **kw)
-    return block

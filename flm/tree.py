@@ -25,6 +25,7 @@ __all__ = [
     "stack",
     "unstack",
     "num_elements",
+    "all_finite",
 ]
 
 PyTree = Any
@@ -205,3 +206,16 @@ def unstack(tree: PyTree) -> list[PyTree]:
         raise ValueError(f"unstack: leaves have different leading sizes {sorted(sizes)}")
     (k,) = sizes
     return [optree.tree_unflatten(spec, [x[i] for x in leaves]) for i in range(k)]
+
+
+def all_finite(tree: PyTree) -> bool:
+    """Whether every floating-point leaf of ``tree`` is free of NaN and ±inf (one host sync).
+
+    Args:
+        tree: a tree of tensors (integer leaves are finite by definition).
+
+    Returns:
+        ``True`` when all float/complex leaves are finite.
+    """
+    checks = [torch.isfinite(t).all() for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    return bool(torch.stack(checks).all()) if checks else True

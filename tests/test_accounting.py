@@ -164,7 +164,7 @@ def test_train_and_adamw_flops():
 def test_forward_flops_match_flop_counter(changes, batch, seq):
     """torch's FlopCounterMode on a real forward (flm attention: every matmul is an mm/bmm)
     counts exactly forward_flops per sequence × batch."""
-    cfg = TransformerConfig(vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24, **changes)
+    cfg = TransformerConfig(vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24, attention="flm", **changes)
     params = init_params(cfg)
     ids = torch.randint(0, 37, (batch, seq), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:

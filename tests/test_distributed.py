@@ -143,17 +143,21 @@ LOOP = TrainConfig(
 
 
 def _loop_worker(rank: int, port: int, root: str) -> None:
-    import flm.checkpoint
     import flm.train
+    import flm.train.checkpointer
+    import flm.train.loop
+    import flm.train.metrics
     from flm.distributed import DistInfo
 
     _join(rank, port)
     writes: list[str] = []
     if rank != 0:  # record any attempt by rank 1 to write a file
-        real_save, real_append, real_plot = flm.checkpoint.save_checkpoint, flm.train._append_jsonl, flm.train.plot_metrics
-        flm.checkpoint.save_checkpoint = lambda path, *a, **k: (writes.append(str(path)), real_save(path, *a, **k))[1]
-        flm.train._append_jsonl = lambda path, rec: (writes.append(str(path)), real_append(path, rec))[1]
-        flm.train.plot_metrics = lambda m, png: (writes.append(str(png)), real_plot(m, png))[1]
+        real_save, real_sink, real_plot = (
+            flm.train.checkpointer.save_checkpoint, flm.train.metrics.JsonlSink.__init__, flm.train.loop.plot_metrics
+        )
+        flm.train.checkpointer.save_checkpoint = lambda path, *a, **k: (writes.append(str(path)), real_save(path, *a, **k))[1]
+        flm.train.metrics.JsonlSink.__init__ = lambda self, path: (writes.append(str(path)), real_sink(self, path))[1]
+        flm.train.loop.plot_metrics = lambda m, png: (writes.append(str(png)), real_plot(m, png))[1]
     try:
         rng = np.random.default_rng(0)
         train = rng.integers(0, CFG.vocab_size, 4000).astype(np.uint16)
@@ -199,7 +203,7 @@ def test_two_process_train_loop_resume_matches_uninterrupted(tmp_path):
     assert r0["full"]["final_val_loss"] == r0["resumed"]["final_val_loss"]
     # Only rank 0's files exist: no per-rank artefacts.
     assert sorted(p.name for p in full.iterdir()) == sorted(
-        ["metrics.jsonl", "loss.png", "best.safetensors"] + [p.name for p in list_checkpoints(full)]
+        [".lock", "metrics.jsonl", "loss.png", "best.safetensors"] + [p.name for p in list_checkpoints(full)]
     )
     assert not any(p.name.startswith("rank") for p in full.iterdir())
     assert os.path.getsize(full / "loss.png") > 0

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 import flm.generate as gen
 from flm.generate import (
-    _model_config,
     clone_cache,
     decode_step,
     generate,
-    parse_args,
+    generate_stream,
     prefill,
     sample_next_token,
+    top_k_mask,
     top_p_filter,
     top_p_mask,
 )
@@ -319,42 +319,51 @@ def test_bad_generate_inputs_raise(prompts, kwargs, match):
         generate(params, cfg, prompts, n, **kwargs)
 
 
-# ------------------------------------------------------------------ command line
+# ------------------------------------------------------------------ top-k and streaming
 
 
-def test_parse_args_defaults_and_values():
-    a = parse_args(["--checkpoint", "run/ckpt.safetensors"])
-    assert (a.checkpoint, a.prompt, a.temperature, a.top_p, a.max_new_tokens, a.seed, a.device, a.num_samples) == (
-        "run/ckpt.safetensors", "", 1.0, 1.0, 256, 0, "cpu", 1
-    )
-    a = parse_args(["--checkpoint", "c", "--prompt", "Once upon a time", "--temperature", "0.8", "--top-p", "0.9",
-                    "--max-new-tokens", "12", "--seed", "3", "--device", "cuda", "--num-samples", "4"])
-    assert (a.prompt, a.temperature, a.top_p, a.max_new_tokens, a.seed, a.device, a.num_samples) == (
-        "Once upon a time", 0.8, 0.9, 12, 3, "cuda", 4
-    )
+def test_top_k_mask_keeps_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert top_k_mask(logits, 2).tolist() == [[False, True, False, True, False], [True, True, False, False, False]]
+    assert top_k_mask(logits, 99).all()
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_mask(logits, 0)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [[], ["--checkpoint", "c", "--top-p", "0"], ["--checkpoint", "c", "--top-p", "1.5"],
-     ["--checkpoint", "c", "--temperature", "-1"], ["--checkpoint", "c", "--max-new-tokens", "-2"],
-     ["--checkpoint", "c", "--num-samples", "0"], ["--checkpoint", "c", "--temperature", "x"]],
-)
-def test_parse_args_rejects_bad_values(bad, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(bad)
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=20), st.integers(1, 25))
+def test_top_k_sampling_never_leaves_the_top_k(values, k):
+    logits = torch.tensor([values], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    kept = top_k_mask(logits, k)[0]
+    for _ in range(5):
+        tok = int(sample_next_token(logits, temperature=1.0, top_k=k, generator=g)[0])
+        assert kept[tok]
 
 
-def test_model_config_accepts_plain_nested_and_object():
-    cfg, _ = make()
-    d = cfg.to_dict()
-    assert _model_config(d) == cfg
-    assert _model_config({"model": d, "optimizer": {"lr": 1e-3}}) == cfg
-    assert _model_config(cfg) is cfg
-    with pytest.raises(ValueError):
-        _model_config({"vocab_size": 3, "bogus": 1})
-    with pytest.raises(ValueError):
-        _model_config([1, 2])
+def test_top_k_one_is_greedy_and_bad_top_k_raises():
+    cfg, params = make()
+    g = torch.Generator().manual_seed(3)
+    assert generate(params, cfg, [[1, 2]], 8, temperature=1.5, top_k=1, generator=g) == generate(params, cfg, [[1, 2]], 8, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(params, cfg, [[1]], 2, top_k=-1)
+
+
+def test_stream_yields_the_same_tokens_as_generate_one_step_at_a_time():
+    cfg, params = make(context_length=6)
+    prompts = [[1, 2], [3]]
+    steps = list(generate_stream(params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7)))
+    rows = [[t for t in col if t is not None] for col in zip(*steps)]
+    assert rows == generate(params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7))
+    assert all(len(s) == 2 for s in steps)
+
+
+def test_huge_max_new_tokens_allocates_nothing_up_front():
+    """Regression: max_new_tokens used to size preallocated buffers (an 8 TB allocation for 10**12);
+    now only the KV cache (≤ context_length slots) exists, so the first tokens arrive at once."""
+    cfg, params = make()
+    stream = generate_stream(params, cfg, [[1, 2, 3]], 10**12, temperature=0.0)
+    first = [next(stream) for _ in range(3)]
+    assert [r[0] for r in first] == naive_greedy(params, cfg, [1, 2, 3], 3)
 
 
 def test_every_public_function_documented():

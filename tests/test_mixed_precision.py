@@ -122,9 +122,9 @@ def _lm_loss(params, x, y, *, ckpt: bool):
     h = nn.embedding(params["token_embeddings"], x)
     for block in params["layers"]:
         if ckpt:
-            h = checkpoint(nn.transformer_block, block, h, CFG, None, use_reentrant=False)
+            h = checkpoint(nn.transformer_block, block, h, CFG.block, None, use_reentrant=False)
         else:
-            h = nn.transformer_block(block, h, CFG, None)
+            h = nn.transformer_block(block, h, CFG.block, None)
     h = nn.rms_norm(params["ln_final"], h, CFG.eps)
     return cross_entropy(nn.linear(params["lm_head"], h), y)
 

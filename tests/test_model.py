@@ -231,7 +231,7 @@ def test_block_matches_reference_block(changes):
     ref.load_state_dict(flm.flatten(block), strict=True)
     x = torch.randn(3, 7, cfg.d_model, dtype=torch.float64, generator=_gen(5))
     with torch.no_grad():
-        torch.testing.assert_close(nn.transformer_block(block, x, cfg), ref(x), **F64)
+        torch.testing.assert_close(nn.transformer_block(block, x, cfg.block), ref(x), **F64)
 
 
 @pytest.mark.parametrize("shape", [(9,), (3, 9), (2, 3, 9), (1, 1)])
@@ -381,7 +381,7 @@ def test_block_matches_handout_formulas(norm, ffn):
     else:
         z = x + mha(x)
         y = z + ffn_(z)
-    torch.testing.assert_close(nn.transformer_block(block, x, cfg), y, **F64)
+    torch.testing.assert_close(nn.transformer_block(block, x, cfg.block), y, **F64)
     if norm == "post":  # post-norm outputs are normalised: RMS = gain (here the gains are ≈ 1 ± 0.1·noise)
         torch.testing.assert_close(y / block["ln2"]["weight"], _rms(1.0, y / block["ln2"]["weight"], 0.0), rtol=1e-4, atol=1e-4)
 

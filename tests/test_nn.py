@@ -16,7 +16,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flm import nn
-from flm._fused import fused_causal_attention
 
 # ---------------------------------------------------------------------------------------------
 # Tolerances (assert_close rtol/atol) used throughout this file.
@@ -251,11 +250,32 @@ def test_sdpa_equals_flm_attention_forward_and_grad(dtype, tol, lead):
     torch.testing.assert_close(g_sdpa, g_flm, **tol)
 
 
-def test_fused_causal_attention_with_explicit_mask():
-    q, k, v = _randn(2, 5, 4, seed=1), _randn(2, 5, 4, seed=2), _randn(2, 5, 4, seed=3)
-    m = nn.causal_mask(5)
-    torch.testing.assert_close(fused_causal_attention(q, k, v, m), nn.scaled_dot_product_attention(q, k, v, m), **F64)
-    torch.testing.assert_close(fused_causal_attention(q, k, v), nn.scaled_dot_product_attention(q, k, v, m), **F64)
+@pytest.mark.parametrize("impl", ["auto", "flm", "sdpa"])
+@pytest.mark.parametrize("queries,keys", [(5, 5), (1, 6), (3, 6)])
+def test_dot_product_attention_implementations_agree(impl, queries, keys):
+    """Every implementation equals flm's reference, with an explicit mask and with causal=True,
+    also when the queries are the last positions of a longer key sequence (the KV-cache case)."""
+    q, k, v = _randn(2, queries, 4, seed=1), _randn(2, keys, 4, seed=2), _randn(2, keys, 4, seed=3)
+    m = nn.causal_mask(queries, keys)
+    want = nn.scaled_dot_product_attention(q, k, v, m)
+    torch.testing.assert_close(nn.dot_product_attention(q, k, v, m, implementation=impl), want, **F64)
+    torch.testing.assert_close(nn.dot_product_attention(q, k, v, causal=True, implementation=impl), want, **F64)
+    torch.testing.assert_close(nn.dot_product_attention(q, k, v, implementation=impl), nn.scaled_dot_product_attention(q, k, v), **F64)
+
+
+def test_auto_attention_uses_flm_under_vmap_without_the_slow_fallback_warning(recwarn):
+    """Under vmap "auto" picks flm's attention (the fused CPU kernel has no batching rule and
+    warns about a slow fallback); outside vmap it picks the fused kernel (same values)."""
+    import warnings
+
+    q = _randn(3, 2, 6, 4, seed=4)
+    warnings.simplefilter("always")
+    batched = torch.func.vmap(lambda x: nn.dot_product_attention(x, x, x, causal=True))(q)
+    assert not [w for w in recwarn if "batching rule" in str(w.message)]
+    torch.testing.assert_close(batched, nn.dot_product_attention(q, q, q, causal=True, implementation="flm"), **F64)
+    assert nn._use_fused("auto", q) and not torch.func.vmap(lambda x: torch.tensor(nn._use_fused("auto", x)))(q).any()
+    with pytest.raises(ValueError, match="not both"):
+        nn.dot_product_attention(q, q, q, nn.causal_mask(6), causal=True)
 
 
 # =============================================================================================

@@ -7,6 +7,7 @@ import torch
 
 import flm.data
 import flm.train
+import flm.train.loop
 from flm.checkpoint import load_checkpoint
 from flm.model import TransformerConfig
 from flm.train import NonFiniteLossError, TrainConfig, list_checkpoints, read_metrics, train_loop
@@ -28,7 +29,7 @@ def tokens():
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tokens, tmp_path, monkeypatch):
-    real = flm.train.make_train_step
+    real = flm.train.loop.make_train_step
 
     def poisoned(*args, **kw):
         step = real(*args, **kw)
@@ -43,7 +44,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(token
 
         return wrapped
 
-    monkeypatch.setattr(flm.train, "make_train_step", poisoned)
+    monkeypatch.setattr(flm.train.loop, "make_train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="step 7"):
         train_loop(CONFIG, _cfg(), *tokens, tmp_path, log=lambda s: None)
     ckpts = list_checkpoints(tmp_path)
@@ -56,7 +57,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tokens, tmp_path, 
     straight = train_loop(CONFIG, _cfg(), *tokens, tmp_path / "straight", log=lambda s: None)
     assert straight["status"] == "done"
 
-    real_get_batch = flm.data.get_batch
+    real_get_batch = flm.train.loop.get_batch
     calls = {"n": 0}
 
     def interrupting(*args, **kw):
@@ -65,13 +66,13 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tokens, tmp_path, 
             raise KeyboardInterrupt
         return real_get_batch(*args, **kw)
 
-    monkeypatch.setattr(flm.data, "get_batch", interrupting)
+    monkeypatch.setattr(flm.train.loop, "get_batch", interrupting)
     run = tmp_path / "interrupted"
     summary = train_loop(CONFIG, _cfg(), *tokens, run, log=lambda s: None)
     assert summary["status"] == "interrupted" and summary["step"] == 5
     assert (run / "ckpt_0000005.safetensors").exists()
 
-    monkeypatch.setattr(flm.data, "get_batch", real_get_batch)
+    monkeypatch.setattr(flm.train.loop, "get_batch", real_get_batch)
     resumed = train_loop(CONFIG, _cfg(), *tokens, run, resume=True, log=lambda s: None)
     assert resumed["status"] == "done" and resumed["step"] == 12
     a = load_checkpoint(tmp_path / "straight" / "ckpt_0000012.safetensors")

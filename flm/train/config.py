@@ -1,0 +1,173 @@
+"""The settings of a training run (everything but the model) and the optimiser they describe.
+
+Source: CS336 assignment 1 handout §4.3–4.5 (AdamW, schedule, clipping), §5.3, §7.2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from flm import optim
+from flm.tree import tree_map
+
+__all__ = ["TrainConfig", "make_optimizer", "decay_mask", "default_device", "COMPUTE_DTYPES"]
+
+PyTree = Any
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    """The best device here: ``"cuda"`` > ``"mps"`` > ``"cpu"``."""
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop settings of a training run (everything but the model).
+
+    Attributes:
+        batch_size: sequences per optimiser step (the global batch under data parallelism).
+        max_iters: optimiser steps in total; the cosine schedule ends exactly here.
+        lr: peak learning rate α_max.
+        min_lr: final learning rate α_min (≤ lr).
+        warmup_iters: linear warm-up steps T_w (≤ max_iters).
+        weight_decay: AdamW λ (not applied to RMSNorm gains).
+        betas: AdamW (β1, β2), each in [0, 1).
+        eps: AdamW ε > 0.
+        grad_clip: global-norm clipping threshold (0 disables clipping).
+        eval_interval: evaluate on the validation tokens every this many steps (0: only at the end).
+        eval_batches: batches per periodic evaluation (None: the whole validation set).
+        checkpoint_interval: save ckpt_<step>.safetensors every this many steps (0: only at the end).
+        keep_checkpoints: how many periodic checkpoints to keep (the newest; ≥ 1).
+        log_interval: write a metrics line every this many steps (each one is a host sync).
+        seed: seeds the parameter init and (separately) the batch sampler.
+        device: cpu, cuda, cuda:1, mps, or auto (the best available).
+        compile: torch.compile the whole train step.
+        dtype: compute dtype, float32 or bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss).
+        grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and average their gradients.
+        time_budget: stop training after this many minutes of wall time (resumes included) and evaluate the best model, leaving time for that final evaluation (None: no limit).
+        peak_flops: the device's peak FLOP/s for the MFU column (None: a known GPU's datasheet value, or a short matmul measurement on the CPU).
+        tensorboard: also write the metrics to RUN/tensorboard (needs the tensorboard package).
+        wandb: also log the metrics to this Weights & Biases project (needs the wandb package).
+    """
+
+    batch_size: int = 32
+    max_iters: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int | None = None
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+    dtype: str = "float32"
+    grad_accum_steps: int = 1
+    time_budget: float | None = None
+    peak_flops: float | None = None
+    tensorboard: bool = False
+    wandb: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, need: str) -> ValueError:
+            return ValueError(f"TrainConfig: {name} must be {need}, got {getattr(self, name)!r}")
+
+        for name in ("batch_size", "max_iters", "log_interval", "grad_accum_steps", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, "a positive integer")
+        for name in ("warmup_iters", "eval_interval", "checkpoint_interval", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, "an integer ≥ 0")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise bad(name, "a finite number ≥ 0")
+        if not self.lr > 0:
+            raise bad("lr", "positive")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise bad("eps", "a finite positive number")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise bad("betas", "two numbers in [0, 1)")
+        if self.eval_batches is not None and (not isinstance(self.eval_batches, int) or self.eval_batches < 1):
+            raise bad("eval_batches", "an integer ≥ 1, or None for the whole validation set")
+        if self.warmup_iters > self.max_iters:
+            raise ValueError(f"TrainConfig: warmup_iters={self.warmup_iters} exceeds max_iters={self.max_iters}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig: need min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise bad("dtype", f"one of {sorted(COMPUTE_DTYPES)}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"TrainConfig: batch_size={self.batch_size} does not split into grad_accum_steps="
+                f"{self.grad_accum_steps} equal micro-batches"
+            )
+        for name in ("time_budget", "peak_flops"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise bad(name, "a positive number or None")
+        if not isinstance(self.device, str) or not self.device:
+            raise bad("device", "a device name such as cpu, cuda, mps or auto")
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The mixed-precision compute dtype (``None`` for float32)."""
+        return COMPUTE_DTYPES[self.dtype]
+
+    def resolved_device(self) -> str:
+        """``device`` with ``"auto"`` replaced by :func:`default_device`."""
+        return default_device() if self.device == "auto" else self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build a config from :meth:`to_dict`'s output (unknown keys raise ``ValueError``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def decay_mask(params: PyTree) -> PyTree:
+    """Weight-decay mask: decay matrices (ndim ≥ 2), not RMSNorm gains (ndim 1)."""
+    return tree_map(lambda p: p.dim() >= 2, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
+    """The handout's optimiser: global-norm clipping → AdamW on a warm-up + cosine schedule.
+
+    Source: handout §4.3–4.5, §7.2.
+    """
+    schedule = optim.cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+    adam = optim.adamw(schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optim.chain(optim.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip > 0 else adam

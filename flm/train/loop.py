@@ -1,0 +1,274 @@
+"""The training loop: a short loop over components that own their intervals.
+
+Per step: draw a batch (:func:`flm.data.get_batch`), run the pure train step. At a log, eval or
+checkpoint step: one host sync summarises the steps since the last one (and finds the exact first
+non-finite loss), the :class:`~flm.train.evaluate.Evaluator` measures the validation loss, the
+:class:`~flm.train.checkpointer.Checkpointer` saves the best model and the periodic checkpoint,
+and the :class:`~flm.train.metrics.MetricsLogger` writes the metrics line.
+
+Source: CS336 assignment 1 handout §5.3 (training_together), §7.1 (experiment_log).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flm import distributed
+from flm._io import remove_orphan_temps, run_lock
+from flm.data import get_batch, resolve_device
+from flm.model import TransformerConfig, init_params, train_step_flops
+from flm.progress import format_duration
+from flm.train.checkpointer import Checkpointer, NonFiniteLossError
+from flm.train.config import TrainConfig, make_optimizer
+from flm.train.evaluate import Evaluator
+from flm.train.metrics import MetricsLogger, Throughput, device_peak_flops, plot_metrics
+from flm.train.step import make_train_step
+
+__all__ = ["train_loop"]
+
+
+def _encode_state(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _summarise(pending: list[dict[str, torch.Tensor]], step: int, checkpointer: Checkpointer) -> dict[str, float]:
+    """The one host sync per logged interval: mean loss, last lr and grad norm; raises at the first
+    non-finite loss, naming its step."""
+    losses = torch.stack([p["loss"] for p in pending]).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise NonFiniteLossError(
+            f"the training loss became {losses[i].item()} at step {step - len(pending) + i + 1}; stopping: "
+            f"{checkpointer._last_good_text()}"
+        )
+    last = pending[-1]
+    return {
+        "train_loss": float(losses.mean()),
+        "lr": float(last["lr"]) if "lr" in last else None,
+        "grad_norm": float(last["grad_norm"]),
+    }
+
+
+def train_loop(
+    model_config: TransformerConfig,
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    valid_tokens: np.ndarray | None,
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    run_config: dict[str, Any] | None = None,
+    tokenizer_fingerprint: str | None = None,
+    log: Callable[[str], None] = print,
+    dist_info: distributed.DistInfo | None = None,
+) -> dict[str, Any]:
+    """Train a model on memory-mapped tokens, with logging, evaluation, checkpoints and resume.
+
+    Every ``log_interval`` steps a metrics line goes to ``out_dir/metrics.jsonl`` (see
+    :mod:`flm.train.metrics`) and the console. Every ``eval_interval`` steps the validation loss
+    is measured and the best model saved as ``best.safetensors``. Every ``checkpoint_interval``
+    steps and at the end ``ckpt_<step>.safetensors`` is written (never with NaN/inf values),
+    keeping the newest ``keep_checkpoints``. With ``resume`` the newest good checkpoint is loaded
+    and training continues at the same schedule position with the same sampler state, so the
+    result equals an uninterrupted run. Ctrl-C saves a checkpoint and returns with status
+    ``"interrupted"``; ``time_budget`` stops early (status ``"time_budget"``) leaving time for
+    the final evaluation. The run directory is locked for the duration (``out_dir/.lock``).
+
+    Args:
+        model_config: the model.
+        cfg: optimiser and loop settings.
+        train_tokens: ``(n,)`` training ids (e.g. ``flm.data.load_tokens``).
+        valid_tokens: ``(m,)`` validation ids (at least ``context_length + 1``), or ``None``.
+        out_dir: the run directory.
+        resume: continue from the newest good checkpoint in ``out_dir`` if there is one.
+        run_config: the whole run's settings, stored in checkpoints (default: model + train).
+        tokenizer_fingerprint: stored in checkpoints and checked on resume.
+        log: where log lines go.
+        dist_info: a :class:`flm.distributed.DistInfo` for data parallelism: ``batch_size`` is
+            the global batch, each rank draws its share from its own rank-seeded sampler,
+            gradients are averaged with a bucketed all-reduce, and only rank 0 logs, evaluates
+            and writes files (checkpoints hold every rank's sampler state).
+
+    Returns:
+        A summary: ``step``, ``status`` ("done" | "interrupted" | "time_budget"),
+        ``best_val_loss``, ``best_step``, ``final_val_loss``, ``wall_time``, ``tokens``,
+        ``tokens_per_sec`` (training time only), ``mfu``.
+
+    Raises:
+        NonFiniteLossError: on a NaN/inf loss or parameters (names the step and the last good
+            checkpoint).
+        ValueError: bad settings (validation data too short, a batch that does not divide,
+            an unavailable device, a checkpoint of another model or tokenizer on resume).
+        flm._io.RunLockedError: another process is using ``out_dir``.
+
+    Source: handout §5.3 (training_together), §7.1 (experiment_log).
+    """
+    dist_info = dist_info or distributed.DistInfo(device=cfg.resolved_device())
+    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    if cfg.batch_size % world:
+        raise ValueError(f"train_loop: batch_size={cfg.batch_size} does not divide over {world} ranks")
+    local_batch = cfg.batch_size // world
+    if local_batch % cfg.grad_accum_steps:
+        raise ValueError(
+            f"train_loop: the per-rank batch of {local_batch} does not split into {cfg.grad_accum_steps} micro-batches"
+        )
+    if int(train_tokens.shape[0]) < model_config.context_length + 1:
+        raise ValueError(
+            f"the training data has {int(train_tokens.shape[0])} tokens; need at least context_length + 1 = "
+            f"{model_config.context_length + 1}"
+        )
+    device = resolve_device(dist_info.device if dist_info.enabled else cfg.resolved_device())
+    evaluator = None
+    if valid_tokens is not None:
+        evaluator = Evaluator(valid_tokens, model_config, local_batch, cfg.eval_batches, cfg.eval_interval)
+    if not main:
+        log = lambda _msg: None  # noqa: E731  (only rank 0 speaks)
+    out = Path(out_dir)
+    with run_lock(out) if main else contextlib.nullcontext():
+        if main:
+            remove_orphan_temps(out)
+        return _train(model_config, cfg, train_tokens, evaluator, out, resume=resume,
+                      run_config=run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()},
+                      fingerprint=tokenizer_fingerprint, log=log, dist_info=dist_info, device=device,
+                      local_batch=local_batch)
+
+
+def _train(
+    model_config: TransformerConfig, cfg: TrainConfig, train_tokens: np.ndarray, evaluator: Evaluator | None,
+    out: Path, *, resume: bool, run_config: dict[str, Any], fingerprint: str | None,
+    log: Callable[[str], None], dist_info: distributed.DistInfo, device: torch.device, local_batch: int,
+) -> dict[str, Any]:
+    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    tx = make_optimizer(cfg)
+    params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
+    opt_state = tx.init(params)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)
+    ckpt = Checkpointer(out, interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints, run_config=run_config,
+                        tokenizer_fingerprint=fingerprint, enabled=main, log=log)
+    start, wall_offset = 0, 0.0
+    loaded = ckpt.resume({"params": params, "opt_state": opt_state}, model_config) if resume else None
+    if loaded is not None:
+        params, opt_state, start = loaded.params, loaded.opt_state, loaded.step
+        states = loaded.metadata.get("rng_states")
+        if world > 1 and states and len(states) == world:
+            sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[rank])), dtype=torch.uint8))
+        elif loaded.rng_state is not None and rank == 0:
+            sampler.set_state(loaded.rng_state)
+        wall_offset = float(loaded.metadata.get("wall_time") or 0.0)
+        log(f"resumed from {ckpt.last_good.name} at step {start}")
+    elif resume:
+        log("no checkpoint to resume from: starting at step 0")
+    metrics = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, run_config=run_config,
+                            resume_step=start if loaded is not None else None, enabled=main)
+    step_fn = make_train_step(
+        model_config, tx, compile=cfg.compile, compute_dtype=cfg.compute_dtype, grad_accum_steps=cfg.grad_accum_steps,
+        grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
+    )
+    tokens_per_step = cfg.batch_size * model_config.context_length
+    peak = cfg.peak_flops or (device_peak_flops(device, cfg.compute_dtype) if main else None)
+    clock = Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak)
+    t0 = time.perf_counter() - wall_offset
+    budget = cfg.time_budget * 60 if cfg.time_budget else None
+    reserve = 0.0  # seconds the final evaluation and checkpoint are expected to take
+    pending: list[dict[str, torch.Tensor]] = []
+    step, status, final_val, interval_start = start, "done", None, start
+
+    def save_periodic(at_step: int, gather: bool = True) -> None:
+        states = None
+        if dist_info.enabled and gather:  # a collective: every rank takes part
+            states = [_encode_state(t) for t in distributed.all_gather_bytes(sampler.get_state())]
+        meta = {"wall_time": time.perf_counter() - t0, **({"rng_states": states} if states else {})}
+        ckpt.save(at_step, params, opt_state, sampler=sampler, metadata=meta)
+
+    try:
+        while step < cfg.max_iters:
+            if budget is not None and time.perf_counter() - t0 + reserve >= budget:
+                status = "time_budget"
+                log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
+                break
+            inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
+            params, opt_state, m = step_fn(params, opt_state, inputs, targets)
+            step += 1
+            pending.append(m)
+            at_eval = main and evaluator is not None and evaluator.due(step)
+            at_ckpt = ckpt.due(step)
+            if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
+                continue
+            summary = _summarise(pending, step, ckpt)
+            pending.clear()
+            rate = clock.update((step - interval_start) * tokens_per_step)
+            interval_start = step
+            record: dict[str, Any] = {"step": step, "wall_time": round(time.perf_counter() - t0, 3),
+                                      "tokens": step * tokens_per_step, **summary, "val_loss": None,
+                                      "val_perplexity": None, "tokens_per_sec": round(rate, 1),
+                                      "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
+            if at_eval:
+                res = evaluator(params, step)
+                clock.exclude(res["seconds"])
+                reserve = max(reserve, 1.5 * res["seconds"])
+                record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
+                t = time.perf_counter()
+                ckpt.save_best(step, params, res["loss"])
+                clock.exclude(time.perf_counter() - t)
+            metrics.write(record)
+            log(_log_line(record, cfg, clock))
+            if at_ckpt:
+                t = time.perf_counter()
+                save_periodic(step)
+                clock.exclude(time.perf_counter() - t)
+                reserve = max(reserve, 1.5 * (time.perf_counter() - t))
+    except KeyboardInterrupt:
+        status = "interrupted"
+        log(f"interrupted at step {step}: saving a checkpoint")
+        try:
+            save_periodic(step, gather=False)  # other ranks may be gone: no collective here
+        except NonFiniteLossError as err:
+            log(f"not saved: {err}")
+    finally:
+        metrics.close()
+        if main:
+            plot_metrics(metrics.path, out / "loss.png")
+    if status != "interrupted":
+        if evaluator is not None and main:
+            last = evaluator.last
+            final_val = last[1] if last and last[0] == step else evaluator(params, step)["loss"]
+            ckpt.save_best(step, params, final_val)
+        if ckpt.last_saved_step != step:
+            save_periodic(step)
+        if main:
+            plot_metrics(metrics.path, out / "loss.png")
+    wall = time.perf_counter() - t0
+    return {
+        "step": step,
+        "status": status,
+        "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
+        "best_step": ckpt.best_step,
+        "final_val_loss": final_val,
+        "wall_time": wall,
+        "tokens": step * tokens_per_step,
+        "tokens_per_sec": clock.rate,
+        "mfu": clock.mfu,
+    }
+
+
+def _log_line(record: dict[str, Any], cfg: TrainConfig, clock: Throughput) -> str:
+    rate = record["tokens_per_sec"]
+    eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / max(rate, 1e-9)
+    lr = f" | lr {record['lr']:.2e}" if record["lr"] is not None else ""
+    mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+    val = f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})" if record["val_loss"] is not None else ""
+    return (
+        f"step {record['step']:6d}/{cfg.max_iters} | loss {record['train_loss']:.4f}{lr} | grad norm "
+        f"{record['grad_norm']:.3f} | {rate:,.0f} tok/s{mfu} | ETA {format_duration(eta)}{val}"
+    )

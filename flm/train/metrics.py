@@ -1,0 +1,302 @@
+"""Run metrics: one JSONL file per run (plus optional TensorBoard / Weights & Biases sinks), reading
+it back tolerantly, throughput and MFU, and the loss plot.
+
+Every logged step appends one JSON object to ``RUN/metrics.jsonl``: ``step``, ``wall_time`` (s
+since the run started, resumes included), ``tokens``, ``train_loss``, ``val_loss`` and
+``val_perplexity`` (null unless evaluated at that step), ``lr``, ``grad_norm``,
+``tokens_per_sec`` (smoothed, training time only: evaluation and checkpoint time excluded) and
+``mfu`` (model FLOP utilisation against the device's peak, null when unknown).
+
+Source: CS336 assignment 1 handout §7.1 (experiment_log: loss against steps and wall-clock time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from flm._io import atomic_write_text, atomic_writer
+
+__all__ = [
+    "MetricsLogger",
+    "Sink",
+    "JsonlSink",
+    "read_metrics",
+    "truncate_metrics",
+    "plot_metrics",
+    "Throughput",
+    "device_peak_flops",
+]
+
+logger = logging.getLogger("flm")
+
+# Dense peak FLOP/s from the vendors' datasheets, by device-name substring and compute dtype
+# ("bf16" = tensor cores at bf16; "fp32" = plain float32, no TF32).
+_GPU_PEAKS = (
+    ("H200", {"bf16": 989.4e12, "fp32": 66.9e12}),
+    ("H100", {"bf16": 989.4e12, "fp32": 66.9e12}),
+    ("A100", {"bf16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp32": 91.6e12}),
+    ("L4", {"bf16": 121e12, "fp32": 30.3e12}),
+    ("A10", {"bf16": 125e12, "fp32": 31.2e12}),
+    ("4090", {"bf16": 165e12, "fp32": 82.6e12}),
+    ("3090", {"bf16": 71e12, "fp32": 35.6e12}),
+)
+
+
+def device_peak_flops(device: str | torch.device, dtype: torch.dtype | None = None) -> float | None:
+    """Peak matmul FLOP/s of ``device`` for MFU: a datasheet value for known GPUs, a short
+    measurement (a few 1024² float32/bf16 matmuls, ~0.2 s) on the CPU, ``None`` otherwise.
+
+    Args:
+        device: where the model runs.
+        dtype: the compute dtype (``None``: float32).
+
+    Returns:
+        FLOP/s, or ``None`` when unknown (e.g. MPS, an unlisted GPU).
+    """
+    dev = torch.device(device)
+    key = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for part, peaks in _GPU_PEAKS:
+            if part in name:
+                return peaks[key]
+        return None
+    if dev.type != "cpu":
+        return None
+    a = torch.randn(1024, 1024, dtype=dtype or torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 1024**3 / best
+
+
+class Throughput:
+    """Smoothed training tokens/s and MFU, excluding time spent outside training steps.
+
+    Args:
+        flops_per_token: training FLOPs per token (e.g. ``train_step_flops(config, 1) / context_length``).
+        peak_flops: the device's peak FLOP/s, or ``None`` (no MFU).
+        smoothing: weight of the newest interval in the exponential moving average.
+    """
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, smoothing: float = 0.3) -> None:
+        self.flops_per_token, self.peak_flops, self.smoothing = flops_per_token, peak_flops, smoothing
+        self.rate: float | None = None
+        self._mark = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, a checkpoint) out of the current interval."""
+        self._excluded += seconds
+
+    def update(self, tokens: int) -> float:
+        """Close the interval in which ``tokens`` were trained; returns the smoothed tokens/s."""
+        now = time.perf_counter()
+        seconds = max(now - self._mark - self._excluded, 1e-9)
+        self._mark, self._excluded = now, 0.0
+        rate = tokens / seconds
+        self.rate = rate if self.rate is None else self.smoothing * rate + (1 - self.smoothing) * self.rate
+        return self.rate
+
+    @property
+    def mfu(self) -> float | None:
+        """Model FLOP utilisation of the smoothed rate (``None`` without a peak)."""
+        if self.rate is None or not self.peak_flops:
+            return None
+        return self.rate * self.flops_per_token / self.peak_flops
+
+
+class Sink(Protocol):
+    """Where metric records go: ``write(record)`` for every logged step, ``close()`` at the end."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """Append each record as one JSON line to ``path`` (flushed, so a crash loses at most one line)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115  (kept open for the run)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _TensorBoardSink:
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self._w = SummaryWriter(log_dir=str(log_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._w.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class _WandbSink:
+    def __init__(self, project: str, config: dict[str, Any] | None, out_dir: Path) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb needs the wandb package: pip install wandb") from None
+        self._run = wandb.init(project=project, config=config, dir=str(out_dir), name=out_dir.name)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._run.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsLogger:
+    """The metrics of one run: ``RUN/metrics.jsonl`` plus the optional sinks, behind one ``write``.
+
+    Args:
+        out_dir: the run directory.
+        tensorboard: also write to ``out_dir/tensorboard``.
+        wandb: a Weights & Biases project name, or ``None``.
+        run_config: the run's settings (sent to wandb).
+        resume_step: when resuming, drop the lines logged after this step (written after the
+            checkpoint being resumed) and a torn last line; ``None`` starts a fresh file.
+        enabled: ``False`` (non-zero ranks) writes nothing.
+
+    Raises:
+        ValueError: a sink's package is missing, or the file has a corrupt line before its last.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = False,
+        wandb: str | None = None,
+        run_config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.sinks: list[Sink] = []
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(self.path, resume_step)
+        self.sinks.append(JsonlSink(self.path))
+        if tensorboard:
+            self.sinks.append(_TensorBoardSink(Path(out_dir) / "tensorboard"))
+        if wandb:
+            self.sinks.append(_WandbSink(wandb, run_config, Path(out_dir)))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Send one record to every sink."""
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        """Close every sink (idempotent)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+def read_metrics(path: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Read a ``metrics.jsonl`` file into a list of dicts.
+
+    A torn last line (a run killed mid-write) is dropped, with a warning naming the file.
+
+    Args:
+        path: the file.
+        warn: where the warning goes (default: the ``flm`` logger).
+
+    Returns:
+        The records in file order.
+
+    Raises:
+        ValueError: a line other than the last is not a JSON object (naming file and line).
+        OSError: the file cannot be read.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines):
+                (warn or logger.warning)(f"{path}: dropping a torn last line {i} ({err})")
+                break
+            raise ValueError(f"{path}:{i}: corrupt metrics line ({err})") from None
+        rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
+    """Keep only the records up to ``last_step`` (and no torn line) in ``path``, atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> bool:
+    """Plot train and validation loss against steps and wall-clock time to ``out_png``.
+
+    Uses matplotlib's object API (no global backend switch). Returns ``False`` without writing
+    when matplotlib (the ``plot`` extra) is missing or there are no metrics yet.
+
+    Returns:
+        Whether the plot was written.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    if not Path(metrics_path).exists():
+        return False
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r.get("train_loss") is not None]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    if not train and not val:
+        return False
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
+    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "wall_time", "wall-clock time (s)")):
+        ax.plot([r[key] for r in train], [r["train_loss"] for r in train], label="train", lw=1)
+        ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_writer(out_png) as f:
+        fig.savefig(f, format="png", dpi=110)
+    return True
