@@ -1,8 +1,11 @@
-"""Download the handout's data sets (TinyStoriesV2-GPT4, the CS336 OpenWebText sample), resumably.
+"""Download the handout's data sets (TinyStoriesV2-GPT4, the CS336 OpenWebText sample), resumably and verified.
 
-Each file is fetched into ``<file>.part`` with HTTP Range resumption and renamed to its final
-name only once it is complete, so a final file is always whole; ``python -m flm download
-tinystories DEST`` (or ``flm download``) does the same from the command line.
+Each file is fetched into ``<file>.part`` with HTTP Range resumption, hashed (SHA-256) while it
+streams in, checked against the pinned size and digest in :data:`DATASETS` (and against the
+checksum the Hugging Face hub sends, ``X-Linked-Etag`` / ``X-Linked-Size``), and renamed to its
+final name only then, so a final file is always whole and the expected one. A reply that is an
+HTML page (a login portal, an error page, a wrong URL) is refused before anything is written.
+``python -m flm download tinystories DEST`` (or ``flm download``) does the same from the command line.
 
 Source: CS336 assignment 1 handout §1 (data set links), §5.1.
 """
@@ -10,26 +13,66 @@ Source: CS336 assignment 1 handout §1 (data set links), §5.1.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
+import hashlib
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple
 
+from flm._io import atomic_writer
 from flm.progress import progress_bar
 
-__all__ = ["DatasetInfo", "DATASETS", "download"]
+__all__ = ["DATASETS", "DatasetInfo", "FilePin", "download"]
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class FilePin:
+    """The expected size and SHA-256 of one data set file; ``None`` means unknown (that check is skipped).
+
+    Attributes:
+        size: bytes of the file as served (for a gzip data set: the ``.gz``).
+        sha256: lowercase hex SHA-256 of the file as served.
+        local_size: bytes of the decompressed file (gzip data sets only; ignored otherwise).
+        local_sha256: lowercase hex SHA-256 of the decompressed file (gzip data sets only).
+
+    Raises:
+        ValueError: a negative or non-integer size, or a digest that is not 64 lowercase hex digits.
+    """
+
+    size: int | None = None
+    sha256: str | None = None
+    local_size: int | None = None
+    local_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("size", "local_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"FilePin.{name} must be a non-negative int or None, got {v!r}")
+        for name in ("sha256", "local_sha256"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and _SHA256_HEX.fullmatch(v)):
+                raise ValueError(f"FilePin.{name} must be 64 lowercase hex digits or None, got {v!r}")
+
+
+_NO_PIN = FilePin()
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Where a data set lives and how its files are stored.
+    """Where a data set lives, how its files are stored, and what they must hash to.
 
     Attributes:
         base_url: the default base URL; a file's URL is ``base_url + "/" + remote file name``.
@@ -37,12 +80,14 @@ class DatasetInfo:
         gzip: whether the remote files are gzip-compressed (they are decompressed to the name
             without ``.gz``).
         description: a short human description.
+        pins: split → :class:`FilePin`, the expected size and SHA-256 (a split without one is unchecked).
     """
 
     base_url: str
     files: Mapping[str, str]
     gzip: bool = False
     description: str = ""
+    pins: Mapping[str, FilePin] = field(default_factory=lambda: MappingProxyType({}))
 
     def local_name(self, split: str) -> str:
         """The file name the split is saved under (the remote name without ``.gz`` when compressed)."""
@@ -50,6 +95,18 @@ class DatasetInfo:
         return name[: -len(".gz")] if self.gzip and name.endswith(".gz") else name
 
 
+# Pins: size and SHA-256 of each file as published (hub revision "main" at the time of writing). Every value is
+# copied from public material that states it; none was computed here (the files were not downloaded):
+# - TinyStoriesV2-GPT4 train/valid: sizes and digests agree across many independent public scripts and logs;
+#   e.g. profrodai/profrodai-resources articles/train-a-tiny-gpt-on-colab/tinygpt_run_v1.py gives the valid
+#   digest as "the one the Hub publishes for it (Git LFS oid)", i.e. what X-Linked-Etag carries.
+# - owt-sample: .gz sizes and digests (what is downloaded) and decompressed sizes and digests (what is kept)
+#   from public CS336 write-ups; the decompressed sizes and digests are stated in several, the .gz values in
+#   fewer (the train .gz digest in full in one). The decompressed pins are checked while gunzipping, so the
+#   kept text is verified by independently attested values even if a .gz pin were wrong.
+# An unknown value is stored as None: that check is skipped and the others (the other pin, Content-Length,
+# the hub's X-Linked-Etag/X-Linked-Size) still apply. If upstream replaces a file, downloads fail loudly:
+# update the pin, or pass pins={} (CLI: --no-pins) knowingly.
 DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
     {
         "tinystories": DatasetInfo(
@@ -59,18 +116,49 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
             ),
             gzip=False,
             description="TinyStoriesV2-GPT4 (Eldan & Li 2023), the handout's small data set",
+            pins=MappingProxyType(
+                {
+                    "train": FilePin(
+                        size=2_227_753_162,
+                        sha256="6418d412de72888f52b5142c761ac21a582f7d1166f0bfbdb5f03ccfdec90443",
+                    ),
+                    "valid": FilePin(
+                        size=22_502_601,
+                        sha256="6874bae9a4c1a4e7edcf0e53b86c17817e9cf881fc75ff2368da457b80c0585d",
+                    ),
+                }
+            ),
         ),
         "owt": DatasetInfo(
             base_url="https://huggingface.co/datasets/stanford-cs336/owt-sample/resolve/main",
             files=MappingProxyType({"train": "owt_train.txt.gz", "valid": "owt_valid.txt.gz"}),
             gzip=True,
             description="the CS336 OpenWebText sample (gzip-compressed on the hub)",
+            pins=MappingProxyType(
+                {
+                    "train": FilePin(
+                        size=4_591_240_837,
+                        sha256="b19ae88cfbc4016b304c348522455fe38ebac48fffed955adcc7191a89e38ccf",
+                        local_size=11_920_511_059,
+                        local_sha256="bbeb7f291a981ecfd5cf44b84d0f654b9e96c53dff99f2556b7d2cccaf8c1918",
+                    ),
+                    "valid": FilePin(
+                        size=111_785_382,
+                        sha256="bc73db5da2f19c360836b9c8a88094e13346ec83798c2f40060be39135768c80",
+                        local_size=289_998_753,
+                        local_sha256="2406f278e71829d273b315e9b403285baea7022b26a96d2728dd8b776ea40660",
+                    ),
+                }
+            ),
         ),
     }
 )
 
 _CHUNK_BYTES = 1 << 20
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
+_HTML_STARTS = (b"<!doctype html", b"<html")
+_HTML_HINT = "server returned an HTML page, not the data file — check the URL/--base-url or your network's login page"
+_OVERRIDE_HINT = "if upstream really changed the file, update the pin or pass pins={} (CLI: --no-pins)"
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -92,35 +180,110 @@ def _int_header(value: str | None) -> int | None:
         return None
 
 
-def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _allow_restart: bool = True) -> int:
-    """Download ``url`` into ``part``, resuming from its current size with a Range request.
+def _hub_checksum(headers: Message) -> tuple[str | None, int | None]:
+    """The SHA-256 and size the Hugging Face hub states for a file in one reply's headers (None when absent).
 
-    A 206 reply whose range starts at the current size is appended; a 200 reply (server ignores
-    Range) restarts the file from zero. Returns the final size; raises IOError (``.part`` kept) when
-    the bytes received disagree with Content-Length or the total from Content-Range.
+    ``X-Linked-Etag`` (sent on the hub's redirect to its storage) is the SHA-256 of an LFS file and
+    ``X-Linked-Size`` its size. A plain ``ETag`` is only read on a hub reply (one with ``X-Repo-Commit``):
+    other servers' ETags are opaque. A tag that is not 64 hex digits (a git blob's SHA-1) is ignored.
+    """
+    tag = headers.get("X-Linked-Etag")
+    if tag is None and headers.get("X-Repo-Commit") is not None:
+        tag = headers.get("ETag")
+    sha = None
+    if tag:
+        tag = tag.strip()
+        tag = tag.removeprefix("W/").strip('"').lower()
+        sha = tag if _SHA256_HEX.fullmatch(tag) else None
+    return sha, _int_header(headers.get("X-Linked-Size"))
+
+
+class _HubRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does (the Range header is kept) and remembers the hub's checksum headers."""
+
+    def __init__(self) -> None:
+        self.sha256: str | None = None
+        self.size: int | None = None
+
+    def note(self, headers: Message) -> None:
+        sha, size = _hub_checksum(headers)
+        self.sha256 = sha or self.sha256
+        self.size = size if size is not None else self.size
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        self.note(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+class _Fetched(NamedTuple):
+    size: int  # bytes in the complete .part
+    sha256: str  # of the whole .part (a resumed prefix included)
+    server_sha256: str | None  # what the hub says the file hashes to, if it said
+    server_size: int | None
+
+
+def _looks_like_html(first: bytes) -> bool:
+    """Whether a body starts like an HTML document (``<!doctype html`` / ``<html``, any case, after whitespace)."""
+    return first[:1024].lstrip().lower().startswith(_HTML_STARTS)
+
+
+def _hash_file(path: Path, hasher: hashlib._Hash) -> None:
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, _CHUNK_BYTES), b""):
+            hasher.update(block)
+
+
+def _fetch(
+    url: str,
+    part: Path,
+    *,
+    timeout: float,
+    progress: bool,
+    desc: str,
+    expected_size: int | None = None,
+    _allow_restart: bool = True,
+) -> _Fetched:
+    """Download ``url`` into ``part``, resuming from its current size with a Range request, hashing as it goes.
+
+    A 206 reply whose range starts at the current size is appended (the existing bytes are read once
+    to resume the SHA-256); a 200 reply (server ignores Range) restarts the file from zero. Raises
+    OSError (``.part`` kept) when the bytes received disagree with Content-Length or the total from
+    Content-Range; OSError with nothing written when the reply is HTML (Content-Type or first bytes);
+    OSError with the ``.part`` removed when the server's announced total differs from ``expected_size``.
     """
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "flm-data/1", "Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    req = urllib.request.Request(url, headers=headers)
+    hub = _HubRedirects()
+    again = functools.partial(
+        _fetch, url, part, timeout=timeout, progress=progress, desc=desc, expected_size=expected_size,
+        _allow_restart=False,
+    )
+    html_error = OSError(f"download of {desc} from {url}: {_HTML_HINT}")
     try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
+        resp = urllib.request.build_opener(hub).open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:
             # Range not satisfiable: the .part may already hold the whole file.
+            hub.note(e.headers)
             _, total = _parse_content_range(e.headers.get("Content-Range"))
             e.close()
             if total == have:
-                return have
+                digest = hashlib.sha256()
+                _hash_file(part, digest)
+                return _Fetched(have, digest.hexdigest(), hub.sha256, hub.size)
             if _allow_restart:  # the .part is longer than the remote file: it is stale, start over
                 part.unlink()
-                return _fetch(url, part, timeout=timeout, progress=progress, desc=desc, _allow_restart=False)
+                return again()
         raise OSError(f"download of {desc} from {url} failed: HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
         raise OSError(f"download of {desc} from {url} failed: {e.reason}") from e
 
     with resp:
+        hub.note(resp.headers)
+        if resp.headers.get_content_type() == "text/html":
+            raise html_error
         status = resp.status
         length = _int_header(resp.headers.get("Content-Length"))
         if status == 206 and have:
@@ -130,7 +293,7 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
                     raise OSError(f"download of {desc}: server sent range start {start}, expected {have}")
                 resp.close()
                 part.unlink()
-                return _fetch(url, part, timeout=timeout, progress=progress, desc=desc, _allow_restart=False)
+                return again()
             mode = "ab"
         elif status == 200:
             have = 0  # the server ignored Range (or there was none): start from zero
@@ -138,19 +301,33 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
             mode = "wb"
         else:
             raise OSError(f"download of {desc} from {url} failed: unexpected HTTP status {status}")
+        if expected_size is not None and total is not None and total != expected_size:
+            part.unlink(missing_ok=True)
+            raise OSError(
+                f"download of {desc} from {url} refused: the server offers {total} bytes, the pinned size is "
+                f"{expected_size}; {_OVERRIDE_HINT}"
+            )
 
-        received = 0
         error: BaseException | None = None
+        try:
+            chunk = resp.read(_CHUNK_BYTES)
+        except (OSError, EOFError, ValueError) as e:  # includes IncompleteRead, resets, timeouts
+            chunk, error = b"", e
+        if have == 0 and _looks_like_html(chunk):
+            raise html_error
+        hasher = hashlib.sha256()
+        if mode == "ab":
+            _hash_file(part, hasher)  # resume the digest over the bytes already there
+        received = 0
         with open(part, mode) as f, progress_bar(total, desc, unit="B", enabled=progress, initial=have) as bar:
             try:
-                while True:
-                    chunk = resp.read(_CHUNK_BYTES)
-                    if not chunk:
-                        break
+                while chunk:
                     f.write(chunk)
+                    hasher.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
-            except (OSError, EOFError, ValueError) as e:  # includes IncompleteRead, resets, timeouts
+                    chunk = resp.read(_CHUNK_BYTES)
+            except (OSError, EOFError, ValueError) as e:
                 error = e
     size = part.stat().st_size
     if error is not None or (length is not None and received != length) or (total is not None and size != total):
@@ -160,41 +337,65 @@ def _fetch(url: str, part: Path, *, timeout: float, progress: bool, desc: str, _
             f"download of {desc} from {url} is incomplete: got {size} of {expected} bytes{why}; "
             f"the partial file {part} is kept, run again to resume"
         )
-    return size
+    return _Fetched(size, hasher.hexdigest(), hub.sha256, hub.size)
 
 
-def _gunzip(src: Path, dest: Path, *, progress: bool) -> None:
-    """Decompress ``src`` (gzip) to ``dest`` atomically, streaming in 1 MiB chunks."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+def _verify(
+    path: Path, shown: str, size: int, sha256: str, checks: Sequence[tuple[int | None, str | None, str]]
+) -> None:
+    """Raise OSError (and delete ``path``) unless ``size``/``sha256`` match every ``(size, sha256, source)``."""
+    for want_size, want_sha, source in checks:
+        if want_size is not None and size != want_size:
+            what = f"got {size} bytes, expected {want_size}"
+        elif want_sha is not None and sha256 != want_sha:
+            what = f"got sha256 {sha256}, expected {want_sha}"
+        else:
+            continue
+        path.unlink(missing_ok=True)
+        raise OSError(
+            f"{shown} is not the expected file ({source}): {what}; {path.name} was removed "
+            f"(a corrupt or substituted download; {_OVERRIDE_HINT})"
+        )
+
+
+def _gunzip(src: Path, dest: Path, *, progress: bool, pin: FilePin) -> None:
+    """Decompress ``src`` (gzip) to ``dest`` atomically, streaming in 1 MiB chunks and checking ``pin.local_*``."""
+    hasher = hashlib.sha256()
+    n = 0
     try:
-        with open(src, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as gz, os.fdopen(fd, "wb") as out:
-            with progress_bar(src.stat().st_size, f"{dest.name} (gunzip)", unit="B", enabled=progress) as bar:
-                pos = 0
-                while True:
-                    block = gz.read(_CHUNK_BYTES)
-                    if not block:
-                        break
-                    out.write(block)
-                    new_pos = raw.tell()
-                    bar.update(new_pos - pos)
-                    pos = new_pos
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except (OSError, EOFError, zlib.error) as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        # A size-checked download that fails to decompress is corrupt; resuming it cannot help.
+        with (
+            open(src, "rb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="rb") as gz,
+            atomic_writer(dest, "wb") as out,
+            progress_bar(src.stat().st_size, f"{dest.name} (gunzip)", unit="B", enabled=progress) as bar,
+        ):
+            pos = 0
+            for block in iter(functools.partial(gz.read, _CHUNK_BYTES), b""):
+                out.write(block)
+                hasher.update(block)
+                n += len(block)
+                new_pos = raw.tell()
+                bar.update(new_pos - pos)
+                pos = new_pos
+            # Inside the block: a mismatch raises before the atomic rename, so ``dest`` never appears.
+            _verify(src, dest.name, n, hasher.hexdigest(), [(pin.local_size, pin.local_sha256, "pinned, decompressed")])
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        # A verified or size-checked download that fails to decompress is corrupt; resuming it cannot help.
         src.unlink(missing_ok=True)
         raise ValueError(f"{src.name} is not a valid gzip file ({e}); it was removed, run again to re-download") from e
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+
+def _resolve_pins(name: str, info: DatasetInfo, pins: Mapping[str, FilePin] | None) -> Mapping[str, FilePin]:
+    if pins is None:
+        return info.pins
+    if not isinstance(pins, Mapping):
+        raise TypeError(f"pins must be a mapping split -> FilePin or None, got {type(pins).__name__}")
+    for split, pin in pins.items():
+        if split not in info.files:
+            raise ValueError(f"pins for data set {name!r} name an unknown split {split!r}; it has {sorted(info.files)}")
+        if not isinstance(pin, FilePin):
+            raise TypeError(f"pins[{split!r}] must be a FilePin, got {type(pin).__name__}")
+    return pins
 
 
 def download(
@@ -205,33 +406,47 @@ def download(
     progress: bool = True,
     timeout: float = 60,
     splits: Sequence[str] | None = None,
+    pins: Mapping[str, FilePin] | None = None,
 ) -> dict[str, Path]:
-    """Download a data set's train and valid files into ``dest_dir``, resuming partial downloads.
+    """Download a data set's train and valid files into ``dest_dir``, resuming partial downloads, verified.
 
-    Each file is fetched into ``<file>.part`` and renamed to its final name only once its size has been
-    checked against Content-Length / Content-Range, so a final file is always complete and is skipped
-    (no network request) when present. If a ``.part`` exists, the next call sends
-    ``Range: bytes=<size>-`` and appends on a 206 reply, or restarts from zero on a 200.
+    Each file is fetched into ``<file>.part`` and renamed to its final name only once (1) its size
+    agrees with Content-Length / Content-Range, (2) its size and SHA-256 (computed while streaming;
+    a resumed ``.part`` is read once to continue the digest) equal the pins, and (3) they equal the
+    checksum the Hugging Face hub sends (``X-Linked-Etag`` = SHA-256, ``X-Linked-Size``), when it
+    sends one. A final file is therefore complete and verified, and is skipped (no network request)
+    when present. If a ``.part`` exists, the next call sends ``Range: bytes=<size>-`` and appends on
+    a 206 reply, or restarts from zero on a 200. A reply whose Content-Type is ``text/html`` or whose
+    body starts like an HTML document is refused before anything is written.
 
-    Gzip data sets (``owt``): the *compressed* bytes are downloaded (resumably) to ``<name>.gz.part``;
-    once complete they are decompressed streaming to ``<name>`` (atomically) and the ``.gz.part`` removed.
-    This needs the compressed size in extra disk space for a while, but keeps resumption exact.
+    Gzip data sets (``owt``): the *compressed* bytes are downloaded (resumably) to ``<name>.gz.part``
+    and checked against ``FilePin.size``/``sha256`` (the ``.gz`` as served); they are then decompressed
+    streaming to ``<name>`` (atomically, via :func:`flm._io.atomic_writer`), checked against
+    ``FilePin.local_size``/``local_sha256``, and the ``.gz.part`` removed.
 
     Args:
         name: a key of ``DATASETS`` (``"tinystories"`` or ``"owt"``).
         dest_dir: the directory to save into (created if needed).
         base_url: overrides the data set's base URL (the file name is appended); default: the
-            ``FLM_DATA_BASE_URL`` environment variable, else ``DATASETS[name].base_url``.
+            ``FLM_DATA_BASE_URL`` environment variable, else ``DATASETS[name].base_url``. A mirror is
+            held to the same pins.
         progress: show a progress bar on stderr.
         timeout: socket timeout in seconds for connecting and for each read.
         splits: which splits to fetch (default: all, i.e. ``("train", "valid")``).
+        pins: split → :class:`FilePin` replacing ``DATASETS[name].pins`` (a split left out is not
+            pin-checked; ``{}`` turns pin checks off, e.g. for a mirror of other files). ``None``
+            (default): the table's pins. The HTML and hub-checksum checks stay on either way.
 
     Returns:
         ``{"train": path, "valid": path}``: the local (decompressed) files.
 
     Raises:
-        ValueError: an unknown ``name`` or split; a downloaded gzip file that does not decompress.
-        OSError: a network or HTTP error, or a size mismatch (naming the file; the ``.part`` is kept).
+        ValueError: an unknown ``name`` or split, or a ``pins`` key that is not a split; a downloaded
+            gzip file that does not decompress (it is removed).
+        TypeError: ``pins`` is not a mapping of :class:`FilePin`.
+        OSError: a network or HTTP error or a short transfer (naming the file; the ``.part`` is kept);
+            an HTML reply (naming the URL); a size or SHA-256 that differs from a pin or from the hub's
+            checksum (naming the file, the expected and the received value; the ``.part`` is removed).
 
     Source: CS336 assignment 1 handout §5.1 and its data set links.
     """
@@ -243,6 +458,7 @@ def download(
     for s in splits:
         if s not in info.files:
             raise ValueError(f"data set {name!r} has no split {s!r}; it has {sorted(info.files)}")
+    table = _resolve_pins(name, info, pins)
     base = base_url or os.environ.get("FLM_DATA_BASE_URL") or info.base_url
     base = base.rstrip("/")
     dest = Path(os.fspath(dest_dir))
@@ -253,18 +469,20 @@ def download(
         remote = info.files[split]
         final = dest / info.local_name(split)
         out[split] = final
-        if final.is_file():  # only ever created by an atomic rename of a complete file
+        if final.is_file():  # only ever created by an atomic rename of a complete, verified file
             continue
         url = f"{base}/{remote}"
         part = dest / f"{remote}.part"
-        _fetch(url, part, timeout=timeout, progress=progress, desc=remote)
+        pin = table.get(split, _NO_PIN)
+        got = _fetch(url, part, timeout=timeout, progress=progress, desc=remote, expected_size=pin.size)
+        checks = [(pin.size, pin.sha256, "pinned"), (got.server_size, got.server_sha256, "the server's checksum")]
+        _verify(part, f"{remote} from {url}", got.size, got.sha256, checks)
         if info.gzip:
-            _gunzip(part, final, progress=progress)
+            _gunzip(part, final, progress=progress, pin=pin)
             part.unlink(missing_ok=True)
         else:
             os.replace(part, final)
     return out
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,15 +491,22 @@ def download(
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flm.data", description="flm data utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help="download a data set (resumes partial downloads)")
+    dl = sub.add_parser("download", help="download a data set (resumes partial downloads, verifies SHA-256)")
     dl.add_argument("name", choices=sorted(DATASETS), help="which data set")
     dl.add_argument("dest", help="directory to save into")
     dl.add_argument("--base-url", default=None, help="override the base URL (the file name is appended)")
     dl.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dl.add_argument(
+        "--no-pins", action="store_true",
+        help="skip the pinned size/SHA-256 checks (the HTML and server-checksum checks still apply)",
+    )
     args = parser.parse_args(argv)
     try:
-        paths = download(args.name, args.dest, base_url=args.base_url, progress=not args.no_progress, timeout=args.timeout)
+        paths = download(
+            args.name, args.dest, base_url=args.base_url, progress=not args.no_progress, timeout=args.timeout,
+            pins={} if args.no_pins else None,
+        )
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,19 +1,26 @@
-"""Tests for flm.data.download (resumable, size-checked, gzip) against a loopback HTTP server, and flm.progress."""
+"""Tests for flm.download (resumable, size-checked, SHA-256-verified, gzip) against a loopback HTTP server,
+and flm.progress."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import io
 import re
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import flm.data as data
-from flm.data import DATASETS, download
 import flm.download as download_mod
+from flm.data import DATASETS, download
+from flm.download import FilePin
 from flm.progress import ProgressBar, format_count, format_duration
 
 TIMEOUT = 5  # seconds; everything is on loopback
@@ -31,6 +38,9 @@ class _Server(ThreadingHTTPServer):
         self.cut_after: int | None = None  # the next response sends only this many body bytes
         self.ignore_range = False  # answer 200 with the whole file even when Range is asked
         self.extra_length = 0  # claim this many more bytes in Content-Length than are sent
+        self.content_type = "application/octet-stream"
+        self.headers: dict[str, str] = {}  # extra headers on every file reply
+        self.hop_headers: dict[str, str] = {}  # headers on the 302 that "/hop/<name>" answers (as the hub does)
         self.lock = threading.Lock()
 
     @property
@@ -40,7 +50,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class _RangeHandler(BaseHTTPRequestHandler):
-    """GET with single open-ended/closed byte ranges (``bytes=a-`` / ``bytes=a-b``); HTTP/1.0, one request per connection."""
+    """GET with single open-ended/closed byte ranges (``bytes=a-`` / ``bytes=a-b``); HTTP/1.0, one request per
+    connection. ``/hop/<name>`` answers 302 to ``/<name>``, like the hub's redirect to its storage."""
 
     server: _Server
 
@@ -52,6 +63,15 @@ class _RangeHandler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with srv.lock:
             srv.requests.append({"path": self.path, "range": rng})
+        if self.path.startswith("/hop/"):
+            self.send_response(302)
+            self.send_header("Location", self.path[len("/hop") :])
+            for k, v in srv.hop_headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        with srv.lock:
             cut, srv.cut_after = srv.cut_after, None
         path = srv.root / self.path.lstrip("/")
         if not path.is_file():
@@ -78,8 +98,10 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{total}")
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", srv.content_type)
         self.send_header("Content-Length", str(len(payload) + srv.extra_length))
+        for k, v in srv.headers.items():
+            self.send_header(k, v)
         self.end_headers()
         if cut is not None:
             payload = payload[:cut]
@@ -87,23 +109,43 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _start(root: Path):
+    srv = _Server(root)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    return srv, t
+
+
+def _stop(srv: _Server, t: threading.Thread) -> None:
+    srv.shutdown()
+    srv.server_close()
+    t.join(timeout=TIMEOUT)
+
+
 @pytest.fixture()
 def server(tmp_path):
     root = tmp_path / "remote"
     root.mkdir()
-    srv = _Server(root)
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
+    srv, t = _start(root)
     try:
         yield srv
     finally:
-        srv.shutdown()
-        srv.server_close()
-        t.join(timeout=TIMEOUT)
+        _stop(srv, t)
 
 
 def _text(n_lines: int, seed: int) -> bytes:
     return "".join(f"Once upon a time {seed} there was line {i}.\n<|endoftext|>\n" for i in range(n_lines)).encode()
+
+
+def _sha(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _pin(blob: bytes, text: bytes | None = None) -> FilePin:
+    """The pin of a served file (and, for a .gz, of its decompressed ``text``)."""
+    if text is None:
+        return FilePin(size=len(blob), sha256=_sha(blob))
+    return FilePin(size=len(blob), sha256=_sha(blob), local_size=len(text), local_sha256=_sha(text))
 
 
 @pytest.fixture()
@@ -117,8 +159,19 @@ def tinystories(server):
     return files
 
 
-def _get(server, dest, name="tinystories", **kw):
-    return download(name, dest, base_url=server.url, progress=False, timeout=TIMEOUT, **kw)
+def _get(server, dest, name="tinystories", *, pins=None, base_url=None, **kw):
+    """download() from the loopback server; ``pins`` defaults to the true pins of the files it serves right now."""
+    if pins is None:
+        info, pins = DATASETS[name], {}
+        for split, remote in info.files.items():
+            blob = (server.root / remote).read_bytes() if (server.root / remote).is_file() else None
+            if blob is not None:
+                pins[split] = _pin(blob, gzip.decompress(blob) if info.gzip else None)
+    return download(name, dest, base_url=base_url or server.url, progress=False, timeout=TIMEOUT, pins=pins, **kw)
+
+
+def _ts_pins(files: dict[str, bytes]) -> dict[str, FilePin]:
+    return {split: _pin(blob) for split, blob in files.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,6 +187,32 @@ def test_datasets_table():
     assert owt.local_name("train") == "owt_train.txt"
     with pytest.raises(TypeError):
         DATASETS["x"] = ts  # read-only table
+    with pytest.raises(TypeError):
+        ts.pins["train"] = FilePin()  # type: ignore[index]
+    # every split is pinned; sizes as published (sha256 values are validated by FilePin itself)
+    assert ts.pins["train"].size == 2_227_753_162 and ts.pins["valid"].size == 22_502_601
+    assert owt.pins["train"].local_size == 11_920_511_059 and owt.pins["valid"].local_size == 289_998_753
+    for info in (ts, owt):
+        assert set(info.pins) == set(info.files)
+        for pin in info.pins.values():
+            assert pin.size is not None and pin.sha256 is not None
+            assert (pin.local_sha256 is not None) == info.gzip
+
+
+def test_filepin_and_pins_argument_validation(server, tinystories, tmp_path):
+    with pytest.raises(ValueError, match="sha256"):
+        FilePin(sha256="ABC")
+    with pytest.raises(ValueError, match="sha256"):
+        FilePin(sha256="A" * 64)  # upper case is not accepted: the table is compared as written
+    with pytest.raises(ValueError, match="size"):
+        FilePin(size=-1)
+    with pytest.raises(ValueError, match="local_size"):
+        FilePin(local_size=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'test'"):
+        _get(server, tmp_path / "d", pins={"test": FilePin()})
+    with pytest.raises(TypeError, match="FilePin"):
+        _get(server, tmp_path / "d", pins={"train": ("x", 1)})
+    assert not server.requests  # rejected before any network traffic
 
 
 def test_plain_download(server, tinystories, tmp_path):
@@ -147,6 +226,108 @@ def test_plain_download(server, tinystories, tmp_path):
     assert [r["range"] for r in server.requests] == [None, None]
 
 
+def test_default_pins_apply_to_a_mirror(server, tinystories, tmp_path):
+    # --base-url / FLM_DATA_BASE_URL mirrors are held to the table's pins: these small files are refused
+    # as soon as the server announces their size, before any body is written.
+    dest = tmp_path / "dest"
+    with pytest.raises(OSError, match=r"TinyStoriesV2-GPT4-train\.txt.*offers \d+ bytes.*pinned size is 2227753162"):
+        download("tinystories", dest, base_url=server.url, progress=False, timeout=TIMEOUT)
+    assert not list(dest.iterdir())
+
+
+def test_wrong_body_of_right_size_fails_sha256(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    name = DATASETS["tinystories"].files["train"]
+    good = tinystories["train"]
+    bad = good[:5000] + bytes([good[5000] ^ 1]) + good[5001:]  # one bit flipped, same length
+    (server.root / name).write_bytes(bad)
+    with pytest.raises(OSError) as ei:
+        _get(server, dest, pins=_ts_pins(tinystories))
+    msg = str(ei.value)
+    assert name in msg and f"got sha256 {_sha(bad)}, expected {_sha(good)}" in msg and "pinned" in msg
+    assert "\n" not in msg
+    assert not (dest / name).exists() and not (dest / f"{name}.part").exists()
+
+
+def test_pinned_size_mismatch_is_refused_before_download(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    pins = _ts_pins(tinystories)
+    pins["train"] = dataclasses.replace(pins["train"], size=len(tinystories["train"]) + 1)
+    with pytest.raises(OSError, match=rf"offers {len(tinystories['train'])} bytes, the pinned size is"):
+        _get(server, dest, pins=pins)
+    assert not list(dest.iterdir())
+
+
+def test_html_page_is_refused(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    page = b"<!DOCTYPE html>\n<html><body>Please log in to the Wi-Fi</body></html>\n"
+    for split in ("train", "valid"):
+        (server.root / DATASETS["tinystories"].files[split]).write_bytes(page)
+    server.content_type = "text/html; charset=utf-8"
+    url = f"{server.url}/TinyStoriesV2-GPT4-train.txt"
+    with pytest.raises(OSError) as ei:
+        _get(server, dest, pins={})  # even with pin checks off
+    msg = str(ei.value)
+    assert url in msg and "server returned an HTML page, not the data file" in msg and "--base-url" in msg
+    assert "\n" not in msg
+    assert not list(dest.iterdir())  # nothing written
+
+
+def test_text_html_content_type_is_refused_even_without_markup(server, tinystories, tmp_path):
+    server.content_type = "Text/HTML"  # e.g. a portal's plain-worded error page: the header alone decides
+    (server.root / DATASETS["tinystories"].files["train"]).write_bytes(b"Access denied. Sign in first.\n")
+    with pytest.raises(OSError, match="server returned an HTML page"):
+        _get(server, tmp_path / "dest", pins={})
+    assert not list((tmp_path / "dest").iterdir())
+
+
+@pytest.mark.parametrize("body", [b"<!doctype html><p>hi</p>", b" \r\n\t<HTML lang=en><body>x</body></HTML>"])
+def test_html_body_is_refused_whatever_the_content_type(server, tinystories, tmp_path, body):
+    (server.root / DATASETS["tinystories"].files["train"]).write_bytes(body)
+    with pytest.raises(OSError, match="server returned an HTML page"):
+        _get(server, tmp_path / "dest", pins={})
+    assert not list((tmp_path / "dest").iterdir())
+
+
+def test_server_checksum_mismatch_fails(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    wrong = "0" * 64
+    server.headers = {"X-Linked-Etag": f'"{wrong}"'}
+    with pytest.raises(OSError) as ei:
+        _get(server, dest, pins={})  # independent of the pins
+    msg = str(ei.value)
+    assert "TinyStoriesV2-GPT4-train.txt" in msg and "server's checksum" in msg
+    assert f"got sha256 {_sha(tinystories['train'])}, expected {wrong}" in msg
+    assert not list(dest.iterdir())
+    server.headers = {"X-Linked-Size": str(len(tinystories["train"]) - 1)}
+    with pytest.raises(OSError, match=r"server's checksum.*got \d+ bytes, expected \d+"):
+        _get(server, dest, pins={})
+
+
+def test_server_checksum_on_the_redirect_is_used(server, tinystories, tmp_path):
+    # The hub sends X-Linked-Etag / X-Linked-Size on its 302 to the storage, not on the final reply.
+    good = tinystories["train"]
+    server.hop_headers = {"X-Linked-Etag": f'"{_sha(good)}"', "X-Linked-Size": str(len(good))}
+    paths = _get(server, tmp_path / "ok", pins={}, base_url=server.url + "/hop", splits=["train"])
+    assert paths["train"].read_bytes() == good
+    assert [r["path"] for r in server.requests] == ["/hop/TinyStoriesV2-GPT4-train.txt", "/TinyStoriesV2-GPT4-train.txt"]
+    server.hop_headers = {"X-Linked-Etag": '"' + "ab" * 32 + '"'}
+    with pytest.raises(OSError, match="server's checksum.*expected " + "ab" * 32):
+        _get(server, tmp_path / "bad", pins={}, base_url=server.url + "/hop", splits=["train"])
+    assert not list((tmp_path / "bad").iterdir())
+
+
+def test_etag_only_counts_on_a_hub_reply(server, tinystories, tmp_path):
+    # A plain server's ETag is opaque (even when it happens to be 64 hex digits); a git blob SHA-1 is ignored.
+    server.headers = {"ETag": '"' + "0" * 64 + '"'}
+    _get(server, tmp_path / "a", pins={}, splits=["valid"])
+    server.headers = {"ETag": '"' + "1" * 40 + '"', "X-Repo-Commit": "f" * 40}
+    _get(server, tmp_path / "b", pins={}, splits=["valid"])
+    server.headers = {"ETag": 'W/"' + "0" * 64 + '"', "X-Repo-Commit": "f" * 40}
+    with pytest.raises(OSError, match="server's checksum"):
+        _get(server, tmp_path / "c", pins={}, splits=["valid"])
+
+
 def test_resume_after_interruption(server, tinystories, tmp_path):
     dest = tmp_path / "dest"
     name = DATASETS["tinystories"].files["train"]
@@ -156,11 +337,46 @@ def test_resume_after_interruption(server, tinystories, tmp_path):
     part = dest / f"{name}.part"
     assert part.stat().st_size == 1000
     assert not (dest / name).exists()
-    paths = _get(server, dest)
+    paths = _get(server, dest)  # the pins are the whole file's: the digest spans the resumed prefix
     assert server.requests[1]["path"] == f"/{name}" and server.requests[1]["range"] == "bytes=1000-"
     assert paths["train"].read_bytes() == tinystories["train"]
     assert paths["valid"].read_bytes() == tinystories["valid"]
     assert not part.exists()
+
+
+def test_resume_verifies_the_bytes_already_on_disk(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    name = DATASETS["tinystories"].files["train"]
+    server.cut_after = 1000
+    with pytest.raises(OSError, match="incomplete"):
+        _get(server, dest)
+    part = dest / f"{name}.part"
+    prefix = bytearray(part.read_bytes())
+    prefix[10] ^= 0xFF  # the partial file was corrupted on disk between the runs
+    part.write_bytes(bytes(prefix))
+    with pytest.raises(OSError, match=rf"{re.escape(name)}.*got sha256 [0-9a-f]{{64}}, expected {_sha(tinystories['train'])}"):
+        _get(server, dest)
+    assert server.requests[1]["range"] == "bytes=1000-"  # only the tail was fetched, the prefix was re-read
+    assert not part.exists() and not (dest / name).exists()
+    assert _get(server, dest)["train"].read_bytes() == tinystories["train"]  # a fresh start then succeeds
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=30_000), interruptions=st.integers(min_value=1, max_value=3))
+def test_property_interrupted_downloads_verify_like_whole_ones(server, cut, interruptions):
+    blob = _text(600, 7)  # ~30 KB
+    name = DATASETS["tinystories"].files["valid"]
+    (server.root / name).write_bytes(blob)
+    pins = {"valid": _pin(blob)}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(interruptions):
+            server.cut_after = cut
+            try:
+                _get(server, d, pins=pins, splits=["valid"])
+            except OSError as e:
+                assert "incomplete" in str(e)
+        server.cut_after = None
+        assert _get(server, d, pins=pins, splits=["valid"])["valid"].read_bytes() == blob
 
 
 def test_server_ignoring_range_restarts_cleanly(server, tinystories, tmp_path):
@@ -179,16 +395,28 @@ def test_size_mismatch_raises_and_keeps_part(server, tinystories, tmp_path):
     dest = tmp_path / "dest"
     name = DATASETS["tinystories"].files["train"]
     server.extra_length = 10  # Content-Length promises 10 bytes more than are sent
+    # pins={}: with a pinned size the false promise would be refused up front (see the test above)
     with pytest.raises(OSError, match=re.escape(name) + ".*incomplete"):
-        _get(server, dest)
+        _get(server, dest, pins={})
     part = dest / f"{name}.part"
     assert part.stat().st_size == len(tinystories["train"])
     assert not (dest / name).exists()
-    # The server is fixed: the resumed request is past the end (416 with the true total), which completes it.
+    # The server is fixed: the resumed request is past the end (416 with the true total), which completes it
+    # and the pinned digest of the bytes on disk is checked.
     server.extra_length = 0
     paths = _get(server, dest)
     assert server.requests[1]["range"] == f"bytes={len(tinystories['train'])}-"
     assert paths["train"].read_bytes() == tinystories["train"]
+
+
+def test_complete_but_wrong_part_is_removed(server, tinystories, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    name = DATASETS["tinystories"].files["valid"]
+    (dest / f"{name}.part").write_bytes(b"y" * len(tinystories["valid"]))  # right size, wrong bytes: 416 path
+    with pytest.raises(OSError, match="got sha256"):
+        _get(server, dest, splits=["valid"])
+    assert not list(dest.iterdir())
 
 
 def test_stale_part_longer_than_remote_restarts(server, tinystories, tmp_path):
@@ -226,23 +454,34 @@ def test_gzip_dataset_is_decompressed(server, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["owt_train.txt", "owt_valid.txt"]
 
 
+def test_gzip_decompressed_pin_mismatch(server, tmp_path):
+    text = _text(200, 5)
+    gz = gzip.compress(text)
+    (server.root / "owt_valid.txt.gz").write_bytes(gz)
+    dest = tmp_path / "dest"
+    pins = {"valid": dataclasses.replace(_pin(gz, text), local_sha256="c" * 64)}  # the .gz is right, the text not
+    with pytest.raises(OSError, match=rf"owt_valid\.txt .*pinned, decompressed.*got sha256 {_sha(text)}, expected c{{64}}"):
+        _get(server, dest, name="owt", splits=["valid"], pins=pins)
+    assert not list(dest.iterdir())  # neither the text (atomic write) nor the .gz.part is left
+
+
 def test_corrupt_gzip_raises_and_removes_part(server, tmp_path):
     for split in ("train", "valid"):
         (server.root / DATASETS["owt"].files[split]).write_bytes(b"this is not gzip data" * 10)
     dest = tmp_path / "dest"
     with pytest.raises(ValueError, match=r"owt_train\.txt\.gz.*gzip"):
-        _get(server, dest, name="owt")
+        _get(server, dest, name="owt", pins={})
     assert not list(dest.iterdir())
 
 
 def test_http_error_names_the_file(server, tmp_path):
     with pytest.raises(OSError, match=r"TinyStoriesV2-GPT4-train\.txt.*404"):
-        _get(server, tmp_path / "dest")
+        _get(server, tmp_path / "dest", pins={})
 
 
 def test_env_base_url_and_unknown_name(server, tinystories, tmp_path, monkeypatch):
     monkeypatch.setenv("FLM_DATA_BASE_URL", server.url + "/")
-    paths = download("tinystories", tmp_path / "dest", progress=False, timeout=TIMEOUT)
+    paths = download("tinystories", tmp_path / "dest", progress=False, timeout=TIMEOUT, pins=_ts_pins(tinystories))
     assert paths["valid"].read_bytes() == tinystories["valid"]
     with pytest.raises(ValueError, match="'nope'"):
         download("nope", tmp_path / "dest")
@@ -251,14 +490,29 @@ def test_env_base_url_and_unknown_name(server, tinystories, tmp_path, monkeypatc
 
 
 def test_progress_bar_on_stderr(server, tinystories, tmp_path, capsys):
-    download("tinystories", tmp_path / "dest", base_url=server.url, progress=True, timeout=TIMEOUT)
+    download(
+        "tinystories", tmp_path / "dest", base_url=server.url, progress=True, timeout=TIMEOUT,
+        pins=_ts_pins(tinystories),
+    )
     err = capsys.readouterr().err
     assert "TinyStoriesV2-GPT4-train.txt" in err and "100%" in err
 
 
-def test_cli(server, tinystories, tmp_path, capsys):
+def test_cli(server, tinystories, tmp_path, capsys, monkeypatch):
+    argv = ["download", "tinystories", "", "--base-url", server.url, "--no-progress"]
+    # The real pins refuse the test files; --no-pins accepts them.
+    argv[2] = str(tmp_path / "d0")
+    assert download_mod._main(argv) == 1 and "pinned size is 2227753162" in capsys.readouterr().err
+    argv[2] = str(tmp_path / "d1")
+    assert download_mod._main([*argv, "--no-pins"]) == 0
+    assert (tmp_path / "d1" / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == tinystories["valid"]
+    capsys.readouterr()
+    # With a table whose pins match, the CLI verifies by default.
+    ts = dataclasses.replace(DATASETS["tinystories"], pins=MappingProxyType(_ts_pins(tinystories)))
+    monkeypatch.setattr(download_mod, "DATASETS", MappingProxyType({**DATASETS, "tinystories": ts}))
     dest = tmp_path / "dest"
-    rc = download_mod._main(["download", "tinystories", str(dest), "--base-url", server.url, "--no-progress"])
+    argv[2] = str(dest)
+    rc = download_mod._main(argv)
     out = capsys.readouterr().out
     assert rc == 0
     assert f"train\t{dest / 'TinyStoriesV2-GPT4-train.txt'}" in out
