@@ -375,11 +375,11 @@ def save_hf(
         raise ValueError(f"save_hf: tokenizer has vocab_size {tokenizer.vocab_size} > model vocab_size {config.vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:  # first: it is the part that can still fail (duplicate token bytes)
+        save_hf_tokenizer(tokenizer, out, model_max_length=config.context_length)
     tensors = {k: t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous() for k, t in state.items()}
     atomic_write_bytes(out / _SAFETENSORS, st_save(tensors, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", meta)
-    if tokenizer is not None:
-        save_hf_tokenizer(tokenizer, out, model_max_length=config.context_length)
     return out
 
 
