@@ -8,19 +8,25 @@ parameters. Rows, timed alternately (one step of each in turn):
 * ``flm pure``: ``updates, state = tx.update(grads, state, params); params = apply_updates(params,
   updates)`` — the default: new m, v, updates and params every step, the caller's tensors untouched;
 * ``flm inplace``: ``adamw(..., inplace=True)`` + ``apply_updates(..., inplace=True)`` (donation);
+* ``flm composed``: the same inplace step through ``chain(scale_by_adam(inplace=True),
+  add_decayed_weights, scale_by_learning_rate)`` — the transformations ``adamw`` is defined as,
+  each a foreach pass of its own, without ``adamw``'s fused kernel (shows what the fusion buys);
 * ``flm compiled``: ``torch.compile`` of the pure update + apply (timed after compilation; the
   compilation is its own row);
 * peers ``torch foreach`` (``torch.optim.AdamW(foreach=True)``), ``torch fused`` (``fused=True``, on
   CPU too in recent torch; skipped with a line if it fails) and ``torch for-loop`` (``foreach=False``).
 
-``ratio`` = row time / ``torch foreach``'s. Memory: AdamW's state (m + v) is 2× the parameters'
-bytes for both libraries; the pure form also allocates new m, v, updates and params (4× the
-parameter bytes) every step, which glibc returns to the OS on free, so each step page-faults fresh
-memory. Unless ``--no-malloc-compare``, the whole table is measured a second time in a child
-process with ``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=10000000000`` (glibc keeps
-freed memory for reuse); those rows end in ``[malloc env]``.
+``ratio`` = row time / ``torch foreach``'s. All rows run with ``torch.set_num_threads(--threads)``
+(default 1), so the comparison is single-thread unless asked otherwise.
 
-    python bench/optimizer.py [--device cpu] [--dtype float32] [--json out.json] [--quick] [--no-compile]
+Memory: AdamW's state (m + v) is 2× the parameters' bytes for both libraries; the pure form also
+allocates new m, v, updates and params (4× the parameter bytes) every step, which glibc returns to
+the OS on free, so each step page-faults fresh memory. Unless ``--no-malloc-compare``, the whole
+table is measured a second time in a child process with ``MALLOC_MMAP_THRESHOLD_=1000000000
+MALLOC_TRIM_THRESHOLD_=10000000000`` (glibc keeps freed memory for reuse); those rows end in
+``[malloc env]``.
+
+    python bench/optimizer.py [--device cpu] [--dtype float32] [--json out.json] [--quick] [--no-compile] [--threads 1]
 """
 
 from __future__ import annotations
@@ -47,9 +53,16 @@ LR, BETAS, EPS, WD = 1e-3, (0.9, 0.999), 1e-8, 0.01
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 
-def flm_step_fn(params, grads, *, inplace: bool = False, compile: bool = False):
-    """``step()``: one flm AdamW update + apply, carrying params and state between calls."""
-    tx = optim.adamw(LR, BETAS, EPS, WD, inplace=inplace)
+def flm_step_fn(params, grads, *, inplace: bool = False, compile: bool = False, composed: bool = False):
+    """``step()``: one flm AdamW update + apply, carrying params and state between calls.
+
+    ``composed``: the unfused chain ``adamw`` is defined as, instead of ``adamw`` itself.
+    """
+    if composed:
+        tx = optim.chain(optim.scale_by_adam(*BETAS, EPS, inplace=inplace), optim.add_decayed_weights(WD),
+                         optim.scale_by_learning_rate(LR))
+    else:
+        tx = optim.adamw(LR, BETAS, EPS, WD, inplace=inplace)
     state = {"p": params, "s": tx.init(params)}
 
     def update(g, s, p):
@@ -78,7 +91,8 @@ def _malloc_child(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         cmd = [sys.executable, __file__, "--no-malloc-compare", "--no-compile", "--json", str(out),
-               "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+               "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup), "--threads", str(args.threads)]
         print("re-running in a child with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()), flush=True)
         subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, check=True, stdout=subprocess.DEVNULL)
         rows = json.loads(out.read_text())["rows"]
@@ -93,7 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     ap.add_argument("--compile", action="store_true", help="run the compile row even with --quick")
     ap.add_argument("--no-malloc-compare", action="store_true", help="skip the child run with glibc's malloc env")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: single-thread comparison)")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        raise SystemExit(f"--threads must be ≥ 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     device, dtype = common.check_device(args.device), common.resolve_dtype(args.dtype)
     cfg = QUICK if args.quick else HANDOUT
     repeats = 1 if args.quick else args.repeats
@@ -105,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     leaves = tree_leaves(params)
     n_params = sum(p.numel() for p in leaves)
     param_bytes = sum(p.numel() * p.element_size() for p in leaves)
-    state = optim.adamw(LR).init(params)
-    state_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(state.m) + tree_leaves(state.v))
+    adam_state = optim.adamw(LR).init(params)[0]  # (ScaleByAdamState, EmptyState, ScaleByLearningRateState)
+    state_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(adam_state.m) + tree_leaves(adam_state.v))
     print(f"{n_params / 1e6:.1f}M params in {len(leaves)} tensors ({param_bytes / 2**20:.1f} MiB); "
           f"AdamW m+v {state_bytes / 2**20:.1f} MiB = {state_bytes / param_bytes:.1f}× params", flush=True)
 
@@ -116,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     fns = {
         "flm pure": flm_step_fn(copy(params), grads),
         "flm inplace": flm_step_fn(copy(params), grads, inplace=True),
+        "flm composed": flm_step_fn(copy(params), grads, inplace=True, composed=True),
         "torch foreach": torch_step_fn(params, grads, foreach=True),
         "torch for-loop": torch_step_fn(params, grads, foreach=False),
     }
