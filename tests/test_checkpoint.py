@@ -73,8 +73,8 @@ def test_round_trip_with_like(tmp_path, dest):
     assert _equal(ck.params, args["params"]) and _equal(ck.opt_state, args["opt_state"])
     # NamedTuples and their types come back exactly
     assert isinstance(ck.opt_state, tuple) and ck.opt_state[0] == optim.EmptyState()
-    assert isinstance(ck.opt_state[1], optim.AdamWState)
-    assert ck.opt_state[1].step.dtype == torch.int64 and int(ck.opt_state[1].step) == 2
+    assert isinstance(ck.opt_state[1][0], optim.AdamWState) and isinstance(ck.opt_state[1][2], optim.ScaleByLearningRateState)
+    assert ck.opt_state[1][0].step.dtype == torch.int64 and int(ck.opt_state[1][0].step) == 2
     assert ck.step == 17 and isinstance(ck.step, int)
     assert ck.config == CFG.to_dict() and TransformerConfig.from_dict(ck.config) == CFG
     assert ck.metadata == {"run": "t", "val": [1.5, 2]}
@@ -85,7 +85,7 @@ def test_round_trip_with_like(tmp_path, dest):
     assert torch.equal(torch.randint(0, 1000, (8,), generator=g2), torch.randint(0, 1000, (8,), generator=args["generator"]))
     # a Checkpoint works as a template too
     again = load_checkpoint(tmp_path / "c.safetensors" if dest == "path" else io.BytesIO(target.getvalue()), like=ck)
-    assert _equal(again.opt_state, ck.opt_state) and isinstance(again.opt_state[1], optim.AdamWState)
+    assert _equal(again.opt_state, ck.opt_state) and isinstance(again.opt_state[1][0], optim.AdamWState)
 
 
 def test_round_trip_dtypes_with_like(tmp_path):
@@ -106,11 +106,12 @@ def test_round_trip_without_like_gives_nested_dicts_and_lists(tmp_path):
     ck = load_checkpoint(path)
     assert isinstance(ck.params["layers"], list) and len(ck.params["layers"]) == CFG.num_layers
     assert _equal(ck.params, args["params"])
-    # chain state: list; the stateless clip part comes back as None, AdamWState as a dict by field name
+    # chain state: list; the stateless parts come back as None, AdamWState as a dict by field name
     assert isinstance(ck.opt_state, list) and ck.opt_state[0] is None
-    adam = ck.opt_state[1]
+    adam, decay, lr_state = ck.opt_state[1]
     assert set(adam) == {"step", "m", "v"} and adam["step"].dtype == torch.int64
-    assert _equal(adam["m"], args["opt_state"][1].m) and _equal(adam["v"], args["opt_state"][1].v)
+    assert decay is None and set(lr_state) == {"step"}
+    assert _equal(adam["m"], args["opt_state"][1][0].m) and _equal(adam["v"], args["opt_state"][1][0].v)
 
 
 def test_config_as_dict_and_step_tensor(tmp_path):
@@ -141,7 +142,7 @@ def test_keys_are_dotted_paths_and_format_is_plain_safetensors(tmp_path):
     expected = {f"params.{k}" for k in leaf_paths(args["params"])} | {f"opt_state.{k}" for k in leaf_paths(args["opt_state"])}
     assert keys == expected
     assert "params.layers.0.attn.q_proj.weight" in keys and "params.lm_head.weight" in keys
-    assert "opt_state.1.step" in keys and "opt_state.1.m.layers.1.ffn.w2.weight" in keys
+    assert "opt_state.1.0.step" in keys and "opt_state.1.0.m.layers.1.ffn.w2.weight" in keys and "opt_state.1.2.step" in keys
     header = json.loads(meta["flm"])
     assert header["step"] == 17 and header["format_version"] == ckpt_mod.FORMAT_VERSION
     # safetensors layout: 8-byte little-endian header length, then a JSON header, then raw bytes
@@ -284,7 +285,7 @@ def test_shape_mismatch_against_like(good):
     with pytest.raises(ValueError, match=r"good\.safetensors.*params\.lm_head\.weight"):
         load_checkpoint(path, like={"params": other})
     # optimiser-state shape mismatch names the opt_state key
-    with pytest.raises(ValueError, match=r"good\.safetensors.*opt_state\.1\.m\."):
+    with pytest.raises(ValueError, match=r"good\.safetensors.*opt_state\.1\.0\.m\."):
         load_checkpoint(path, like={"opt_state": tx.init(other)})
 
 
@@ -374,7 +375,7 @@ def test_exact_resume_in_fresh_process_is_bitwise(tmp_path):
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     assert a.step == b.step == N
     assert _equal(a.params, b.params) and _equal(a.opt_state, b.opt_state)
-    assert int(b.opt_state[1]["step"]) == N
+    assert int(b.opt_state[1][0]["step"]) == N
     # and the run did train (params moved from init)
     init = init_params(CFG)
     assert not torch.equal(a.params["lm_head"]["weight"], init["lm_head"]["weight"])
