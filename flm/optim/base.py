@@ -1,0 +1,161 @@
+"""The core of flm's optimisers: ``GradientTransformation``, ``chain``, ``apply_updates`` and the
+leaf-list kernels (``torch._foreach_*`` on eager tensors, per-leaf ops inside functorch transforms).
+
+Source: the optax design (Babuschkin et al., 2020); CS336 assignment 1 handout §4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from flm.tree import tree_leaves, tree_structure
+
+__all__ = ["GradientTransformation", "EmptyState", "Schedule", "PyTree", "identity", "chain", "apply_updates"]
+
+PyTree = Any
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GradientTransformation(NamedTuple):
+    """A pure ``(init, update)`` pair.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(grads, state, params=None) -> (updates, new_state)``; ``updates`` has the
+            structure of ``grads`` and is *added* to the parameters by :func:`apply_updates`.
+        learning_rate: the schedule ``step -> lr`` the transformation follows, if it has one
+            (set by :func:`scale_by_learning_rate`, passed through by :func:`chain`, so
+            :func:`adamw` and :func:`sgd` have it), so a train step can report the learning rate
+            it used; see :func:`learning_rate_at`.
+    """
+
+    init: Callable[[PyTree], Any]
+    update: Callable[..., tuple[PyTree, Any]]
+    learning_rate: Schedule | None = None
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless transformation."""
+
+
+# --------------------------------------------------------------------------------------------
+# Leaf-list kernels: torch._foreach_* when possible, per-leaf ops inside functorch transforms.
+# --------------------------------------------------------------------------------------------
+
+
+def _use_foreach(leaves: Sequence[torch.Tensor]) -> bool:
+    """Eager, untransformed leaves get ``_foreach`` kernels; inside ``vmap``/``grad`` (which have
+    no batching rules for them) and under ``torch.compile`` (which fuses per-leaf ops itself)
+    the same math runs leaf by leaf."""
+    if not leaves or torch.compiler.is_compiling():
+        return False
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not any(is_wrapped(t) for t in leaves)
+
+
+def _host_scalars(leaves: Sequence[torch.Tensor], *scalars: float | torch.Tensor) -> bool:
+    """Whether the leaves live on the CPU and the scalars are floats or 0-d CPU tensors, so the
+    foreach kernels can take the scalars as Python floats without a device sync."""
+    if any(t.device.type != "cpu" for t in leaves):
+        return False
+    return all(not isinstance(x, torch.Tensor) or (x.dim() == 0 and x.device.type == "cpu") for x in scalars)
+
+
+def _step_tensor(device: torch.device | None = None) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _first_device(tree: PyTree) -> torch.device | None:
+    leaves = tree_leaves(tree)
+    return leaves[0].device if leaves else None
+
+
+def _mul_scalar(leaves: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
+    """``[x · factor]`` for a 0-d float64 ``factor``: one foreach kernel with a host float on
+    the CPU, a tensor scalar (no sync) on accelerators, per-leaf ops inside transforms."""
+    if _use_foreach(leaves):
+        if _host_scalars(leaves, factor):
+            return torch._foreach_mul(leaves, float(factor))
+        if len({x.dtype for x in leaves}) == 1:
+            return torch._foreach_mul(leaves, factor.to(leaves[0].dtype))
+    return [x * factor.to(x.dtype) for x in leaves]
+
+
+# --------------------------------------------------------------------------------------------
+# Combinators
+# --------------------------------------------------------------------------------------------
+
+
+def identity() -> GradientTransformation:
+    """The transformation that returns the gradients unchanged (useful as a neutral element)."""
+
+    def init(params: PyTree) -> EmptyState:
+        return EmptyState()
+
+    def update(grads: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        return grads, state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transformations: GradientTransformation) -> GradientTransformation:
+    """Compose transformations left to right: each one's updates feed the next.
+
+    Args:
+        *transformations: e.g. ``chain(clip_by_global_norm(1.0), adamw(3e-4))``.
+
+    Returns:
+        A transformation whose state is the tuple of the parts' states.
+    """
+    txs = tuple(transformations)
+
+    def init(params: PyTree) -> tuple[Any, ...]:
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(grads: PyTree, state: tuple[Any, ...], params: PyTree = None) -> tuple[PyTree, tuple[Any, ...]]:
+        if len(state) != len(txs):
+            raise ValueError(f"chain: state has {len(state)} parts for {len(txs)} transformations")
+        new_states = []
+        for tx, s in zip(txs, state):
+            grads, s = tx.update(grads, s, params)
+            new_states.append(s)
+        return grads, tuple(new_states)
+
+    schedules = [tx.learning_rate for tx in txs if tx.learning_rate is not None]
+    return GradientTransformation(init, update, schedules[-1] if schedules else None)
+
+
+def apply_updates(params: PyTree, updates: PyTree, *, inplace: bool = False) -> PyTree:
+    """Return ``params + updates`` leaf by leaf, keeping each parameter's dtype.
+
+    Args:
+        params: the parameter tree.
+        updates: a tree of the same structure (e.g. from ``tx.update``).
+        inplace: add into the caller's parameter tensors (donating them) instead of allocating
+            new ones; the returned tree then holds the same tensor objects.
+
+    Returns:
+        The new parameter tree (same structure and dtypes as ``params``).
+
+    Raises:
+        ValueError: if the structures differ.
+    """
+    if tree_structure(params) != tree_structure(updates):
+        raise ValueError("apply_updates: params and updates have different tree structures")
+    p_leaves, spec = optree.tree_flatten(params, namespace="")
+    u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, tree_leaves(updates))]
+    if inplace:
+        if _use_foreach(p_leaves):
+            torch._foreach_add_(p_leaves, u_leaves)
+        else:
+            for p, u in zip(p_leaves, u_leaves):
+                p.add_(u)
+        return params
+    new = torch._foreach_add(p_leaves, u_leaves) if _use_foreach(p_leaves) else [p + u for p, u in zip(p_leaves, u_leaves)]
+    return optree.tree_unflatten(spec, new)
+
+

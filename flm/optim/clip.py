@@ -1,0 +1,77 @@
+"""Gradient clipping by the global ℓ2 norm.
+
+Source: CS336 assignment 1 handout §4.5 (gradient_clipping).
+"""
+
+from __future__ import annotations
+
+import optree
+import torch
+
+from flm.optim import base
+from flm.optim.base import EmptyState, GradientTransformation, PyTree
+from flm.tree import tree_leaves
+
+__all__ = ["global_norm", "clip_by_global_norm"]
+
+
+
+
+def global_norm(tree: PyTree) -> torch.Tensor:
+    """The ℓ2 norm of all leaves of ``tree`` taken together, ``sqrt(Σ ‖leaf‖²)``.
+
+    Args:
+        tree: a tree of float tensors.
+
+    Returns:
+        0-d tensor in the leaves' (promoted) dtype; 0 for an empty tree.
+
+    Source: handout §4.5.
+    """
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    norms = torch._foreach_norm(leaves) if base._use_foreach(leaves) else [torch.linalg.vector_norm(x) for x in leaves]
+    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransformation:
+    """Scale the gradients down when their global ℓ2 norm exceeds ``max_norm``.
+
+    ``g ← g · M / (‖g‖₂ + ε)`` if ``‖g‖₂ > M``, else ``g`` unchanged (exactly), with ε = 1e-6 as in
+    the handout and ``torch.nn.utils.clip_grad_norm_``. Computed with tensor ops (no host sync).
+
+    Args:
+        max_norm: M > 0.
+        eps: ε added to the norm.
+
+    Returns:
+        A stateless :class:`GradientTransformation`.
+
+    Raises:
+        ValueError: if ``max_norm`` is not positive.
+
+    Source: handout §4.5 (gradient_clipping).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"clip_by_global_norm: max_norm must be positive, got {max_norm!r}")
+
+    def init(params: PyTree) -> EmptyState:
+        return EmptyState()
+
+    def update(grads: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+        leaves, spec = optree.tree_flatten(grads, namespace="")
+        if not leaves:
+            return grads, state
+        norm = global_norm(grads)
+        scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
+        if base._use_foreach(leaves):
+            scaled = torch._foreach_mul(leaves, scale.to(leaves[0].dtype))
+        else:
+            scaled = [g * scale.to(g.dtype) for g in leaves]
+        return optree.tree_unflatten(spec, scaled), state
+
+    return GradientTransformation(init, update)
+
+
