@@ -22,7 +22,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from flm.tokenizer.pretokenize import count_file
+from flm.tokenizer.pretokenize import count_file, prefix_end, safe_split_token
 from flm.progress import progress_bar, want_progress
 
 __all__ = ["train_bpe", "train_bpe_from_counts", "check_train_args"]
@@ -205,6 +205,7 @@ def train_bpe(
     *,
     num_workers: int | None = None,
     progress: bool | None = False,
+    max_bytes: int | None = None,
 ) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
     """Train a byte-level BPE tokenizer on a UTF-8 text file.
 
@@ -217,6 +218,8 @@ def train_bpe(
         special_tokens: special token strings (e.g. ``["<|endoftext|>"]``), ids ``0..k-1``.
         num_workers: pre-tokenization processes; None picks automatically (1 under 2 MB).
         progress: progress bars on stderr; None shows them for inputs over 4 MB.
+        max_bytes: train on the file's first ``max_bytes`` only, cut at the last special-token
+            boundary before them (:func:`flm.tokenizer.pretokenize.prefix_end`); ``None``: all.
 
     Returns:
         ``(vocab, merges)``: ``{id: token bytes}`` (special tokens, 256 bytes, one token per
@@ -228,10 +231,10 @@ def train_bpe(
     """
     specials = check_train_args(vocab_size, special_tokens)
     try:
-        size = os.path.getsize(input_path)
+        size = prefix_end(input_path, max_bytes, safe_split_token(specials).encode("utf-8"))
     except OSError as e:
         raise ValueError(f"cannot read {input_path}: {e}") from e
     show = want_progress(progress, size)
     with progress_bar(size, "pre-tokenize", enabled=show) as bar:
-        counts = count_file(input_path, specials, num_workers=num_workers, progress=bar.update)
+        counts = count_file(input_path, specials, num_workers=num_workers, progress=bar.update, end=size)
     return train_bpe_from_counts(counts, vocab_size, specials, progress=show)

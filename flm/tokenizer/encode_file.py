@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from flm._io import atomic_write_json
-from flm.tokenizer.pretokenize import chunk_boundaries, safe_split_token
+from flm.tokenizer.pretokenize import chunk_boundaries, prefix_end, safe_split_token
 from flm.progress import progress_bar, want_progress
 from flm.tokenizer.tokenizer import Tokenizer
 from flm.tokens import sidecar_dict, token_dtype
@@ -80,6 +80,7 @@ def encode_file(
     num_workers: int | None = None,
     progress: bool | None = True,
     tokenizer_files: Sequence[str] | None = None,
+    max_bytes: int | None = None,
 ) -> int:
     """Encode a UTF-8 text file to a flat token file plus a JSON sidecar (see module doc).
 
@@ -93,6 +94,8 @@ def encode_file(
         progress: a progress bar on stderr (None: only for inputs over 4 MB).
         tokenizer_files: paths recorded in the sidecar; default the files the tokenizer was
             loaded from (``tokenizer.source_files``), else null.
+        max_bytes: encode only the file's first ``max_bytes``, cut at the last boundary of the
+            tokenizer's split token before them (as ``train_bpe(max_bytes=...)``); ``None``: all.
 
     Returns:
         the number of tokens written.
@@ -101,8 +104,9 @@ def encode_file(
         ValueError: the input cannot be read or is not UTF-8 (the message names it).
     """
     input_path, output_path = str(input_path), str(output_path)
+    split = safe_split_token(tokenizer.special_tokens).encode("utf-8")
     try:
-        size = os.path.getsize(input_path)
+        size = prefix_end(input_path, max_bytes, split)
         with open(input_path, "rb"):
             pass
     except OSError as e:
@@ -110,9 +114,8 @@ def encode_file(
     if num_workers is None:
         num_workers = 1 if size < (1 << 20) else (os.cpu_count() or 1)
     dtype = token_dtype(tokenizer.vocab_size)
-    split = safe_split_token(tokenizer.special_tokens).encode("utf-8")
     n_ranges = max(num_workers * 4 if num_workers > 1 else 1, size // _RANGE_BYTES)
-    cuts = chunk_boundaries(input_path, n_ranges, split)
+    cuts = chunk_boundaries(input_path, n_ranges, split, end=size)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.parts.")

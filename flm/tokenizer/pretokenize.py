@@ -22,6 +22,7 @@ __all__ = [
     "chunk_boundaries",
     "safe_split_token",
     "count_file",
+    "prefix_end",
 ]
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -78,7 +79,41 @@ def count_pretokens(text: str, special_tokens: Sequence[str] = ()) -> Counter[st
     return counts
 
 
-def chunk_boundaries(path: str | os.PathLike, n_chunks: int, split_token: bytes, block: int = 1 << 16) -> list[int]:
+def prefix_end(path: str | os.PathLike, max_bytes: int | None, split_token: bytes, block: int = 1 << 20) -> int:
+    """Where a file's first ``max_bytes`` end at a document boundary: the start of the last
+    ``split_token`` at or before ``max_bytes`` (the file's size when it is shorter, ``max_bytes``
+    itself when no token occurs before it).
+
+    Args:
+        path: the text file.
+        max_bytes: the byte budget, or ``None`` for the whole file.
+        split_token: the document separator (e.g. ``b"<|endoftext|>"``); empty: cut at ``max_bytes``.
+        block: read size when scanning backwards.
+
+    Returns:
+        The end offset (exclusive), ``≤ max(max_bytes, 0)`` and ``≤`` the file size.
+    """
+    size = os.path.getsize(path)
+    if max_bytes is None or max_bytes >= size:
+        return size
+    if not split_token:
+        return max_bytes
+    with open(path, "rb") as f:
+        hi = max_bytes  # the latest start position a hit may have (inclusive)
+        while hi >= 0:
+            lo = max(0, hi - block + 1)
+            f.seek(lo)
+            data = f.read(hi - lo + len(split_token))
+            hit = data.rfind(split_token, 0, hi - lo + len(split_token))
+            if hit >= 0:
+                return lo + hit
+            hi = lo - 1
+    return max_bytes
+
+
+def chunk_boundaries(
+    path: str | os.PathLike, n_chunks: int, split_token: bytes, block: int = 1 << 16, *, end: int | None = None
+) -> list[int]:
     """Byte offsets that cut a file into about ``n_chunks`` ranges, each starting at ``split_token``.
 
     Each guessed cut (an equal split) is moved forward to the next occurrence of ``split_token``
@@ -90,10 +125,12 @@ def chunk_boundaries(path: str | os.PathLike, n_chunks: int, split_token: bytes,
         split_token: the bytes to cut before (a special token, UTF-8).
         block: read size in bytes when scanning forward.
 
+        end: treat the file as ending here (a prefix of it); default its size.
+
     Returns:
-        sorted offsets ``[0, ..., file size]``.
+        sorted offsets ``[0, ..., end]``.
     """
-    size = os.path.getsize(path)
+    size = os.path.getsize(path) if end is None else end
     if n_chunks <= 1 or size == 0 or not split_token:
         return [0, size]
     cuts = [0]
@@ -165,6 +202,8 @@ def count_file(
     special_tokens: Sequence[str] = (),
     num_workers: int | None = None,
     progress: Callable[[int], object] | None = None,
+    *,
+    end: int | None = None,
 ) -> Counter[str]:
     """Count the pre-tokens of a UTF-8 file, in parallel over special-token-aligned ranges.
 
@@ -175,6 +214,7 @@ def count_file(
         num_workers: processes to use; None picks 1 for files under 2 MB (process start-up
             costs more than it saves there), else ``min(os.cpu_count(), 8)``.
         progress: an optional callable ``progress(n_bytes)`` called as ranges finish.
+        end: count only the bytes before this offset (see :func:`prefix_end`).
 
     Returns:
         Counter of pre-token strings.
@@ -183,7 +223,7 @@ def count_file(
         ValueError: the file cannot be read or is not UTF-8 (names the file).
     """
     try:
-        size = os.path.getsize(path)
+        size = os.path.getsize(path) if end is None else end
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from e
     if num_workers is None:
@@ -193,7 +233,7 @@ def count_file(
     # Several ranges per worker balance the load; ~4 MB ranges bound memory (when the special
     # token occurs often enough to cut there), also in a single process.
     n_chunks = max(num_workers * 4 if num_workers > 1 else 1, size // (4 << 20))
-    cuts = chunk_boundaries(path, n_chunks, split)
+    cuts = chunk_boundaries(path, n_chunks, split, end=size)
     tasks = [(str(path), a, b, specials) for a, b in zip(cuts[:-1], cuts[1:])]
     total: Counter[str] = Counter()
     if num_workers <= 1 or len(tasks) <= 1:

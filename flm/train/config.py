@@ -75,7 +75,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_interval: int = 10
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     compile: bool = False
     dtype: str = "float32"
     grad_accum_steps: int = 1

@@ -1,0 +1,339 @@
+"""Run directories: their files, their cached stages (tokenizer, token files), and loading a trained run.
+
+A run directory (``flm train --out-dir RUN``) holds::
+
+    config.json                the RunConfig (loads back with --config RUN/config.json)
+    vocab.json, merges.txt     the BPE tokenizer (GPT-2 format), tokenizer.stamp.json
+    train.tokens, valid.tokens token files (+ .json sidecars, *.stamp.json)
+    ckpt_<step>.safetensors    periodic checkpoints (params + optimiser state), best.safetensors
+    metrics.jsonl, loss.png    the learning curves
+    results.json, samples.txt  the final evaluation and samples
+    .lock                      the lock of the process writing it
+
+Each cached stage records a stamp (its inputs: file path, size and modification time, settings,
+tokenizer fingerprint) and is skipped when the stamp matches. :func:`load_run` gives a trained
+run back as ``(params, config, tokenizer)`` for notebooks and scripts.
+
+Source: CS336 assignment 1 handout §2, §5–§7.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flm._io import atomic_write_json
+from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
+from flm.model import TransformerConfig, check_params
+from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
+from flm.tokens import load_tokens
+from flm.tree import tree_map
+
+__all__ = [
+    "RunState",
+    "run_state",
+    "tokenizer_stamp",
+    "cached_tokenizer",
+    "train_tokenizer",
+    "save_tokenizer",
+    "prepare_tokens",
+    "count_tokens",
+    "unigram_entropy",
+    "find_checkpoint",
+    "load_model",
+    "load_run",
+    "BEST",
+]
+
+BEST = "best.safetensors"
+_TOKENIZER_STAMP = "tokenizer.stamp.json"
+# What a finished or interrupted run leaves behind; --overwrite removes exactly these.
+_RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "results.json", "samples.txt", BEST, "config.json")
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run directory already holds.
+
+    Attributes:
+        checkpoints: the periodic checkpoints, oldest first.
+        outputs: the other files a run writes (metrics, best model, results, config).
+        last_step: the step of the newest checkpoint (``None`` without one).
+    """
+
+    checkpoints: list[Path]
+    outputs: list[Path]
+    last_step: int | None
+
+    @property
+    def has_run(self) -> bool:
+        """Whether training state lives here (checkpoints, a best model or metrics)."""
+        return bool(self.checkpoints) or any(p.name in ("metrics.jsonl", BEST) for p in self.outputs)
+
+    @property
+    def removable(self) -> list[Path]:
+        """The files ``--overwrite`` removes (training state and its outputs; caches stay)."""
+        return [*self.checkpoints, *self.outputs]
+
+
+def run_state(out_dir: str | os.PathLike) -> RunState:
+    """Inspect a run directory (a missing one is empty); reads only checkpoint headers.
+
+    Raises:
+        ValueError: ``out_dir`` exists but is not a directory.
+    """
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--out-dir {d} exists and is not a directory")
+    ckpts = list_checkpoints(d)
+    outputs = [d / name for name in _RUN_OUTPUTS if (d / name).exists()]
+    tensorboard = d / "tensorboard"
+    if tensorboard.is_dir():
+        outputs += sorted(tensorboard.rglob("*"), reverse=True) + [tensorboard]
+    last = None
+    if ckpts:
+        try:
+            last = int(read_header(ckpts[-1]).get("step", 0))
+        except ValueError:
+            last = int(ckpts[-1].stem.split("_")[1])
+    return RunState(ckpts, outputs, last)
+
+
+def _file_stamp(path: str | os.PathLike) -> dict[str, Any]:
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_stamp(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def tokenizer_stamp(train_text: str | os.PathLike, vocab_size: int, train_bytes: int | None = None) -> dict[str, Any]:
+    """The inputs that determine a run's tokenizer (the cache key of the tokenizer stage)."""
+    return {"train_text": _file_stamp(train_text), "train_bytes": train_bytes, "vocab_size": vocab_size,
+            "special_tokens": [EOS_TOKEN]}
+
+
+def cached_tokenizer(out_dir: str | os.PathLike, stamp: dict[str, Any]) -> Tokenizer | None:
+    """The run directory's tokenizer when its stamp equals ``stamp`` (else ``None``: retrain).
+
+    Raises:
+        ValueError: the stamp matches but ``vocab.json``/``merges.txt`` are malformed.
+    """
+    d = Path(out_dir)
+    vocab, merges = d / "vocab.json", d / "merges.txt"
+    if not (vocab.exists() and merges.exists()) or _read_stamp(d / _TOKENIZER_STAMP) != stamp:
+        return None
+    return Tokenizer.from_files(vocab, merges, special_tokens=[EOS_TOKEN])
+
+
+def train_tokenizer(
+    train_text: str | os.PathLike, vocab_size: int, *, train_bytes: int | None = None,
+    num_workers: int | None = None, progress: bool | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with ``<|endoftext|>`` in memory (nothing is written).
+
+    Raises:
+        ValueError: an unreadable or non-UTF-8 text, or a vocabulary too small.
+    """
+    vocab, merges = train_bpe(train_text, vocab_size, [EOS_TOKEN], num_workers=num_workers, progress=progress,
+                              max_bytes=train_bytes)
+    return Tokenizer(vocab, merges, [EOS_TOKEN])
+
+
+def save_tokenizer(out_dir: str | os.PathLike, tokenizer: Tokenizer, stamp: dict[str, Any]) -> None:
+    """Write ``vocab.json``, ``merges.txt`` and the stage's stamp (each atomically, the stamp last)."""
+    d = Path(out_dir)
+    (d / _TOKENIZER_STAMP).unlink(missing_ok=True)
+    tokenizer.save(d / "vocab.json", d / "merges.txt")
+    atomic_write_json(d / _TOKENIZER_STAMP, stamp)
+
+
+def prepare_tokens(
+    out_dir: str | os.PathLike,
+    tokenizer: Tokenizer,
+    texts: dict[str, tuple[str | os.PathLike, int | None]],
+    *,
+    num_workers: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> dict[str, np.ndarray]:
+    """Encode (or reuse) ``<split>.tokens`` for each ``split -> (text, max_bytes)`` and memory-map them.
+
+    A split is re-encoded unless its stamp (text file, byte limit, tokenizer fingerprint) matches
+    and the files exist.
+
+    Returns:
+        ``{split: np.memmap}``.
+
+    Raises:
+        ValueError: an unreadable text or a corrupt token file.
+    """
+    out, fp = Path(out_dir), tokenizer.fingerprint()
+    tokens = {}
+    for split, (text, max_bytes) in texts.items():
+        path, stamp_path = out / f"{split}.tokens", out / f"{split}.stamp.json"
+        stamp = {"text": _file_stamp(text), "max_bytes": max_bytes, "tokenizer": fp}
+        if _read_stamp(stamp_path) == stamp and path.exists() and Path(f"{path}.json").exists():
+            log(f"encode {split}: cached")
+        else:
+            stamp_path.unlink(missing_ok=True)
+            n = encode_file(tokenizer, text, path, num_workers=num_workers, progress=progress, max_bytes=max_bytes)
+            atomic_write_json(stamp_path, stamp)
+            log(f"encode {split}: {n:,} tokens")
+        tokens[split] = load_tokens(path, vocab_size=tokenizer.vocab_size, tokenizer_fingerprint=fp)
+    return tokens
+
+
+def count_tokens(tokenizer: Tokenizer, path: str | os.PathLike, *, at_least: int | None = None) -> int:
+    """Count the tokens of a text file, stopping early once ``at_least`` are seen (no file written).
+
+    Raises:
+        ValueError: the file cannot be read or is not UTF-8.
+    """
+    n = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for ids in tokenizer.encode_batches(iter(lambda: f.read(1 << 16), "")):
+                n += len(ids)
+                if at_least is not None and n >= at_least:
+                    return n
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    return n
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the tokens' own unigram distribution: the loss of a model that ignores context."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file from a path: the file itself, or a run directory's ``best.safetensors``
+    (else its newest ``ckpt_*``).
+
+    Raises:
+        ValueError: nothing there, or a directory without checkpoints.
+    """
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / BEST).is_file():
+            return p / BEST
+        ckpts = list_checkpoints(p)
+        if ckpts:
+            return ckpts[-1]
+        raise ValueError(f"{p} holds no checkpoint (no {BEST}, no ckpt_*.safetensors)")
+    raise ValueError(f"{p} does not exist")
+
+
+def _model_config(saved: Any, name: str) -> TransformerConfig:
+    if not isinstance(saved, dict):
+        raise ValueError(f"{name} has no model config")
+    model = saved.get("model", saved)
+    if not isinstance(model, dict):
+        raise ValueError(f"{name}: its model config is not a JSON object")
+    try:
+        return TransformerConfig.from_dict(model)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: invalid model config: {err}") from None
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device | None = None, verify: bool = True
+) -> tuple[dict[str, Any], TransformerConfig, dict[str, Any]]:
+    """Load a checkpoint's parameters and model config, checked against each other.
+
+    The config is validated, then every tensor's shape is compared with the parameter tree the
+    config describes (built on the ``meta`` device: a corrupt config claiming a huge model
+    allocates nothing), so a hand-edited ``vocab_size``/``d_ff``/``num_layers`` is an error, not
+    an obscure failure or a silently wrong model.
+
+    Args:
+        path: a checkpoint file or a run directory (see :func:`find_checkpoint`).
+        device: where to put the parameters (default: CPU).
+        verify: check the stored CRC-32 of the tensor bytes.
+
+    Returns:
+        ``(params, config, header)`` (the header as :func:`flm.checkpoint.read_header` gives it).
+
+    Raises:
+        ValueError: a missing, corrupt or inconsistent checkpoint (naming the file).
+    """
+    ckpt_path = find_checkpoint(path)
+    header = read_header(ckpt_path)
+    config = _model_config(header.get("config"), str(ckpt_path))
+    ckpt = load_checkpoint(ckpt_path, verify=verify)
+    check_params(ckpt.params, config, name=str(ckpt_path))
+    params = tree_map(lambda t: t.to(device), ckpt.params) if device is not None else ckpt.params
+    return params, config, header
+
+
+def load_run(
+    run: str | os.PathLike, *, device: str | torch.device | None = None
+) -> tuple[dict[str, Any], TransformerConfig, Tokenizer]:
+    """A trained run as ``(params, config, tokenizer)``: the best (else newest) checkpoint and the
+    tokenizer beside it, checked to be the one the model was trained with.
+
+    Example::
+
+        params, config, tok = flm.load_run("runs/cpu-small")
+        ids = flm.generate.generate(params, config, [tok.encode("Once upon a time")], 50, eos_id=tok.eos_id)
+
+    Args:
+        run: a run directory, or a checkpoint file inside one.
+        device: where to put the parameters (default: CPU).
+
+    Returns:
+        ``(params, config, tokenizer)``.
+
+    Raises:
+        ValueError: a missing or corrupt checkpoint or tokenizer, or a tokenizer that is not the
+            model's (its fingerprint differs from the one recorded in the checkpoint).
+    """
+    params, config, header = load_model(run, device=device)
+    ckpt_path = find_checkpoint(run)
+    tokenizer = load_tokenizer_beside(ckpt_path, header)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{ckpt_path}: the tokenizer has {tokenizer.vocab_size} ids, the model {config.vocab_size}")
+    return params, config, tokenizer
+
+
+def load_tokenizer_beside(ckpt_path: Path, header: dict[str, Any]) -> Tokenizer:
+    """The tokenizer (``vocab.json``, ``merges.txt``) in a checkpoint's directory, checked against the
+    fingerprint the checkpoint recorded.
+
+    Raises:
+        ValueError: missing or malformed files, or another tokenizer than the model's.
+    """
+    d = ckpt_path.parent
+    vocab, merges = d / "vocab.json", d / "merges.txt"
+    if not (vocab.exists() and merges.exists()):
+        raise ValueError(f"no tokenizer beside {ckpt_path}: {vocab.name} and {merges.name} are needed in {d}")
+    tokenizer = Tokenizer.from_files(vocab, merges, special_tokens=[EOS_TOKEN])
+    want = (header.get("metadata") or {}).get("tokenizer_fingerprint")
+    if want and tokenizer.fingerprint() != want:
+        raise ValueError(
+            f"the tokenizer in {d} ({tokenizer.fingerprint()[:12]}…) is not the one {ckpt_path.name} was trained "
+            f"with ({want[:12]}…): its ids would decode to garbage"
+        )
+    return tokenizer
+
+
+def perplexity_from_loss(loss: float) -> float:
+    """``exp(loss)``, infinite instead of overflowing."""
+    return math.exp(loss) if loss < 700 else math.inf
