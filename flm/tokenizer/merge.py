@@ -25,8 +25,9 @@ from itertools import pairwise, repeat
 __all__ = ["LONG_PIECE", "bpe_merge", "merge_long", "merge_short"]
 
 # Pre-tokens with at least this many bytes use the heap. Below it the list version is faster (about
-# 2x at 8 bytes, a typical word); the two break even between 32 and 64 bytes, and at 128 bytes the
-# heap is 1.5-2.5x faster (measured on GPT-2's merges; bench/tokenizer.py --crossover).
+# 2x at 8 bytes, a typical word). With GPT-2's merges the two break even near 64-96 bytes on
+# letters cut from English text, nearer 32-64 on repetitive or random runs ("aaaa...", "xqzj..."),
+# and at 256 bytes the heap is 2-5x faster (bench/tokenizer.py --crossover).
 LONG_PIECE = 64
 
 

@@ -29,7 +29,7 @@ __all__ = ["EOS_TOKEN", "Tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
 _CACHE_MAX = 1 << 18  # pre-token -> ids entries kept before the cache is emptied
-_CACHE_PIECE_MAX = 256  # longer pre-tokens (rarely repeated) are not cached, bounding its memory
+_CACHE_PIECE_MAX = 1024  # longer pre-tokens (rarely repeated; a 1 MB line can be one) are not cached
 
 
 class Tokenizer:
@@ -97,11 +97,11 @@ class Tokenizer:
         # Most new pre-tokens of ordinary text are one token (" the", " once"), and merging their
         # bytes pair by pair is most of the cost of encoding them (~6 us each). Such a pre-token is
         # looked up whole instead, as tiktoken does, but only where the merges do rebuild the token
-        # from its bytes. That is checked here, once per merge: about 0.3 s for GPT-2's 50,000,
-        # the cost of merging each token once, which pays off when worker processes (each with an
-        # empty cache) encode a corpus, or when the cache is refilled. It
-        # holds for every token of GPT-2 and of train_bpe's vocabularies, not for every hand-made
-        # merge list (tests/test_bpe_encode.py has one), so the lookup never changes a result.
+        # from its bytes, so the lookup never changes a result. That holds for every token of GPT-2
+        # and of train_bpe's vocabularies, not for every hand-made merge list (tests/test_bpe_encode.py
+        # has one), so it is checked here, once per merge: about 0.3 s for GPT-2's 50,000 merges,
+        # the cost of merging each token once. It pays off when worker processes (each starting
+        # with an empty cache) encode a corpus, or when a long encode refills the cache.
         self._whole: dict[bytes, int] = {bytes([b]): i for b, i in enumerate(self._byte_ids)}
         byte_id = self._byte_ids.__getitem__
         for t in self._merged:
