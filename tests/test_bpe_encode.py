@@ -10,7 +10,7 @@ import time
 
 import pytest
 import regex
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from flm.tokenizer import GPT2_PATTERN, Tokenizer
@@ -65,7 +65,6 @@ def merge_lists(draw):
     return vocab, merges
 
 
-@settings(deadline=None)
 @given(spec=merge_lists(), data=st.data())
 def test_merge_algorithms_equal_reference(spec, data):
     vocab, merges = spec
@@ -81,7 +80,6 @@ def test_merge_algorithms_equal_reference(spec, data):
     assert tok.encode(text) == expected
 
 
-@settings(deadline=None)
 @given(spec=merge_lists(), words=st.lists(st.text("abc", min_size=1, max_size=6), max_size=8))
 def test_encode_equals_reference_merge_per_pretoken(spec, words):
     vocab, merges = spec
