@@ -3,30 +3,103 @@
 BPE merges never cross a pre-token boundary (handout §2; GPT-2, Radford et al. 2019), so
 training only needs the multiset of pre-tokens. Large files are counted in parallel over byte
 ranges that start at a special token, so no pre-token or special token straddles two ranges.
+:func:`pretokenize` gives the pieces of the GPT-2 pattern about twice as fast on ASCII text.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
 
 import regex
 
 __all__ = [
+    "ASCII_PATTERN",
+    "ASCII_RE",
     "GPT2_PATTERN",
     "PRETOKEN_RE",
+    "chunk_boundaries",
+    "count_file",
+    "count_pretokens",
+    "pretokenize",
+    "safe_split_token",
     "special_pattern",
     "split_special",
-    "count_pretokens",
-    "chunk_boundaries",
-    "safe_split_token",
-    "count_file",
     "prefix_end",
 ]
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 PRETOKEN_RE = regex.compile(GPT2_PATTERN)
+
+# ----- A faster pre-tokenizer for ASCII text -----
+#
+# The third-party ``regex`` module (needed for ``\p{L}``) is about half as fast as the standard
+# library's ``re`` on this pattern. On ASCII text the Unicode classes reduce to plain ones, so
+# ``re`` can do the work: ``\p{L}`` is [A-Za-z] and ``\p{N}`` is [0-9] (no other ASCII character
+# is a letter or a number), and ``regex``'s ``\s`` (Unicode White_Space) is [\t\n\x0b\x0c\r ].
+# Careful: ``re``'s own ``\s`` also matches \x1c-\x1f, which are not White_Space, so it is spelled
+# out. ``(?!\S)`` becomes ``(?![^<white space>])``: not followed by a non-space, or at the end.
+_WS = r"\t\n\x0b\x0c\r "
+ASCII_PATTERN = rf"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"""
+ASCII_RE = re.compile(ASCII_PATTERN)
+
+# Mixed text is cut into ASCII stretches (for ``ASCII_RE``) and islands around non-ASCII characters
+# (for ``PRETOKEN_RE``), only at *safe cuts*: between an ASCII non-space character and an ASCII
+# space character. Both patterns give the same pieces for the parts as for the whole text there:
+# (1) a piece ends at the cut, since no piece holds a non-space followed by a space; (2) no match
+# left of the cut looks past it, except to see that the space is not a letter, digit, symbol or
+# contraction letter, which the end of the text also is not (the only look-ahead, ``(?!\S)``,
+# follows white space, and the cut is preceded by a non-space); (3) the pattern has no look-behind,
+# so matching right of the cut does not depend on the text before it.
+_CUT_RE = re.compile(rf"[^{_WS}\x80-\U0010ffff](?=[{_WS}])")  # the character before a safe cut
+_CUT_BEFORE_RE = regex.compile(rf"[^{_WS}\x80-\U0010ffff][{_WS}]", regex.REVERSE)  # searched right to left
+_NON_ASCII_RE = regex.compile(r"[^\x00-\x7f]+")  # (regex scans for it 15x faster than re)
+_LAST_NON_ASCII_RE = regex.compile(r"[^\x00-\x7f]+", regex.REVERSE)
+# Non-ASCII characters closer together than this share one island: fewer, longer islands bound the
+# per-island overhead (a few microseconds) on text that mixes scripts densely.
+_ISLAND_GAP = 64
+
+
+def pretokenize(text: str) -> list[str]:
+    """Split ``text`` into GPT-2 pre-tokens: the same list as ``PRETOKEN_RE.findall(text)``, faster.
+
+    ASCII text goes through ``ASCII_RE`` (standard ``re``, about twice as fast as ``regex``); mixed
+    text is cut at safe cuts (see above) into ASCII stretches and islands holding the non-ASCII
+    characters, which ``PRETOKEN_RE`` splits. Special tokens are not handled here.
+
+    Args:
+        text: the text.
+
+    Returns:
+        the pre-tokens, in order; they concatenate to ``text``.
+    """
+    if text.isascii():
+        return ASCII_RE.findall(text)
+    out: list[str] = []
+    pos, n = 0, len(text)  # text[:pos] is done; pos is 0 or a safe cut
+    while pos < n:
+        m = _NON_ASCII_RE.search(text, pos)
+        if m is None:
+            out += ASCII_RE.findall(text, pos)
+            break
+        # The island starts at the last safe cut before the first non-ASCII character (or at pos) ...
+        c = _CUT_BEFORE_RE.search(text, pos, m.start())
+        start = c.start() + 1 if c else pos
+        # ... takes in non-ASCII characters that follow within _ISLAND_GAP (each step jumps to the
+        # last one in the window, so the next hit is at least _ISLAND_GAP further) ...
+        end = m.end()
+        while (m := _LAST_NON_ASCII_RE.search(text, end, end + _ISLAND_GAP)) is not None:
+            end = m.end()
+        # ... and ends at the next safe cut (or the end of the text).
+        c = _CUT_RE.search(text, end)
+        end = c.end() if c else n
+        out += ASCII_RE.findall(text, pos, start)
+        out += PRETOKEN_RE.findall(text, start, end)
+        pos = end
+    return out
 
 
 def special_pattern(special_tokens: Iterable[str]) -> regex.Pattern | None:
@@ -75,7 +148,7 @@ def count_pretokens(text: str, special_tokens: Sequence[str] = ()) -> Counter[st
     parts = split_special(text, special_pattern(special_tokens))
     for part in parts[::2]:
         if part:
-            counts.update(PRETOKEN_RE.findall(part))
+            counts.update(pretokenize(part))
     return counts
 
 
@@ -234,7 +307,7 @@ def count_file(
     # token occurs often enough to cut there), also in a single process.
     n_chunks = max(num_workers * 4 if num_workers > 1 else 1, size // (4 << 20))
     cuts = chunk_boundaries(path, n_chunks, split, end=size)
-    tasks = [(str(path), a, b, specials) for a, b in zip(cuts[:-1], cuts[1:])]
+    tasks = [(str(path), a, b, specials) for a, b in pairwise(cuts)]
     total: Counter[str] = Counter()
     if num_workers <= 1 or len(tasks) <= 1:
         for t in tasks:

@@ -3,8 +3,14 @@
 Encoding (GPT-2 byte-level BPE, Radford et al. 2019; Sennrich et al. 2016): split the text on
 special tokens (longest first), split each piece into GPT-2 regex pre-tokens, and turn each
 pre-token's UTF-8 bytes into ids by applying the merges in creation order (repeatedly the
-leftmost pair of lowest rank, as GPT-2 and tiktoken do). Pre-token -> ids results are cached
-in a bounded dict (a speed-up only; results never depend on it).
+leftmost pair of lowest rank, as GPT-2 and tiktoken do; see :mod:`flm.tokenizer.merge`).
+
+Speed-ups, none of which changes a result:
+
+* ASCII text is pre-tokenized with the standard ``re`` module (:func:`~flm.tokenizer.pretokenize.pretokenize`);
+* a pre-token whose bytes are a vocabulary token that the merges rebuild from its bytes (checked
+  once per token at construction) is that token, without merging;
+* pre-token -> ids results are cached in a bounded dict.
 """
 
 from __future__ import annotations
@@ -13,16 +19,17 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from itertools import repeat
 from types import MappingProxyType
 
 from flm.tokenizer.gpt2_format import read_merges, read_vocab, write_merges, write_vocab
-from flm.tokenizer.pretokenize import PRETOKEN_RE, special_pattern
+from flm.tokenizer.merge import bpe_merge
+from flm.tokenizer.pretokenize import pretokenize, special_pattern
 
-__all__ = ["Tokenizer", "EOS_TOKEN"]
+__all__ = ["EOS_TOKEN", "Tokenizer"]
 
 EOS_TOKEN = "<|endoftext|>"
 _CACHE_MAX = 1 << 18  # pre-token -> ids entries kept before the cache is emptied
+_CACHE_PIECE_MAX = 1024  # longer pre-tokens (rarely repeated; a 1 MB line can be one) are not cached
 
 
 class Tokenizer:
@@ -76,18 +83,31 @@ class Tokenizer:
         self._byte_ids = [self._ids[bytes([b])] for b in range(256)]
 
         self._merges: list[tuple[bytes, bytes]] = []
-        self._ranks: dict[tuple[int, int], int] = {}
-        self._rank_info: dict[int, int] = {}  # rank -> id of the merged token
+        self._ranks: dict[tuple[int, int], int] = {}  # (left id, right id) -> rank (the first, if repeated)
+        self._merged: list[int] = []  # rank -> id of the merged token
         for rank, (a, b) in enumerate(merges):
             a, b = bytes(a), bytes(b)
             for part in (a, b, a + b):
                 if part not in self._ids:
                     raise ValueError(f"merge {rank} ({a!r}, {b!r}): token {part!r} is not in the vocabulary")
-            pair = (self._ids[a], self._ids[b])
             self._merges.append((a, b))
-            if pair not in self._ranks:
-                self._ranks[pair] = rank
-                self._rank_info[rank] = self._ids[a + b]
+            self._ranks.setdefault((self._ids[a], self._ids[b]), rank)
+            self._merged.append(self._ids[a + b])
+
+        # Most new pre-tokens of ordinary text are one token (" the", " once"), and merging their
+        # bytes pair by pair is most of the cost of encoding them (~6 us each). Such a pre-token is
+        # looked up whole instead, as tiktoken does, but only where the merges do rebuild the token
+        # from its bytes, so the lookup never changes a result. That holds for every token of GPT-2
+        # and of train_bpe's vocabularies, not for every hand-made merge list (tests/test_bpe_encode.py
+        # has one), so it is checked here, once per merge: about 0.3 s for GPT-2's 50,000 merges,
+        # the cost of merging each token once. It pays off when worker processes (each starting
+        # with an empty cache) encode a corpus, or when a long encode refills the cache.
+        self._whole: dict[bytes, int] = {bytes([b]): i for b, i in enumerate(self._byte_ids)}
+        byte_id = self._byte_ids.__getitem__
+        for t in self._merged:
+            tb = self._vocab[t]
+            if tb not in self._whole and bpe_merge(list(map(byte_id, tb)), self._ranks, self._merged) == [t]:
+                self._whole[tb] = t
         self._setup()
         self.source_files: list[str] | None = None
 
@@ -225,36 +245,27 @@ class Tokenizer:
 
     def _bpe(self, piece: str) -> list[int]:
         """Apply the merges to one pre-token: repeatedly merge the leftmost adjacent pair of lowest
-        rank (as GPT-2 and tiktoken do), until no adjacent pair has a rank."""
-        byte_ids = self._byte_ids
-        ids = [byte_ids[b] for b in piece.encode("utf-8")]
-        get, info, inf = self._ranks.get, self._rank_info, len(self._merges)
-        # ranks[i] is the rank of the pair (ids[i], ids[i+1]); only its neighbours change on a merge.
-        ranks = list(map(get, zip(ids, ids[1:]), repeat(inf)))
-        while ranks:
-            r = min(ranks)
-            if r == inf:
-                break
-            new = info[r]
-            i = ranks.index(r)
-            ids[i : i + 2] = [new]
-            del ranks[i]
-            if i:
-                ranks[i - 1] = get((ids[i - 1], new), inf)
-            if i < len(ranks):
-                ranks[i] = get((new, ids[i + 1]), inf)
-        return ids
+        rank (as GPT-2 and tiktoken do), until no adjacent pair has a rank. A pre-token that the
+        merges turn into one token is looked up whole (same result, see ``__init__``)."""
+        b = piece.encode("utf-8")
+        whole = self._whole.get(b)
+        if whole is not None:
+            return [whole]
+        return bpe_merge(list(map(self._byte_ids.__getitem__, b)), self._ranks, self._merged)
 
     def _encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
+        # The hot loop of encoding: for most pre-tokens one dict lookup and one list extension.
+        # Names are bound to locals once (faster than attribute lookups in the loop).
         cache = self._cache
         get = cache.get
         for piece in pieces:
             ids = get(piece)
             if ids is None:
                 ids = self._bpe(piece)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[piece] = ids
+                if len(piece) <= _CACHE_PIECE_MAX:
+                    if len(cache) >= _CACHE_MAX:
+                        cache.clear()
+                    cache[piece] = ids
             out += ids
 
     def encode(self, text: str) -> list[int]:
@@ -268,13 +279,13 @@ class Tokenizer:
         """
         out: list[int] = []
         if self._special_re is None:
-            self._encode_pieces(PRETOKEN_RE.findall(text), out)
+            self._encode_pieces(pretokenize(text), out)
             return out
         for k, part in enumerate(self._special_re.split(text)):
             if k % 2:
                 out.append(self._special_ids[part])
             elif part:
-                self._encode_pieces(PRETOKEN_RE.findall(part), out)
+                self._encode_pieces(pretokenize(part), out)
         return out
 
     def _encode_prefix(self, buf: str) -> tuple[list[int], int]:
@@ -283,7 +294,8 @@ class Tokenizer:
         A special token match is final once the longest special token fits after its start; a
         regex pre-token is final once the engine looked only at characters inside the buffer
         (its end + 1 and its start + 2; the contraction and ``\\s+(?!\\S)`` alternatives look
-        that far), i.e. when ``end + 2 <= len``.
+        that far), i.e. when ``end + 2 <= len``. (``pretokenize`` gives exactly the pieces of
+        ``PRETOKEN_RE.findall``, so this reasoning about the GPT-2 pattern holds for it too.)
 
         Returns:
             ``(ids, cut)``: the ids of ``buf[:cut]``; ``buf[cut:]`` must be encoded with what follows.
@@ -297,7 +309,7 @@ class Tokenizer:
                 if s + self._max_special > n:
                     limit = min(limit, s)
                     break
-                self._encode_pieces(PRETOKEN_RE.findall(buf[pos:s]), out)
+                self._encode_pieces(pretokenize(buf[pos:s]), out)
                 out.append(self._special_ids[m.group()])
                 pos = e
         if limit <= pos:
@@ -305,7 +317,7 @@ class Tokenizer:
         text = buf[pos:limit]
         # The GPT-2 pattern matches every character, so the pieces tile ``text``: drop trailing
         # pieces until at least 2 characters are dropped; the rest ends at or before len - 2.
-        pieces = PRETOKEN_RE.findall(text)
+        pieces = pretokenize(text)
         dropped = 0
         while pieces and dropped < 2:
             dropped += len(pieces.pop())
