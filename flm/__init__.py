@@ -8,10 +8,9 @@ import importlib
 from typing import Any
 
 from flm import checkpoint, loss, model, nn, optim, train, tree
+from flm._version import __version__
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import flatten, unflatten
-
-__version__ = "0.1.0"
 
 __all__ = [
     "nn",
@@ -28,12 +27,21 @@ __all__ = [
     "TransformerConfig",
     "init_params",
     "transformer_lm",
+    "load_run",
     "__version__",
 ]
 
 
+_LAZY = ("data", "generate", "distributed", "tokenizer", "tokens", "download", "interop", "runs", "config",
+         "sampling", "experiments", "cli")
+
+
 def __getattr__(name: str) -> Any:
-    """Import ``flm.data`` and ``flm.generate`` on first use (both also run as ``python -m``)."""
-    if name in ("data", "generate", "pipeline", "distributed", "tokenizer"):
+    """Import the upper modules on first use (some also run as ``python -m``), and ``load_run``."""
+    if name in _LAZY:
         return importlib.import_module(f"flm.{name}")
+    if name == "load_run":
+        from flm.runs import load_run
+
+        return load_run
     raise AttributeError(f"module 'flm' has no attribute {name!r}")

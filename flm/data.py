@@ -171,7 +171,7 @@ def _to_device(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return x.to(dev)
 
 
-if __name__ == "__main__":  # ``python -m flm.data download …`` is kept for existing scripts
+if __name__ == "__main__":  # ``python -m flm.data download …`` is kept for existing scripts: flm download
     import sys
 
     from flm.download import _main

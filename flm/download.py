@@ -12,7 +12,6 @@ Source: CS336 assignment 1 handout §1 (data set links), §5.1.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
@@ -485,34 +484,12 @@ def download(
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------------
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flm.data", description="flm data utilities")
-    sub = parser.add_subparsers(dest="command", required=True)
-    dl = sub.add_parser("download", help="download a data set (resumes partial downloads, verifies SHA-256)")
-    dl.add_argument("name", choices=sorted(DATASETS), help="which data set")
-    dl.add_argument("dest", help="directory to save into")
-    dl.add_argument("--base-url", default=None, help="override the base URL (the file name is appended)")
-    dl.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds")
-    dl.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dl.add_argument(
-        "--no-pins", action="store_true",
-        help="skip the pinned size/SHA-256 checks (the HTML and server-checksum checks still apply)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        paths = download(
-            args.name, args.dest, base_url=args.base_url, progress=not args.no_progress, timeout=args.timeout,
-            pins={} if args.no_pins else None,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for split, p in paths.items():
-        print(f"{split}\t{p}")
-    return 0
+    """``python -m flm.data download …`` / ``python -m flm.download download …``: the ``flm download`` command."""
+    from flm.cli import main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return main(argv if argv[:1] == ["download"] else ["download", *argv])
 
 
 if __name__ == "__main__":

@@ -484,3 +484,11 @@ def generate(
         device = params["token_embeddings"]["weight"].device
         return [[] for _ in range(_prompts_to_padded(prompt_ids, config.vocab_size, device)[0].shape[0])]
     return rows
+
+
+if __name__ == "__main__":  # ``python -m flm.generate …``: the ``flm generate`` command
+    import sys
+
+    from flm.cli import main
+
+    sys.exit(main(["generate", *sys.argv[1:]]))

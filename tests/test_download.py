@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flm.download as download_mod
+from flm.cli import main as flm_cli_main
 from flm.data import DATASETS, download
 from flm.download import FilePin
 from flm.progress import ProgressBar, format_count, format_duration
@@ -502,9 +503,9 @@ def test_cli(server, tinystories, tmp_path, capsys, monkeypatch):
     argv = ["download", "tinystories", "", "--base-url", server.url, "--no-progress"]
     # The real pins refuse the test files; --no-pins accepts them.
     argv[2] = str(tmp_path / "d0")
-    assert download_mod._main(argv) == 1 and "pinned size is 2227753162" in capsys.readouterr().err
+    assert flm_cli_main(argv) == 1 and "pinned size is 2227753162" in capsys.readouterr().err
     argv[2] = str(tmp_path / "d1")
-    assert download_mod._main([*argv, "--no-pins"]) == 0
+    assert flm_cli_main([*argv, "--no-pins"]) == 0
     assert (tmp_path / "d1" / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == tinystories["valid"]
     capsys.readouterr()
     # With a table whose pins match, the CLI verifies by default.
@@ -512,12 +513,12 @@ def test_cli(server, tinystories, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(download_mod, "DATASETS", MappingProxyType({**DATASETS, "tinystories": ts}))
     dest = tmp_path / "dest"
     argv[2] = str(dest)
-    rc = download_mod._main(argv)
+    rc = flm_cli_main(argv)
     out = capsys.readouterr().out
     assert rc == 0
     assert f"train\t{dest / 'TinyStoriesV2-GPT4-train.txt'}" in out
     assert (dest / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == tinystories["valid"]
-    rc = download_mod._main(["download", "owt", str(tmp_path / "d2"), "--base-url", server.url, "--no-progress"])
+    rc = flm_cli_main(["download", "owt", str(tmp_path / "d2"), "--base-url", server.url, "--no-progress"])
     assert rc == 1 and "owt_train.txt.gz" in capsys.readouterr().err
 
 

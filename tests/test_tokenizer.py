@@ -300,7 +300,10 @@ def test_bench_quick_runs(tmp_path, shared_data):
 
 
 def test_cli_train_then_encode(shared_data, tmp_path):
-    from flm.tokenizer.__main__ import main as cli
+    from flm.cli import main
+
+    def cli(argv):
+        return main(["tokenize", *argv])
 
     bpe = shared_data / "bpe"
     assert cli(["train", str(bpe / "corpus.en"), "--vocab-size", "300", "--out-dir", str(tmp_path / "tok")]) == 0

@@ -1,0 +1,105 @@
+"""``flm generate``: sample text from a trained run, streamed to stdout as it is sampled.
+
+    flm generate runs/cpu-small --prompt "Once upon a time" --temperature 0.8 --top-p 0.9
+
+The model is the run's ``best.safetensors`` (or a given checkpoint); the tokenizer is the one
+beside it, checked against the fingerprint the checkpoint recorded. Decoding settings default to
+the run's ``sample`` settings. The device is picked as training picks it (cuda > mps > cpu).
+
+Source: CS336 assignment 1 handout §6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+from typing import Any
+
+import torch
+
+from flm.cli.common import UsageError, pick_device
+from flm.config import SampleConfig
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any, argv: list[str]) -> None:
+    """Register ``flm generate``."""
+    p = sub.add_parser("generate", help="sample text from a trained run or checkpoint",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", help="a run directory (its best.safetensors) or a checkpoint file")
+    p.add_argument("--checkpoint", help="the same as RUN_OR_CHECKPOINT (the older spelling)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from <|endoftext|>)")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens per sample (default: the run's, else 256)")
+    p.add_argument("--temperature", type=float, help="softmax temperature ≥ 0; 0 = greedy (default: the run's)")
+    p.add_argument("--top-p", type=float, help="nucleus threshold in (0, 1] (default: the run's)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely tokens, 0 = off (default: the run's)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples to draw (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    p.set_defaults(handler=run)
+
+
+def sample_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> SampleConfig:
+    """The decoding settings: flags, else the run's ``sample`` section, else the defaults.
+
+    Raises:
+        UsageError: a value out of range (naming it).
+    """
+    base = {k: v for k, v in (saved or {}).items() if k in SampleConfig.__dataclass_fields__ and k != "prompts"}
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k"):
+        if getattr(args, name) is not None:
+            base[name] = getattr(args, name)
+    try:
+        return SampleConfig(**base)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err).replace("SampleConfig: ", "--").replace("_", "-")) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout."""
+    from flm.generate import generate_stream
+    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+
+    args.run = args.checkpoint or args.run
+    if args.run is None:
+        raise UsageError("give a run directory or a checkpoint file")
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be ≥ 1, got {args.num_samples}")
+    device = pick_device(args.device)
+    params, config, header = load_model(args.run, device=device)
+    tokenizer = load_tokenizer_beside(find_checkpoint(args.run), header)
+    s = sample_settings(args, (header.get("config") or {}).get("sample"))
+    prompt = args.prompt or ""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        if tokenizer.eos_id is None:
+            raise UsageError("empty --prompt and no <|endoftext|> token to start from")
+        ids = [tokenizer.eos_id]
+    if max(ids) >= config.vocab_size:
+        raise UsageError(f"the prompt encodes to token {max(ids)}, outside the model's vocabulary of {config.vocab_size}")
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---", flush=True)
+        gen = torch.Generator(device=device).manual_seed(args.seed + i)
+        stream = generate_stream(params, config, [ids], s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                 top_k=s.top_k or None, eos_id=tokenizer.eos_id, generator=gen)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = [prompt]
+        sys.stdout.write(prompt)
+        for step in stream:
+            if step[0] is None:
+                break
+            piece = decoder.decode(tokenizer.decode_bytes([step[0]]))
+            out.append(piece)
+            if not args.no_stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        tail = decoder.decode(b"", final=True)
+        if args.no_stream:
+            sys.stdout.write("".join(out[1:]))
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,101 @@
+"""``flm sweep``: a learning-rate (and weight-decay) sweep as one vmapped run.
+
+    flm sweep --preset cpu-small --train-text train.txt --valid-text valid.txt --lrs 1e-3 3e-3 1e-2
+
+Every model has the run's shape, the same init and the same batches; only the peak learning rate
+(and, with ``--weight-decays``, the weight decay) differs. Writes ``OUT/lr_<lr>/metrics.jsonl``
+per model, ``OUT/sweep.png`` (curves and loss against learning rate) and ``OUT/sweep.json``.
+
+Source: CS336 assignment 1 handout §7.2 (learning_rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from flm._io import atomic_write_json, run_lock
+from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
+from flm.cli.common import UsageError, log, set_threads
+from flm.cli.train import add_run_arguments, check_data, describe, make_plan, write_data
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: Any, argv: list[str]) -> None:
+    """Register ``flm sweep``."""
+    preset, config_file = pre_parse(argv)
+    try:
+        defaults, _ = base_config(preset, config_file)
+    except ValueError:
+        defaults, _ = base_config(None, None)
+    p = sub.add_parser("sweep", help="a learning-rate sweep as one vmapped run", description=__doc__.split("\n\n")[0],
+                       epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--lrs", type=float, nargs="+", required=True, help="peak learning rates, one model each")
+    g.add_argument("--weight-decays", type=float, nargs="+", help="weight decays (crossed with --lrs)")
+    add_run_arguments(p)
+    add_config_flags(p, defaults)
+    p.set_defaults(handler=run)
+
+
+def variants(lrs: list[float], weight_decays: list[float] | None) -> list[dict[str, Any]]:
+    """One model per (lr, weight decay) pair, labelled ``lr_<lr>[_wd_<wd>]``.
+
+    Raises:
+        UsageError: a non-positive or non-finite learning rate, a negative weight decay.
+    """
+    for lr in lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise UsageError(f"--lrs: learning rates must be positive, got {lr:g}")
+    for wd in weight_decays or ():
+        if not (math.isfinite(wd) and wd >= 0):
+            raise UsageError(f"--weight-decays: must be ≥ 0, got {wd:g}")
+    if not weight_decays:
+        return [{"label": f"lr_{lr:g}", "lr": lr} for lr in lrs]
+    return [{"label": f"lr_{lr:g}_wd_{wd:g}", "lr": lr, "weight_decay": wd}
+            for lr, wd in itertools.product(lrs, weight_decays)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan (as ``flm train`` does), prepare the data, train the vmapped models, plot and summarise."""
+    from flm.experiments.report import load_curves, markdown_table, plot_curves, plot_loss_vs_lr
+    from flm.experiments.vmapped import vmapped_train
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if cfg.model.attention == "sdpa":
+        raise UsageError("--attention sdpa has no vmap batching rule; use auto or flm for a sweep")
+    if args.resume:
+        raise UsageError("a sweep cannot resume; run it again with --overwrite")
+    vs = variants(args.lrs, args.weight_decays)
+    if args.print_config:
+        print(json.dumps({**cfg.to_dict(), "sweep": vs}, indent=2))
+        return 0
+    set_threads(args.threads)
+    out = Path(args.out_dir or f"runs/sweep-{cfg.preset}")
+    plan = make_plan(cfg, out, resume=False, overwrite=args.overwrite)
+    plan.remove += [out / v["label"] for v in vs if (out / v["label"]).exists()]
+    if not args.overwrite and any((out / v["label"] / "metrics.jsonl").exists() for v in vs):
+        raise UsageError(f"--out-dir {out} already holds this sweep's results; pass --overwrite to replace them")
+    for line in describe(plan):
+        log(line)
+    log(f"  sweep: {len(vs)} models in one vmapped step: {', '.join(v['label'] for v in vs)}")
+    checked = check_data(plan)
+    with run_lock(out):
+        _, tokens = write_data(plan, *checked)
+        summaries = vmapped_train(plan.config, tokens["train"], tokens["valid"], out, vs, log=log)
+        curves = load_curves({s["label"]: out / s["label"] for s in summaries})
+        plot_curves(curves, out / "sweep_curves.png", title="learning-rate sweep")
+        plot_loss_vs_lr(summaries, out / "sweep.png", title="final validation loss against peak learning rate")
+        atomic_write_json(out / "sweep.json", {"config": plan.config.to_dict(), "results": summaries})
+    table = markdown_table(["model", "lr", "final val loss", "best val loss", "diverged"],
+                           [[s["label"], s["lr"], s["final_val_loss"], s["best_val_loss"], s["diverged"]] for s in summaries])
+    log(table)
+    return 0

@@ -1,0 +1,175 @@
+"""The smaller ``flm`` subcommands: ``tokenize`` (train / encode), ``download``, ``eval``, ``export-hf``.
+
+    flm tokenize train INPUT --vocab-size 10000 --out-dir tok/
+    flm tokenize encode INPUT OUTPUT --tokenizer tok/
+    flm download tinystories data/
+    flm eval runs/cpu-small --text ../shared/data/tinystories/valid.txt
+    flm export-hf runs/cpu-small --out hf-model/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flm.cli.common import UsageError, log, pick_device
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(sub: Any, argv: list[str]) -> None:
+    """Register ``tokenize``, ``download``, ``eval`` and ``export-hf``."""
+    from flm.download import DATASETS
+    from flm.tokenizer import EOS_TOKEN
+
+    tok = sub.add_parser("tokenize", help="train a BPE tokenizer, or encode a text file to a token file")
+    tsub = tok.add_subparsers(dest="action", required=True, metavar="{train,encode}")
+    tr = tsub.add_parser("train", help="train on a UTF-8 text file; writes vocab.json and merges.txt (GPT-2 format)")
+    tr.add_argument("input", help="the training text")
+    tr.add_argument("--vocab-size", type=int, required=True, help="final vocabulary size (≥ 256 + special tokens)")
+    tr.add_argument("--out-dir", required=True, help="where vocab.json and merges.txt go")
+    tr.add_argument("--max-bytes", type=int, help="train on the first N bytes only (cut at a document boundary)")
+    en = tsub.add_parser("encode", help="encode a UTF-8 text file to a uint16/uint32 token file + .json sidecar")
+    en.add_argument("input", help="the text file")
+    en.add_argument("output", help="the token file to write")
+    en.add_argument("--tokenizer", help="a directory with vocab.json and merges.txt (e.g. a run dir)")
+    en.add_argument("--vocab", help="the vocab.json (instead of --tokenizer)")
+    en.add_argument("--merges", help="the merges.txt (instead of --tokenizer)")
+    for p in (tr, en):
+        p.add_argument("--special", action="append", help=f"special token (repeatable; default {EOS_TOKEN})")
+        p.add_argument("--workers", type=int, help="processes (default: automatic)")
+        p.set_defaults(handler=run_tokenize)
+
+    dl = sub.add_parser("download", help="download a data set (resumes partial downloads, verifies size and SHA-256)")
+    dl.add_argument("name", choices=sorted(DATASETS), help="which data set")
+    dl.add_argument("dest", help="directory to save into")
+    dl.add_argument("--base-url", help="a mirror's base URL (the file name is appended); still verified")
+    dl.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default: 60)")
+    dl.add_argument("--no-pins", action="store_true", help="skip the size/SHA-256 pins (e.g. for a changed upstream file)")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dl.set_defaults(handler=run_download)
+
+    ev = sub.add_parser("eval", help="loss and perplexity of a trained run on any text file")
+    ev.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run directory (its best.safetensors) or a checkpoint")
+    ev.add_argument("--text", required=True, help="a UTF-8 text file, encoded with the run's tokenizer")
+    ev.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default: 16)")
+    ev.add_argument("--max-batches", type=int, help="evaluate this many evenly spaced batches only (default: all)")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: auto)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(handler=run_eval)
+
+    ex = sub.add_parser("export-hf", help="write a run as a Hugging Face LlamaForCausalLM directory (+ tokenizer.json)")
+    ex.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", help="a run directory or a checkpoint file")
+    ex.add_argument("--checkpoint", help="the checkpoint to export (same as the positional argument)")
+    ex.add_argument("--out", required=True, help="the output directory (must be empty or new)")
+    ex.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="store the weights in this dtype")
+    ex.set_defaults(handler=run_export)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """``flm tokenize train|encode``."""
+    from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
+
+    specials = args.special if args.special is not None else [EOS_TOKEN]
+    if not Path(args.input).is_file():
+        raise UsageError(f"{args.input}: no such file")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be ≥ 1, got {args.workers}")
+    t0 = time.perf_counter()
+    if args.action == "train":
+        if args.max_bytes is not None and args.max_bytes < 1:
+            raise UsageError(f"--max-bytes must be ≥ 1, got {args.max_bytes}")
+        vocab, merges = train_bpe(args.input, args.vocab_size, specials, num_workers=args.workers, progress=None,
+                                  max_bytes=args.max_bytes)
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        Tokenizer(vocab, merges, specials).save(out / "vocab.json", out / "merges.txt")
+        log(f"{len(vocab):,} tokens, {len(merges):,} merges -> {out} ({time.perf_counter() - t0:.2f} s)")
+    else:
+        if args.tokenizer:
+            vocab, merges = Path(args.tokenizer) / "vocab.json", Path(args.tokenizer) / "merges.txt"
+        elif args.vocab and args.merges:
+            vocab, merges = Path(args.vocab), Path(args.merges)
+        else:
+            raise UsageError("give --tokenizer DIR, or --vocab and --merges")
+        for f in (vocab, merges):
+            if not f.is_file():
+                raise UsageError(f"{f}: no such file")
+        tok = Tokenizer.from_files(vocab, merges, specials)
+        n = encode_file(tok, args.input, args.output, num_workers=args.workers, progress=None)
+        log(f"{n:,} tokens -> {args.output} ({time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    """``flm download``."""
+    from flm.download import download
+
+    paths = download(args.name, args.dest, base_url=args.base_url, progress=not args.no_progress, timeout=args.timeout,
+                     pins={} if args.no_pins else None)
+    for split, p in paths.items():
+        print(f"{split}\t{p}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``flm eval``: encode ``--text`` with the run's tokenizer and evaluate every window."""
+    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+    from flm.train import evaluate
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UsageError(f"--max-batches must be ≥ 1, got {args.max_batches}")
+    if not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text}: no such file")
+    device = pick_device(args.device)
+    params, config, header = load_model(args.run, device=device)
+    tokenizer = load_tokenizer_beside(find_checkpoint(args.run), header)
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            ids = [i for chunk in tokenizer.encode_batches(iter(lambda: f.read(1 << 20), "")) for i in chunk]
+    except UnicodeDecodeError as err:
+        raise UsageError(f"--text {args.text} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if len(ids) < config.context_length + 1:
+        raise UsageError(f"--text {args.text} encodes to {len(ids)} tokens; need context_length + 1 = {config.context_length + 1}")
+    res = evaluate(params, config, np.asarray(ids, dtype=np.int64), args.batch_size, config.context_length,
+                   args.max_batches, progress=True)
+    res["checkpoint"] = str(find_checkpoint(args.run))
+    res["text"] = args.text
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.text}: loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.2f} "
+              f"({res['tokens']:,} tokens predicted, {res['checkpoint']})")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``flm export-hf``: write a Hugging Face Llama directory with the run's tokenizer."""
+    import torch
+
+    from flm.interop import hf_config, save_hf
+    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+
+    src = args.checkpoint or args.run
+    if src is None:
+        raise UsageError("give the run directory or --checkpoint")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out} exists and is not an empty directory")
+    params, config, header = load_model(src)
+    tokenizer = load_tokenizer_beside(find_checkpoint(src), header)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:
+        hf_config(config)  # a variant HF Llama cannot express (post-norm, SiLU FFN, NoPE) is a usage error
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    save_hf(params, config, out, tokenizer, dtype=dtype)
+    log(f"wrote {out}: LlamaForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer load it")
+    return 0

@@ -1,0 +1,399 @@
+"""``flm train``: data → BPE tokenizer → token files → training → evaluation of the best model → samples.
+
+The command first makes a plan and checks all of it before it writes or deletes anything: the
+settings, the device, the text files (or the data set to download), the run directory (a run
+already there needs ``--resume`` or ``--overwrite``), a resumed checkpoint's model and tokenizer
+against the current settings, and that the validation text holds at least one window. It prints
+the plan (tokens, estimated time, download size) and only then downloads, writes the tokenizer
+and token files, trains (:func:`flm.train.train_loop`), evaluates ``best.safetensors`` on every
+validation token (``results.json``) and writes samples (``samples.txt``). Cached stages are
+reused when their inputs have not changed.
+
+Source: CS336 assignment 1 handout §5.3, §7.2; ``shared/spec/training_pipeline_notes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flm import distributed
+from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
+from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
+from flm.cli.common import UsageError, log, pick_device
+from flm.config import RunConfig
+from flm.download import DATASETS, download
+from flm.model import count_params, train_step_flops
+from flm.progress import format_count, format_duration
+from flm.runs import (
+    BEST,
+    cached_tokenizer,
+    count_tokens,
+    prepare_tokens,
+    run_state,
+    save_tokenizer,
+    tokenizer_stamp,
+    train_tokenizer,
+    unigram_entropy,
+)
+from flm.checkpoint import read_header
+from flm.tokenizer import EOS_TOKEN, Tokenizer
+from flm.train import evaluate, train_loop
+from flm.train.checkpointer import model_config_changes
+from flm.train.metrics import device_peak_flops
+
+__all__ = ["add_parser", "run", "Plan", "make_plan", "describe", "execute", "check_data", "write_data"]
+
+# Rough fractions of the peak FLOP/s a step reaches, for the time estimate only (measured on a
+# 2-core CPU for the cpu-small and handout models; GPU values are conservative guesses).
+_EFFICIENCY = {("cpu", False): 0.45, ("cpu", True): 0.6, ("cuda", False): 0.25, ("cuda", True): 0.4}
+
+
+def add_parser(sub: Any, argv: list[str]) -> None:
+    """Register ``flm train``; ``argv`` is pre-scanned for ``--preset``/``--config`` (help defaults)."""
+    from flm.cli.args import pre_parse
+
+    preset, config_file = pre_parse(argv)
+    try:
+        defaults, _ = base_config(preset, config_file)
+    except ValueError:
+        defaults, _ = base_config(None, None)  # the error is reported when the command runs
+    p = sub.add_parser(
+        "train", help="train a tokenizer and a model end to end (the main job)",
+        description=__doc__.split("\n\n")[0], epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(p)
+    add_config_flags(p, defaults)
+    p.set_defaults(handler=run)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every config-driven command shares (preset, config file, run dir, resume …)."""
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", help="start from a named configuration (see below)")
+    g.add_argument("--config", help="load settings from a .json or .toml file (e.g. a run's own config.json)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    g.add_argument("--out-dir", help="the run directory (default: runs/<preset>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its newest good checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir (checkpoints, metrics, results) and start over")
+    g.add_argument("--tokens", type=float, help="total training tokens (sets --max-iters from batch size and context)")
+    g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores; OMP_NUM_THREADS also works)")
+
+
+@dataclass
+class Plan:
+    """What ``flm train`` is about to do, all checked before anything is written.
+
+    Attributes:
+        config: the resolved run config (device resolved).
+        out_dir: the run directory.
+        resume: continue from the newest checkpoint.
+        remove: files ``--overwrite`` will delete.
+        texts: ``split -> (path, max_bytes)`` once known (a data set to download: after download).
+        downloads: ``(name, split, bytes)`` still to fetch.
+        resume_from: the checkpoint to continue, and its step.
+        train_changes: train settings that differ from the resumed checkpoint's.
+        notes: lines to print with the plan.
+    """
+
+    config: RunConfig
+    out_dir: Path
+    resume: bool
+    remove: list[Path] = field(default_factory=list)
+    texts: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+    downloads: list[tuple[str, str, int | None]] = field(default_factory=list)
+    resume_from: tuple[Path, int] | None = None
+    train_changes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_text(path: str, role: str, min_bytes: int) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--{role}-text {path}: no such file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"--{role}-text {path}: not readable (permission denied)")
+    size = p.stat().st_size
+    if size < min_bytes:  # a token is at least one byte, so fewer bytes cannot make one window
+        raise UsageError(
+            f"--{role}-text {path} has {size} bytes; at least context_length + 1 = {min_bytes} tokens are needed"
+        )
+
+
+def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -> Plan:
+    """Check everything that can be checked before writing; return the plan.
+
+    Raises:
+        UsageError: contradictory flags, an unavailable device, missing or too-short texts, a run
+            directory that holds a run (without ``--resume``/``--overwrite``), or a checkpoint
+            whose model or tokenizer differs from the current settings.
+    """
+    if resume and overwrite:
+        raise UsageError("give --resume or --overwrite, not both")
+    device = pick_device(cfg.train.device)
+    cfg = cfg.replace(train={"device": device})
+    if cfg.train.compile and device.startswith("mps"):
+        raise UsageError("--compile on MPS needs the aot_eager backend; run without --compile on MPS")
+    plan = Plan(cfg, out_dir, resume)
+    need = cfg.model.context_length + 1
+    d = cfg.data
+    if d.train_text is not None:
+        _check_text(d.train_text, "train", need)
+        _check_text(d.valid_text, "valid", need)
+        plan.texts = {"train": (d.train_text, d.train_bytes), "valid": (d.valid_text, None)}
+    else:
+        info = DATASETS[d.dataset]
+        for split in info.files:
+            local = Path(d.data_dir) / info.local_name(split)
+            if not local.is_file():
+                pin = info.pins.get(split)
+                plan.downloads.append((d.dataset, info.files[split], pin.size if pin else None))
+    try:
+        state = run_state(out_dir)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if state.has_run and not (resume or overwrite):
+        where = f" (newest checkpoint: step {state.last_step})" if state.last_step is not None else ""
+        raise UsageError(
+            f"--out-dir {out_dir} already holds a run{where}; pass --resume to continue it or --overwrite to start over"
+        )
+    if overwrite:
+        plan.remove = state.removable
+    if resume and state.checkpoints:
+        _check_resume(plan, state.checkpoints)
+    return plan
+
+
+def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
+    cfg = plan.config
+    for path in reversed(checkpoints):
+        try:
+            header = read_header(path)
+        except ValueError:
+            continue  # unreadable: the loop skips it too, and tries an older one
+        saved = header.get("config") or {}
+        changes = model_config_changes(saved.get("model", {}), cfg.model)
+        if changes:
+            raise UsageError(
+                f"--resume: {path.name} was trained with other model settings ({'; '.join(changes)}); "
+                "drop those flags, or start a new run with --overwrite or another --out-dir"
+            )
+        now = cfg.train.to_dict()
+        was = saved.get("train", {})
+        plan.train_changes = [f"{k} {was[k]!r} → {now[k]!r}" for k in now if k in was and was[k] != now[k]
+                              and k not in ("device", "compile", "tensorboard", "wandb", "peak_flops")]
+        plan.resume_from = (path, int(header.get("step", 0)))
+        plan.notes.append(f"resume from {path.name} (step {plan.resume_from[1]})")
+        return
+
+
+def _estimate(cfg: RunConfig) -> tuple[float, float | None]:
+    flops = train_step_flops(cfg.model, cfg.train.batch_size) * cfg.train.max_iters
+    device = torch.device(cfg.train.device)
+    peak = cfg.train.peak_flops or device_peak_flops(device, cfg.train.compute_dtype)
+    if not peak:
+        return flops, None
+    eff = _EFFICIENCY.get((device.type, cfg.train.compile), 0.3)
+    return flops, flops / (peak * eff)
+
+
+def describe(plan: Plan) -> list[str]:
+    """The plan as printable lines: model, tokens, estimated time, downloads, run directory."""
+    cfg = plan.config
+    m, t = cfg.model, cfg.train
+    flops, seconds = _estimate(cfg)
+    lines = [
+        f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}"
+        + (" (compiled)" if t.compile else "") + (f", {t.dtype}" if t.dtype not in ("float32", "fp32") else ""),
+        f"  model: {count_params(m):,} parameters (d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
+        f"d_ff {m.d_ff}, vocab {m.vocab_size}, context {m.context_length})",
+        f"  training: {t.max_iters:,} steps x {t.batch_size} x {m.context_length} = {cfg.tokens / 1e6:,.2f}M tokens, "
+        f"{flops / 1e15:,.2f} PFLOP" + (f", roughly {format_duration(seconds)} here" if seconds else ""),
+    ]
+    if t.time_budget:
+        lines.append(f"  time budget: {t.time_budget:g} min (training stops early and keeps the best model)")
+    if plan.downloads:
+        total = sum(b or 0 for *_, b in plan.downloads)
+        files = ", ".join(f for _, f, _ in plan.downloads)
+        lines.append(f"  download: {files} ({format_count(total)}) into {cfg.data.data_dir}")
+    if plan.remove:
+        names = [p.name for p in plan.remove if p.parent == plan.out_dir]
+        lines.append(f"  --overwrite: removing {len(plan.remove)} file(s) of the previous run: "
+                     + ", ".join(names[:12]) + (" …" if len(names) > 12 else ""))
+    if plan.train_changes:
+        lines.append("  resumed with changed settings: " + "; ".join(plan.train_changes))
+    lines += [f"  {n}" for n in plan.notes]
+    return lines
+
+
+def _tokenizer_for(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
+    """The run's tokenizer: the cached one when its stamp matches, else trained in memory."""
+    cfg, out = plan.config, plan.out_dir
+    train_text, max_bytes = plan.texts["train"]
+    stamp = tokenizer_stamp(train_text, cfg.model.vocab_size, max_bytes)
+    cached = cached_tokenizer(out, stamp)
+    if cached is not None:
+        log("tokenizer: cached")
+        return cached, None
+    if plan.resume_from is not None:
+        raise UsageError(
+            f"--resume: the tokenizer would be retrained (the training text, --train-bytes or --vocab-size changed), "
+            f"but {plan.resume_from[0].name} was trained with the one in {out}; keep the inputs, or start over"
+        )
+    t0 = time.perf_counter()
+    tok = train_tokenizer(train_text, cfg.model.vocab_size, train_bytes=max_bytes, num_workers=cfg.data.num_workers,
+                          progress=None)
+    log(f"tokenizer: trained {tok.vocab_size:,} tokens in {time.perf_counter() - t0:.1f}s (in memory, written after the checks)")
+    return tok, stamp
+
+
+def execute(plan: Plan) -> dict[str, Any]:
+    """Carry out a checked plan (see the module docstring); returns what ``results.json`` holds.
+
+    Under ``torchrun`` rank 0 prepares the data (download, tokenizer, token files) while the
+    other ranks wait, then every rank trains and rank 0 evaluates and writes.
+
+    Raises:
+        UsageError: a text that encodes to fewer than ``context_length + 1`` tokens, or a resumed
+            checkpoint made with another tokenizer (found before anything is written).
+        ValueError, OSError: failures while running (one line each in the CLI).
+        KeyboardInterrupt: training was interrupted (its checkpoint is saved).
+    """
+    cfg, out = plan.config, plan.out_dir
+    info = distributed.init_from_env(cfg.train.device)
+    if info.enabled:
+        plan.config = cfg = cfg.replace(train={"device": info.device})
+    try:
+        checked = check_data(plan) if info.is_main else None  # before the lock: a failed check writes nothing
+        with run_lock(out) if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                tokenizer, tokens = write_data(plan, *checked)
+                distributed.barrier()  # release the other ranks: tokenizer and token files are ready
+            else:
+                distributed.barrier()
+                tokenizer = Tokenizer.from_files(out / "vocab.json", out / "merges.txt", special_tokens=[EOS_TOKEN])
+                tokens = prepare_tokens(out, tokenizer, plan.texts, log=lambda _m: None)
+            summary = train_loop(cfg.model, cfg.train, tokens["train"], tokens["valid"], out, resume=plan.resume,
+                                 run_config=cfg.to_dict(), tokenizer_fingerprint=tokenizer.fingerprint(), log=log,
+                                 dist_info=info)
+            if not info.is_main:
+                return summary
+            if summary["status"] == "interrupted":
+                log(f"stopped at step {summary['step']}; continue with: flm train --resume --out-dir {out}")
+                raise KeyboardInterrupt
+            return _finish(cfg, out, tokenizer, tokens, summary)
+    finally:
+        distributed.shutdown()
+
+
+def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
+    """The data stages that write nothing to the run directory: download (into the data
+    directory), the tokenizer (trained in memory unless cached), and the checks that need it.
+
+    Returns:
+        ``(tokenizer, stamp)``; the stamp is ``None`` when the tokenizer came from the cache.
+
+    Raises:
+        UsageError: a text that encodes to fewer than ``context_length + 1`` tokens, or a resumed
+            checkpoint made with another tokenizer.
+    """
+    cfg = plan.config
+    if plan.downloads:
+        paths = download(cfg.data.dataset, cfg.data.data_dir, progress=True)
+        plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
+    elif not plan.texts:
+        ds, base = DATASETS[cfg.data.dataset], Path(cfg.data.data_dir)
+        plan.texts = {"train": (str(base / ds.local_name("train")), cfg.data.train_bytes),
+                      "valid": (str(base / ds.local_name("valid")), None)}
+    tokenizer, new_stamp = _tokenizer_for(plan)
+    if plan.resume_from is not None:
+        saved = (read_header(plan.resume_from[0]).get("metadata") or {}).get("tokenizer_fingerprint")
+        if saved and saved != tokenizer.fingerprint():
+            raise UsageError(f"--resume: {plan.resume_from[0].name} was trained with another tokenizer ({saved[:12]}…)")
+    need = cfg.model.context_length + 1
+    for split, (path, _) in plan.texts.items():
+        if count_tokens(tokenizer, path, at_least=need) < need:
+            raise UsageError(f"the {split} text {path} encodes to fewer than context_length + 1 = {need} tokens")
+    return tokenizer, new_stamp
+
+
+def write_data(plan: Plan, tokenizer: Tokenizer, new_stamp: dict[str, Any] | None) -> tuple[Tokenizer, dict[str, Any]]:
+    """Everything checked, the run directory is written (under its lock): orphan temp files and
+    ``--overwrite``'s files go, then the tokenizer, the token files and ``config.json``.
+
+    Returns:
+        ``(tokenizer, {"train": memmap, "valid": memmap})``.
+    """
+    cfg, out = plan.config, plan.out_dir
+    for p in remove_orphan_temps(out):
+        log(f"removed {p.name}, left by an interrupted write")
+    for p in plan.remove:
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if new_stamp is not None:
+        save_tokenizer(out, tokenizer, new_stamp)
+    tokens = prepare_tokens(out, tokenizer, plan.texts, num_workers=cfg.data.num_workers, log=log)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    return tokenizer, tokens
+
+
+def _finish(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokens: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the best checkpoint on every validation token; write results.json and samples.txt."""
+    from flm.generate import generate
+    from flm.runs import load_model
+
+    params, model, header = load_model(out / BEST if (out / BEST).exists() else out, device=cfg.train.device)
+    final = evaluate(params, model, tokens["valid"], cfg.train.batch_size, model.context_length, progress=True)
+    h1 = unigram_entropy(tokens["valid"], model.vocab_size)
+    best_step = int(header.get("step", 0))
+    log(f"validation: loss {final['loss']:.4f} nats/token (perplexity {final['perplexity']:.2f}) on "
+        f"{final['tokens']:,} tokens at best step {best_step}; unigram entropy {h1:.4f}")
+    results = {
+        "best_step": best_step, "val_loss": final["loss"], "val_perplexity": final["perplexity"],
+        "val_tokens": final["tokens"], "unigram_entropy": h1, "steps": summary["step"], "status": summary["status"],
+        "train_wall_time_s": summary["wall_time"], "train_tokens_per_sec": summary["tokens_per_sec"],
+        "mfu": summary["mfu"], "num_params": count_params(model),
+    }
+    s = cfg.sample
+    if s.max_new_tokens and s.prompts:
+        gen = torch.Generator(device=cfg.train.device).manual_seed(s.seed)
+        ids = generate(params, model, [tokenizer.encode(p) for p in s.prompts], s.max_new_tokens,
+                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None, eos_id=tokenizer.eos_id,
+                       generator=gen)
+        texts = [p + tokenizer.decode(o) for p, o in zip(s.prompts, ids, strict=True)]
+        sep = "\n\n" + "-" * 72 + "\n\n"
+        head = f"# {out.name}: best step {best_step}, temperature {s.temperature}, top-p {s.top_p}, top-k {s.top_k}\n\n"
+        atomic_write_text(out / "samples.txt", head + sep.join(texts) + "\n")
+        log(sep.join(texts))
+        results["samples"] = texts
+    atomic_write_json(out / "results.json", results)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """``flm train``: resolve the config, plan, print the plan, execute."""
+    from flm.cli.common import set_threads
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    set_threads(args.threads)
+    out = Path(args.out_dir or f"runs/{cfg.preset}")
+    plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    for line in describe(plan):
+        log(line)
+    execute(plan)
+    return 0

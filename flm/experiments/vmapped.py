@@ -1,0 +1,162 @@
+"""K models of one shape trained together by ``torch.func.vmap``: hyperparameter sweeps in one process.
+
+Every model has the base config's shape and sees the same batches; each has its own peak learning
+rate (the final rate keeps the base ``min_lr / lr`` ratio, so every model follows the same cosine
+shape), weight decay and init seed. The K parameter trees and optimiser states are stacked along
+a leading model axis and trained by one :func:`flm.train.make_vmapped_train_step` call per step.
+Each model's metrics go to ``OUT/<label>/metrics.jsonl`` in the training loop's format, so the
+same readers and plots serve sweeps and single runs. A model whose loss turns NaN (diverged)
+keeps training inside the vmap without affecting the others; its losses are recorded as null.
+
+Source: CS336 assignment 1 handout §7.2 (learning_rate: a sweep including a divergent run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flm import optim
+from flm.config import RunConfig
+from flm.data import get_batch
+from flm.model import train_step_flops
+from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
+from flm.train.metrics import Throughput, device_peak_flops
+from flm.tree import all_finite, unstack
+
+__all__ = ["vmapped_train", "Variant"]
+
+Variant = dict[str, Any]  # {"label": str, "lr": float, "weight_decay": float, "seed": int}
+
+
+def _finite_or_none(values: torch.Tensor) -> list[float | None]:
+    return [float(v) if math.isfinite(float(v)) else None for v in values.double().cpu()]
+
+
+def vmapped_train(
+    cfg: RunConfig,
+    train_tokens: np.ndarray,
+    valid_tokens: np.ndarray,
+    out_dir: str | os.PathLike,
+    variants: Sequence[Variant],
+    *,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Train ``len(variants)`` models of ``cfg.model``'s shape at once; evaluate and log each.
+
+    Args:
+        cfg: the base run (model shape, batch size, schedule shape, intervals, device).
+        train_tokens: ``(n,)`` training ids.
+        valid_tokens: ``(m,)`` validation ids (at least ``context_length + 1``).
+        out_dir: where ``<label>/metrics.jsonl`` go.
+        variants: one dict per model: ``label``, and optionally ``lr``, ``weight_decay``, ``seed``
+            (defaults: the base config's).
+
+    Returns:
+        One summary per variant: ``label``, ``lr``, ``weight_decay``, ``final_val_loss`` and
+        ``best_val_loss`` (``None`` when diverged), ``diverged``, ``wall_time``, ``tokens_per_sec``.
+
+    Raises:
+        ValueError: no variants, duplicate labels, too little validation data.
+    """
+    if not variants:
+        raise ValueError("vmapped_train: no variants")
+    labels = [v["label"] for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"vmapped_train: duplicate labels in {labels}")
+    t = cfg.train
+    ctx, k, device = cfg.model.context_length, len(variants), t.resolved_device()
+    if int(valid_tokens.shape[0]) < ctx + 1:
+        raise ValueError(f"the validation data has {int(valid_tokens.shape[0])} tokens; need {ctx + 1}")
+    lrs = [float(v.get("lr", t.lr)) for v in variants]
+    ratio = t.min_lr / t.lr
+    hparams = {
+        "lr": torch.tensor(lrs, dtype=torch.float64),
+        "min_lr": torch.tensor(lrs, dtype=torch.float64) * ratio,
+        "weight_decay": torch.tensor([float(v.get("weight_decay", t.weight_decay)) for v in variants], dtype=torch.float64),
+    }
+
+    def make_tx(h: dict[str, torch.Tensor]) -> optim.GradientTransformation:
+        schedule = optim.cosine_schedule(h["lr"], h["min_lr"], t.warmup_iters, t.max_iters)
+        adam = optim.adamw(schedule, betas=t.betas, eps=t.eps, weight_decay=h["weight_decay"], mask=decay_mask)
+        return optim.chain(optim.clip_by_global_norm(t.grad_clip), adam) if t.grad_clip > 0 else adam
+
+    seeds = [int(v.get("seed", t.seed)) for v in variants]
+    params, opt_state = init_vmapped(cfg.model, make_tx, hparams, seeds, device=device)
+    hparams = {n: v.to(device) for n, v in hparams.items()}
+    step_fn = make_vmapped_train_step(cfg.model, make_tx, shared_batch=True, compile=t.compile,
+                                      compute_dtype=t.compute_dtype)
+    sampler = torch.Generator().manual_seed(t.seed + 1)
+    out = Path(out_dir)
+    files = {}
+    for label in labels:
+        (out / label).mkdir(parents=True, exist_ok=True)
+        files[label] = open(out / label / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+    clock = Throughput(k * train_step_flops(cfg.model, 1) / ctx, device_peak_flops(device, t.compute_dtype))
+    best = [math.inf] * k
+    last_val: list[float | None] = [None] * k
+    log(f"vmapped: {k} models x {t.max_iters} steps ({', '.join(labels)}), batch {t.batch_size} x {ctx} tokens")
+    t0, pending, interval_start = time.perf_counter(), [], 0
+
+    def evaluate_all() -> list[float | None]:
+        vals: list[float | None] = []
+        for p in unstack(params):
+            if not all_finite(p):  # a diverged model: no evaluation of NaN weights
+                vals.append(None)
+                continue
+            loss = evaluate(p, cfg.model, valid_tokens, t.batch_size, ctx, t.eval_batches)["loss"]
+            vals.append(loss if math.isfinite(loss) else None)
+        return vals
+
+    try:
+        for step in range(1, t.max_iters + 1):
+            x, y = get_batch(train_tokens, t.batch_size, ctx, device, sampler)
+            params, opt_state, m = step_fn(params, opt_state, hparams, x, y)
+            pending.append(m)
+            at_eval = (t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_iters
+            if step % t.log_interval and not at_eval:
+                continue
+            losses = torch.stack([p["loss"] for p in pending]).mean(0)  # NaN if any step of the interval was
+            rate = clock.update((step - interval_start) * t.batch_size * ctx * k)
+            interval_start, last = step, pending[-1]
+            pending.clear()
+            vals = None
+            if at_eval:
+                t_eval = time.perf_counter()
+                vals = evaluate_all()
+                clock.exclude(time.perf_counter() - t_eval)
+            train_l, lrs_now, norms = _finite_or_none(losses), _finite_or_none(last["lr"]), _finite_or_none(last["grad_norm"])
+            for i, label in enumerate(labels):
+                val = vals[i] if vals else None
+                if val is not None:
+                    best[i] = min(best[i], val)
+                if vals:
+                    last_val[i] = val
+                rec = {"step": step, "wall_time": round(time.perf_counter() - t0, 3), "tokens": step * t.batch_size * ctx,
+                       "train_loss": train_l[i], "val_loss": val,
+                       "val_perplexity": math.exp(val) if val is not None and val < 700 else None,
+                       "lr": lrs_now[i], "grad_norm": norms[i], "tokens_per_sec": round(rate / k, 1),
+                       "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
+                files[label].write(json.dumps(rec) + "\n")
+                files[label].flush()
+            fmt = lambda vs: " ".join("   nan" if v is None else f"{v:6.3f}" for v in vs)  # noqa: E731
+            log(f"step {step:5d} | train {fmt(train_l)}" + (f" | val {fmt(vals)}" if vals else "")
+                + f" | {rate:,.0f} tok/s")
+    finally:
+        for f in files.values():
+            f.close()
+    wall = time.perf_counter() - t0
+    return [
+        {"label": label, "lr": lrs[i], "weight_decay": float(hparams["weight_decay"][i]),
+         "final_val_loss": last_val[i], "best_val_loss": best[i] if math.isfinite(best[i]) else None,
+         "diverged": last_val[i] is None, "wall_time": wall, "tokens_per_sec": clock.rate / k if clock.rate else None}
+        for i, label in enumerate(labels)
+    ]

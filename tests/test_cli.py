@@ -1,0 +1,209 @@
+"""The ``flm`` command end to end on a slice of the shared TinyStories data (tiny preset): every
+artefact, falling loss, resume equal to an uninterrupted run, cached stages, every subcommand,
+generated flags and config files. Failure paths are in tests/test_reliability.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
+from flm.cli import main
+from flm.config import PRESETS, RunConfig
+from flm.train import read_metrics
+from flm.tree import tree_leaves
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {"step", "wall_time", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
+
+
+@pytest.fixture(scope="session")
+def texts(shared_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("texts")
+    src = shared_data / "tinystories"
+    train, valid = d / "train.txt", d / "valid.txt"
+    train.write_text((src / "train.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    valid.write_text((src / "valid.txt").read_text(encoding="utf-8")[:10_000], encoding="utf-8")
+    return train, valid
+
+
+def train_argv(texts, out, *extra):
+    train, valid = texts
+    return ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--out-dir", str(out),
+            "--device", "cpu", "--num-workers", "1", "--max-new-tokens", "12", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(train_argv(texts, out)) == 0
+    return out
+
+
+def test_train_writes_every_artefact_and_learns(tiny_run):
+    out = tiny_run
+    for name in ("config.json", "metrics.jsonl", "loss.png", "best.safetensors", "vocab.json", "merges.txt",
+                 "samples.txt", "results.json", "train.tokens", "valid.tokens"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert [p.name for p in list_checkpoints(out)] == ["ckpt_0000020.safetensors", "ckpt_0000040.safetensors"]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows and all(REQUIRED <= set(r) for r in rows)
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.5
+    assert all(r["tokens_per_sec"] > 0 and r["mfu"] is not None and 0 < r["mfu"] < 1 for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 40 and results["val_loss"] < 6.0 and len(results["samples"]) == 3
+    # The run's own config.json loads back as the same config.
+    assert RunConfig.from_dict(json.loads((out / "config.json").read_text())).model.d_model == 32
+
+
+def test_best_holds_params_only_with_config_and_tokenizer_fingerprint(tiny_run):
+    header = read_header(tiny_run / "best.safetensors")
+    assert header["has_opt_state"] is False
+    assert header["metadata"]["tokenizer_fingerprint"] and header["metadata"]["val_loss"] > 0
+    assert header["config"]["model"]["vocab_size"] == 300
+    ckpt_header = read_header(tiny_run / "ckpt_0000040.safetensors")
+    assert ckpt_header["has_opt_state"] and ckpt_header["metadata"]["tokenizer_fingerprint"] == header["metadata"]["tokenizer_fingerprint"]
+
+
+def test_crash_and_resume_matches_uninterrupted(tiny_run, texts, tmp_path, capsys):
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tiny_run, crashed)
+    # A crash after step 20: the step-40 checkpoint and the final outputs were never written.
+    for name in ("ckpt_0000040.safetensors", "results.json", "samples.txt"):
+        (crashed / name).unlink()
+    assert main(train_argv(texts, crashed, "--resume")) == 0
+    assert "resumed from ckpt_0000020" in capsys.readouterr().out
+    a, b = load_checkpoint(tiny_run / "ckpt_0000040.safetensors"), load_checkpoint(crashed / "ckpt_0000040.safetensors")
+    assert a.step == b.step == 40
+    for x, y in zip(tree_leaves(a.params), tree_leaves(b.params), strict=True):
+        assert torch.equal(x, y)
+    keys = ("step", "tokens", "train_loss", "val_loss", "lr", "grad_norm")
+    ra, rb = read_metrics(tiny_run / "metrics.jsonl"), read_metrics(crashed / "metrics.jsonl")
+    assert [{k: r[k] for k in keys} for r in ra] == [{k: r[k] for k in keys} for r in rb]
+    assert json.loads((crashed / "results.json").read_text())["val_loss"] == pytest.approx(
+        json.loads((tiny_run / "results.json").read_text())["val_loss"], rel=1e-12)
+
+
+def test_resume_of_a_finished_run_reuses_every_stage(tiny_run, texts, tmp_path, capsys):
+    again = tmp_path / "again"
+    shutil.copytree(tiny_run, again)
+    assert main(train_argv(texts, again, "--resume")) == 0
+    out = capsys.readouterr().out
+    for stage in ("tokenizer: cached", "encode train: cached", "encode valid: cached", "resumed from ckpt_0000040"):
+        assert stage in out, stage
+    assert "step     45" not in out
+
+
+def test_resume_with_more_steps_continues_training(tiny_run, texts, tmp_path, capsys):
+    longer = tmp_path / "longer"
+    shutil.copytree(tiny_run, longer)
+    assert main(train_argv(texts, longer, "--resume", "--max-iters", "50")) == 0
+    out = capsys.readouterr().out
+    assert "resumed with changed settings: max_iters 40 → 50" in out and "step     50/50" in out
+    assert list_checkpoints(longer)[-1].name == "ckpt_0000050.safetensors"
+
+
+def test_print_config_and_config_files_round_trip(tiny_run, texts, tmp_path, capsys):
+    assert main(["train", "--config", str(tiny_run / "config.json"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tiny_run / "config.json").read_text())
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[model]\nd_model = 48\nnorm = "post"\n[train]\nlr = 0.01\nbetas = [0.9, 0.99]\n')
+    assert main(["train", "--config", str(toml), "--lr", "0.02", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["model"]["d_model"] == 48 and cfg["model"]["norm"] == "post" and cfg["train"]["lr"] == 0.02
+    assert cfg["train"]["betas"] == [0.9, 0.99] and cfg["model"]["num_layers"] == PRESETS["tiny"]["model"]["num_layers"]
+
+
+def test_every_config_field_is_a_flag(capsys):
+    """All of TransformerConfig, TrainConfig, DataConfig and SampleConfig are reachable."""
+    import dataclasses
+
+    from flm.cli.args import _flag
+    from flm.config import SECTIONS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert _flag(section, f.name) in text, (section, f.name)
+    for preset in PRESETS:
+        assert preset in text
+    argv = ["train", "--preset", "tiny", "--norm", "none", "--ffn", "silu", "--position", "nope", "--tie-embeddings",
+            "--attention", "flm", "--betas", "0.8", "0.9", "--adam-eps", "1e-6", "--norm-eps", "1e-6",
+            "--keep-checkpoints", "3", "--tokens", "20480", "--print-config"]
+    assert main(argv) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["model"]["norm"], cfg["model"]["ffn"], cfg["model"]["position"], cfg["model"]["tie_embeddings"]) == (
+        "none", "silu", "nope", True)
+    assert cfg["train"]["betas"] == [0.8, 0.9] and cfg["train"]["eps"] == 1e-6 and cfg["model"]["eps"] == 1e-6
+    assert cfg["train"]["keep_checkpoints"] == 3 and cfg["train"]["max_iters"] == 80  # 20480 / (8 × 32)
+
+
+def test_generate_streams_top_k_and_reproduces(tiny_run, capsys):
+    argv = ["generate", str(tiny_run), "--prompt", "Once upon a time", "--max-new-tokens", "10", "--seed", "1",
+            "--top-k", "5", "--device", "auto"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("Once upon a time") and len(first) > len("Once upon a time")
+    assert main(argv) == 0 and capsys.readouterr().out == first
+    assert main([*argv[:2], "--checkpoint", str(tiny_run / "ckpt_0000040.safetensors"), *argv[2:], "--no-stream"]) == 0
+
+
+def test_eval_export_and_tokenize_subcommands(tiny_run, texts, tmp_path, capsys):
+    assert main(["eval", str(tiny_run), "--text", str(texts[1]), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["loss"] == pytest.approx(json.loads((tiny_run / "results.json").read_text())["val_loss"], rel=1e-6)
+    assert main(["export-hf", str(tiny_run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+    tok_dir = tmp_path / "tok"
+    assert main(["tokenize", "train", str(texts[0]), "--vocab-size", "300", "--out-dir", str(tok_dir)]) == 0
+    assert (tok_dir / "vocab.json").read_text() == (tiny_run / "vocab.json").read_text()
+    assert main(["tokenize", "encode", str(texts[1]), str(tmp_path / "v.tokens"), "--tokenizer", str(tok_dir)]) == 0
+    assert (tmp_path / "v.tokens").read_bytes() == (tiny_run / "valid.tokens").read_bytes()
+
+
+def test_load_run_for_notebooks(tiny_run):
+    import flm
+
+    params, config, tok = flm.load_run(tiny_run)
+    assert config.vocab_size == 300 and tok.vocab_size <= 300
+    ids = flm.generate.generate(params, config, [tok.encode("Once upon")], 5, temperature=0.0, eos_id=tok.eos_id)
+    assert len(ids[0]) <= 5
+
+
+def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--preset", "tiny", "--train-text", str(texts[0]), "--valid-text", str(texts[1]), "--out-dir",
+            str(out), "--lrs", "1e-3", "1e-2", "--max-iters", "10", "--eval-interval", "5", "--num-workers", "1"]
+    assert main(argv) == 0
+    result = json.loads((out / "sweep.json").read_text())["results"]
+    assert [r["lr"] for r in result] == [1e-3, 1e-2]
+    for r in result:
+        rows = read_metrics(out / r["label"] / "metrics.jsonl")
+        assert [x["step"] for x in rows if x["val_loss"] is not None] == [5, 10]
+    assert result[1]["final_val_loss"] < result[0]["final_val_loss"]  # the higher lr learns faster in 10 steps
+    assert (out / "sweep.png").stat().st_size > 0
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results there: refuse to clobber
+
+
+def test_python_dash_m_entry_points_are_the_same_command(tiny_run):
+    for module, args in (("flm", ["--version"]), ("flm.generate", ["--help"]), ("flm.tokenizer", ["train", "--help"]),
+                         ("flm.data", ["download", "--help"])):
+        r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, (module, r.stderr)
+        assert "flm" in r.stdout
+
+
+def test_examples_script_is_flm_train(texts, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tinystories.py"), "--preset", "tiny", "--print-config"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["preset"] == "tiny"
