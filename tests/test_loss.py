@@ -112,3 +112,39 @@ def test_errors():
         cross_entropy(logits, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="integer"):
         token_cross_entropy(logits, torch.zeros(2, 3, dtype=torch.bool))
+
+
+# The hand-written gradient (flm.loss._CrossEntropy) against autograd of the plain formula.
+
+
+@given(lead=st.lists(st.integers(1, 4), min_size=1, max_size=3), vocab=st.integers(2, 40), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1.0, 30.0, 1e4]))
+def test_hand_written_gradient_equals_autograd_of_the_formula(lead, vocab, seed, scale):
+    from flm.loss import _token_cross_entropy_autograd
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, vocab, dtype=torch.float64, generator=g) * scale
+    t = torch.randint(0, vocab, tuple(lead), generator=g)
+    w = torch.randn(*lead, dtype=torch.float64, generator=g)  # a non-uniform upstream gradient
+    a = torch.func.grad(lambda x: (token_cross_entropy(x, t) * w).sum())(x)
+    b = torch.func.grad(lambda x: (_token_cross_entropy_autograd(x, t) * w).sum())(x)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_hand_written_gradient_under_vmap_compile_and_backward():
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    t = torch.randint(0, 7, (3, 4))
+
+    def loss(x, t):
+        return cross_entropy(x, t)
+
+    per_model = torch.func.vmap(torch.func.grad(loss))(x, t)
+    for i in range(3):
+        torch.testing.assert_close(per_model[i], torch.func.grad(loss)(x[i], t[i]), rtol=0, atol=0)
+    compiled = torch.compile(torch.func.grad(loss), fullgraph=True, backend="aot_eager")(x, t)
+    torch.testing.assert_close(compiled, torch.func.grad(loss)(x, t), rtol=1e-15, atol=1e-15)
+    xx = x.clone().requires_grad_()
+    loss(xx, t).backward()
+    oracle = x.clone().requires_grad_()
+    F.cross_entropy(oracle.flatten(0, 1), t.flatten()).backward()
+    torch.testing.assert_close(xx.grad, oracle.grad, rtol=1e-12, atol=1e-14)

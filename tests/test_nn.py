@@ -367,8 +367,9 @@ def test_rope_properties(lead, s, half, seed, start):
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), **F64)
     # position 0 is the identity
     torch.testing.assert_close(nn.rope(x, torch.zeros(s, dtype=torch.long), 10000.0), x, **EXACT)
-    # broadcasting positions over the batch equals giving them per batch element
-    torch.testing.assert_close(nn.rope(x, pos.expand(*lead, s), 10000.0), y, **EXACT)
+    # broadcasting positions over the batch equals giving them per batch element (to round-off:
+    # the complex multiply may take a vectorised path for one layout and not the other)
+    torch.testing.assert_close(nn.rope(x, pos.expand(*lead, s), 10000.0), y, rtol=1e-15, atol=1e-15)
 
 
 @given(
@@ -545,3 +546,29 @@ def test_init_seeds_dtype_device():
         assert p[key]["weight"].dtype == torch.bfloat16 and p[key]["weight"].device.type == "cpu"
         # same draw, only rounded: a seed gives the same model in every dtype
         torch.testing.assert_close(p[key]["weight"], p32[key]["weight"].bfloat16(), **EXACT)
+
+
+def test_embedding_gradient_accumulates_repeated_ids_like_autograd_of_indexing():
+    w = torch.randn(9, 4, dtype=torch.float64)
+    ids = torch.tensor([[1, 1, 3], [8, 1, 0]])
+    up = torch.randn(2, 3, 4, dtype=torch.float64)
+    got = torch.func.grad(lambda w: (nn.embedding({"weight": w}, ids) * up).sum())(w)
+    ref = w.clone().requires_grad_()
+    (ref[ids] * up).sum().backward()
+    torch.testing.assert_close(got, ref.grad, rtol=0, atol=1e-15)
+    batched = torch.func.vmap(torch.func.grad(lambda w, i: nn.embedding({"weight": w}, i).sum()))(torch.stack([w, w]), torch.stack([ids, ids]))
+    torch.testing.assert_close(batched[1], torch.func.grad(lambda w: nn.embedding({"weight": w}, ids).sum())(w))
+
+
+def test_rope_complex_eager_path_equals_the_real_compiled_path():
+    """Eager rope multiplies complex numbers; under torch.compile the real form runs (inductor
+    has no complex codegen). Both must give the same rotation and gradient."""
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    pos = torch.arange(5)
+
+    def f(x):
+        return (nn.rope(x, pos, 10000.0) * torch.linspace(-1, 1, 8, dtype=torch.float64)).sum()
+
+    eager = torch.func.grad_and_value(f)(x)
+    compiled = torch.compile(torch.func.grad_and_value(f), fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-14, atol=1e-14)

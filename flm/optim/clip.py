@@ -36,7 +36,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
-def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = False) -> GradientTransformation:
     """Scale the gradients down when their global ℓ2 norm exceeds ``max_norm``.
 
     ``g ← g · M / (‖g‖₂ + ε)`` if ``‖g‖₂ > M``, else ``g`` unchanged (exactly), with ε = 1e-6 as in
@@ -45,6 +45,8 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransform
     Args:
         max_norm: M > 0.
         eps: ε added to the norm.
+        inplace: scale the incoming gradient tensors in place (donating them: a train step that
+            owns its freshly computed gradients saves one allocation and pass over them).
 
     Returns:
         A stateless :class:`GradientTransformation`.
@@ -67,6 +69,9 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> GradientTransform
         norm = global_norm(grads)
         scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
         if base._use_foreach(leaves):
+            if inplace:
+                torch._foreach_mul_(leaves, scale.to(leaves[0].dtype))
+                return grads, state
             scaled = torch._foreach_mul(leaves, scale.to(leaves[0].dtype))
         else:
             scaled = [g * scale.to(g.dtype) for g in leaves]

@@ -163,11 +163,24 @@ def decay_mask(params: PyTree) -> PyTree:
     return tree_map(lambda p: p.dim() >= 2, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optim.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, *, inplace: bool = False) -> optim.GradientTransformation:
     """The handout's optimiser: global-norm clipping → AdamW on a warm-up + cosine schedule.
+
+    Args:
+        cfg: the run's settings (lr, min_lr, warmup_iters, max_iters, betas, eps, weight_decay,
+            grad_clip).
+        inplace: donate the gradients and the optimiser state to the update (clipping scales the
+            gradients in place, AdamW writes its moments in place): what a training loop that owns
+            them uses; the default stays pure.
+
+    Returns:
+        ``chain(clip_by_global_norm(grad_clip), adamw(...))`` (no clipping when ``grad_clip`` is 0).
 
     Source: handout §4.3–4.5, §7.2.
     """
     schedule = optim.cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-    adam = optim.adamw(schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optim.chain(optim.clip_by_global_norm(cfg.grad_clip), adam) if cfg.grad_clip > 0 else adam
+    adam = optim.adamw(schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
+                       inplace=inplace)
+    if cfg.grad_clip > 0:
+        return optim.chain(optim.clip_by_global_norm(cfg.grad_clip, inplace=inplace), adam)
+    return adam

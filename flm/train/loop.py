@@ -150,7 +150,10 @@ def _train(
     log: Callable[[str], None], dist_info: distributed.DistInfo, device: torch.device, local_batch: int,
 ) -> dict[str, Any]:
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
-    tx = make_optimizer(cfg)
+    # The loop owns its params, optimiser state and gradients, so the step updates them in place
+    # (donated buffers: no allocation per step); Ctrl-C is deferred to the end of the step
+    # (_interrupt_guard), so an interrupted run never saves a half-applied update.
+    tx = make_optimizer(cfg, inplace=True)
     params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
     opt_state = tx.init(params)
     sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)
@@ -172,7 +175,8 @@ def _train(
     metrics = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, run_config=run_config,
                             resume_step=start if loaded is not None else None, enabled=main)
     step_fn = make_train_step(
-        model_config, tx, compile=cfg.compile, compute_dtype=cfg.compute_dtype, grad_accum_steps=cfg.grad_accum_steps,
+        model_config, tx, compile=cfg.compile, donate=True, compute_dtype=cfg.compute_dtype,
+        grad_accum_steps=cfg.grad_accum_steps,
         grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
     )
     tokens_per_step = cfg.batch_size * model_config.context_length
@@ -192,42 +196,45 @@ def _train(
         ckpt.save(at_step, params, opt_state, sampler=sampler, metadata=meta)
 
     try:
-        while step < cfg.max_iters:
-            if budget is not None and time.perf_counter() - t0 + reserve >= budget:
-                status = "time_budget"
-                log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
-                break
-            inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
-            params, opt_state, m = step_fn(params, opt_state, inputs, targets)
-            step += 1
-            pending.append(m)
-            at_eval = main and evaluator is not None and evaluator.due(step)
-            at_ckpt = ckpt.due(step)
-            if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
-                continue
-            summary = _summarise(pending, step, ckpt)
-            pending.clear()
-            rate = clock.update((step - interval_start) * tokens_per_step)
-            interval_start = step
-            record: dict[str, Any] = {"step": step, "wall_time": round(time.perf_counter() - t0, 3),
-                                      "tokens": step * tokens_per_step, **summary, "val_loss": None,
-                                      "val_perplexity": None, "tokens_per_sec": round(rate, 1),
-                                      "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
-            if at_eval:
-                res = evaluator(params, step)
-                clock.exclude(res["seconds"])
-                reserve = max(reserve, 1.5 * res["seconds"])
-                record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
-                t = time.perf_counter()
-                ckpt.save_best(step, params, res["loss"])
-                clock.exclude(time.perf_counter() - t)
-            metrics.write(record)
-            log(_log_line(record, cfg, clock))
-            if at_ckpt:
-                t = time.perf_counter()
-                save_periodic(step)
-                clock.exclude(time.perf_counter() - t)
-                reserve = max(reserve, 1.5 * (time.perf_counter() - t))
+        with _interrupt_guard() as interrupted:
+            while step < cfg.max_iters:
+                if interrupted():
+                    raise KeyboardInterrupt
+                if budget is not None and time.perf_counter() - t0 + reserve >= budget:
+                    status = "time_budget"
+                    log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
+                    break
+                inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
+                params, opt_state, m = step_fn(params, opt_state, inputs, targets)
+                step += 1
+                pending.append(m)
+                at_eval = main and evaluator is not None and evaluator.due(step)
+                at_ckpt = ckpt.due(step)
+                if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
+                    continue
+                summary = _summarise(pending, step, ckpt)
+                pending.clear()
+                rate = clock.update((step - interval_start) * tokens_per_step)
+                interval_start = step
+                record: dict[str, Any] = {"step": step, "wall_time": round(time.perf_counter() - t0, 3),
+                                          "tokens": step * tokens_per_step, **summary, "val_loss": None,
+                                          "val_perplexity": None, "tokens_per_sec": round(rate, 1),
+                                          "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
+                if at_eval:
+                    res = evaluator(params, step)
+                    clock.exclude(res["seconds"])
+                    reserve = max(reserve, 1.5 * res["seconds"])
+                    record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
+                    t = time.perf_counter()
+                    ckpt.save_best(step, params, res["loss"])
+                    clock.exclude(time.perf_counter() - t)
+                metrics.write(record)
+                log(_log_line(record, cfg, clock))
+                if at_ckpt:
+                    t = time.perf_counter()
+                    save_periodic(step)
+                    clock.exclude(time.perf_counter() - t)
+                    reserve = max(reserve, 1.5 * (time.perf_counter() - t))
     except KeyboardInterrupt:
         status = "interrupted"
         log(f"interrupted at step {step}: saving a checkpoint")
@@ -260,6 +267,31 @@ def _train(
         "tokens_per_sec": clock.rate,
         "mfu": clock.mfu,
     }
+
+
+@contextlib.contextmanager
+def _interrupt_guard():
+    """Defer Ctrl-C (SIGINT) to the next step boundary: the loop checks ``interrupted()`` between
+    steps, so a checkpoint never holds a half-applied in-place update. A second Ctrl-C interrupts
+    at once. Only the main thread can install signal handlers; elsewhere Ctrl-C is untouched."""
+    import signal
+    import threading
+
+    state = {"hits": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        state["hits"] += 1
+        if state["hits"] > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: state["hits"] > 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _log_line(record: dict[str, Any], cfg: TrainConfig, clock: Throughput) -> str:
