@@ -44,6 +44,8 @@ _META_KEY = "flm"
 _PREFIXES = ("params", "opt_state")
 _CKPT = re.compile(r"^ckpt_(\d+)\.safetensors$")
 
+PathOrFile = str | os.PathLike | BinaryIO
+
 
 def checkpoint_name(step: int) -> str:
     """The file name of the periodic checkpoint at ``step``: ``ckpt_<step, 7 digits>.safetensors``."""

@@ -18,9 +18,9 @@ import torch
 
 from flm.download import DATASETS, DatasetInfo, download
 from flm.tokens import (
-    _positive_int,
     TOKEN_FORMAT,
     TOKEN_FORMAT_VERSION,
+    _positive_int,
     load_tokens,
     read_sidecar,
     sidecar_path,

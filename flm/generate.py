@@ -44,7 +44,6 @@ Source: CS336 assignment 1 handout §6 (decoding, temperature, top-p); Holtzman 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 

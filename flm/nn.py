@@ -19,14 +19,14 @@ import torch
 from einops import rearrange
 
 from flm.init import (
-    truncated_normal,
-    init_linear,
     init_embedding,
-    init_rms_norm,
-    init_swiglu,
-    init_silu_ffn,
+    init_linear,
     init_multihead_self_attention,
+    init_rms_norm,
+    init_silu_ffn,
+    init_swiglu,
     init_transformer_block,
+    truncated_normal,
 )
 
 __all__ = [

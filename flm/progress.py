@@ -15,11 +15,12 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["progress_bar", "want_progress", "ProgressBar", "format_count", "format_duration"]
+__all__ = ["progress_bar", "want_progress", "ProgressBar", "format_count", "format_duration", "info"]
 
 AUTO_PROGRESS_BYTES = 4 << 20  # inputs over this size get a bar when progress=None
 
@@ -248,3 +249,9 @@ def progress_bar(
 def want_progress(progress: bool | None, size: int) -> bool:
     """Whether to show a bar: ``progress`` if given, else whether the input (``size`` bytes) is over 4 MB."""
     return bool(progress) if progress is not None else size > AUTO_PROGRESS_BYTES
+
+
+def info(message: str) -> None:
+    """Log a progress message on the ``flm`` logger at INFO: the ``flm`` command shows them, a
+    script silences them with ``logging.getLogger("flm").setLevel(logging.WARNING)``."""
+    logging.getLogger("flm").info(message)

@@ -33,6 +33,7 @@ import torch
 from flm._io import atomic_write_json
 from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
 from flm.model import TransformerConfig, check_params
+from flm.progress import info
 from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
 from flm.tokens import load_tokens
 from flm.tree import tree_map
@@ -166,7 +167,7 @@ def prepare_tokens(
     texts: dict[str, tuple[str | os.PathLike, int | None]],
     *,
     num_workers: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     progress: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Encode (or reuse) ``<split>.tokens`` for each ``split -> (text, max_bytes)`` and memory-map them.
@@ -181,6 +182,7 @@ def prepare_tokens(
         ValueError: an unreadable text or a corrupt token file.
     """
     out, fp = Path(out_dir), tokenizer.fingerprint()
+    log = log or info
     tokens = {}
     for split, (text, max_bytes) in texts.items():
         path, stamp_path = out / f"{split}.tokens", out / f"{split}.stamp.json"

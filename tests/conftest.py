@@ -1,4 +1,5 @@
-"""Shared test configuration: hypothesis profiles and the location of ../shared/data."""
+"""Shared test configuration: hypothesis profiles, the location of ../shared/data, and one tiny
+end-to-end ``flm train`` run (on a slice of the shared TinyStories text) that CLI tests copy."""
 
 import os
 from pathlib import Path
@@ -40,3 +41,31 @@ def shared_data() -> Path:
     if d is None:
         pytest.skip("shared data not found (set FLM_SHARED_DATA or place it at ../shared/data)")
     return d
+
+
+@pytest.fixture(scope="session")
+def texts(shared_data, tmp_path_factory):
+    """(train, valid): 60 KB and 10 KB slices of the shared TinyStories excerpt."""
+    d = tmp_path_factory.mktemp("texts")
+    src = shared_data / "tinystories"
+    train, valid = d / "train.txt", d / "valid.txt"
+    train.write_text((src / "train.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    valid.write_text((src / "valid.txt").read_text(encoding="utf-8")[:10_000], encoding="utf-8")
+    return train, valid
+
+
+def train_argv(texts, out, *extra):
+    """``flm train`` arguments for the tiny preset on ``texts`` into ``out``."""
+    train, valid = texts
+    return ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--out-dir", str(out),
+            "--device", "cpu", "--num-workers", "1", "--max-new-tokens", "12", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(texts, tmp_path_factory):
+    """A finished tiny run (40 steps); tests copy it before changing anything."""
+    from flm.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(train_argv(texts, out)) == 0
+    return out

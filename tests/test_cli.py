@@ -15,35 +15,13 @@ import torch
 
 from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
 from flm.cli import main
+from tests.conftest import train_argv
 from flm.config import PRESETS, RunConfig
 from flm.train import read_metrics
 from flm.tree import tree_leaves
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"step", "wall_time", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
-
-
-@pytest.fixture(scope="session")
-def texts(shared_data, tmp_path_factory):
-    d = tmp_path_factory.mktemp("texts")
-    src = shared_data / "tinystories"
-    train, valid = d / "train.txt", d / "valid.txt"
-    train.write_text((src / "train.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
-    valid.write_text((src / "valid.txt").read_text(encoding="utf-8")[:10_000], encoding="utf-8")
-    return train, valid
-
-
-def train_argv(texts, out, *extra):
-    train, valid = texts
-    return ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--out-dir", str(out),
-            "--device", "cpu", "--num-workers", "1", "--max-new-tokens", "12", *extra]
-
-
-@pytest.fixture(scope="session")
-def tiny_run(texts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    assert main(train_argv(texts, out)) == 0
-    return out
 
 
 def test_train_writes_every_artefact_and_learns(tiny_run):

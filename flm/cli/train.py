@@ -28,6 +28,7 @@ import torch
 
 from flm import distributed
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
+from flm.checkpoint import read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import UsageError, log, pick_device
 from flm.config import RunConfig
@@ -45,7 +46,6 @@ from flm.runs import (
     train_tokenizer,
     unigram_entropy,
 )
-from flm.checkpoint import read_header
 from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
 from flm.train.checkpointer import model_config_changes

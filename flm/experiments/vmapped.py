@@ -28,6 +28,7 @@ from flm import optim
 from flm.config import RunConfig
 from flm.data import get_batch
 from flm.model import train_step_flops
+from flm.progress import info
 from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
 from flm.train.metrics import Throughput, device_peak_flops
 from flm.tree import all_finite, unstack
@@ -48,7 +49,7 @@ def vmapped_train(
     out_dir: str | os.PathLike,
     variants: Sequence[Variant],
     *,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``len(variants)`` models of ``cfg.model``'s shape at once; evaluate and log each.
 
@@ -69,6 +70,7 @@ def vmapped_train(
     """
     if not variants:
         raise ValueError("vmapped_train: no variants")
+    log = log or info
     labels = [v["label"] for v in variants]
     if len(set(labels)) != len(labels):
         raise ValueError(f"vmapped_train: duplicate labels in {labels}")

@@ -22,8 +22,8 @@ import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
-from flm.tokenizer.pretokenize import count_file, prefix_end, safe_split_token
 from flm.progress import progress_bar, want_progress
+from flm.tokenizer.pretokenize import count_file, prefix_end, safe_split_token
 
 __all__ = ["train_bpe", "train_bpe_from_counts", "check_train_args"]
 

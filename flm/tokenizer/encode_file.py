@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from flm._io import atomic_write_json
-from flm.tokenizer.pretokenize import chunk_boundaries, prefix_end, safe_split_token
 from flm.progress import progress_bar, want_progress
+from flm.tokenizer.pretokenize import chunk_boundaries, prefix_end, safe_split_token
 from flm.tokenizer.tokenizer import Tokenizer
 from flm.tokens import sidecar_dict, token_dtype
 

@@ -25,6 +25,7 @@ import torch
 
 from flm.checkpoint import Checkpoint, checkpoint_name, list_checkpoints, load_checkpoint, read_header, save_checkpoint
 from flm.model import TransformerConfig
+from flm.progress import info
 from flm.tree import all_finite
 
 __all__ = ["Checkpointer", "NonFiniteLossError", "model_config_changes", "BEST_NAME"]
@@ -59,7 +60,7 @@ class Checkpointer:
         tokenizer_fingerprint: the tokenizer the run's token files were made with (stored, and
             checked on resume), or ``None``.
         enabled: ``False`` (non-zero ranks) writes nothing.
-        log: where messages go.
+        log: where messages go (default: the ``flm`` logger at INFO).
     """
 
     def __init__(
@@ -71,10 +72,10 @@ class Checkpointer:
         run_config: dict[str, Any],
         tokenizer_fingerprint: str | None = None,
         enabled: bool = True,
-        log: Callable[[str], None] = print,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.out = Path(out_dir)
-        self.interval, self.keep, self.enabled, self.log = interval, max(1, keep), enabled, log
+        self.interval, self.keep, self.enabled, self.log = interval, max(1, keep), enabled, log or info
         self.run_config, self.fingerprint = run_config, tokenizer_fingerprint
         self.last_good: Path | None = None  # the newest checkpoint known to be good
         self.last_saved_step: int | None = None

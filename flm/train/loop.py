@@ -27,7 +27,7 @@ from flm import distributed
 from flm._io import remove_orphan_temps, run_lock
 from flm.data import get_batch, resolve_device
 from flm.model import TransformerConfig, init_params, train_step_flops
-from flm.progress import format_duration
+from flm.progress import format_duration, info
 from flm.train.checkpointer import Checkpointer, NonFiniteLossError
 from flm.train.config import TrainConfig, make_optimizer
 from flm.train.evaluate import Evaluator
@@ -70,7 +70,7 @@ def train_loop(
     resume: bool = False,
     run_config: dict[str, Any] | None = None,
     tokenizer_fingerprint: str | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
     dist_info: distributed.DistInfo | None = None,
 ) -> dict[str, Any]:
     """Train a model on memory-mapped tokens, with logging, evaluation, checkpoints and resume.
@@ -94,7 +94,7 @@ def train_loop(
         resume: continue from the newest good checkpoint in ``out_dir`` if there is one.
         run_config: the whole run's settings, stored in checkpoints (default: model + train).
         tokenizer_fingerprint: stored in checkpoints and checked on resume.
-        log: where log lines go.
+        log: where log lines go (default: the ``flm`` logger at INFO).
         dist_info: a :class:`flm.distributed.DistInfo` for data parallelism: ``batch_size`` is
             the global batch, each rank draws its share from its own rank-seeded sampler,
             gradients are averaged with a bucketed all-reduce, and only rank 0 logs, evaluates
@@ -115,7 +115,8 @@ def train_loop(
     Source: handout §5.3 (training_together), §7.1 (experiment_log).
     """
     dist_info = dist_info or distributed.DistInfo(device=cfg.resolved_device())
-    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    log = log or info
+    world, main = dist_info.world_size, dist_info.is_main
     if cfg.batch_size % world:
         raise ValueError(f"train_loop: batch_size={cfg.batch_size} does not divide over {world} ranks")
     local_batch = cfg.batch_size // world
