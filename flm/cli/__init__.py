@@ -16,6 +16,7 @@ a user can cause; ``--debug`` (or ``FLM_DEBUG=1``) shows the traceback. See :mod
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -58,5 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``flm`` command line; returns the exit code (0 success, 1 runtime error, 2 usage, 130 Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
+    args.command_line = "flm " + shlex.join(argv)  # for reports that record how they were made
     setup_logging(quiet=getattr(args, "quiet", False))
     return run_command(args.handler, args)

@@ -13,8 +13,6 @@ Source: CS336 assignment 1 handout §2.7, §7.2–7.3.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     for line in describe(plan)[:3]:
         log(line)
     names = [n for n in NAMES if n != "all"] if args.name == "all" else [args.name]
-    command = "flm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"flm experiment {args.name}"
+    command = getattr(args, "command_line", f"flm experiment {args.name}")
     checked = check_data(plan)
     with run_lock(out):
         tokenizer, tokens = write_data(plan, *checked)

@@ -220,7 +220,8 @@ def exp_tie(ctx: Context) -> dict[str, Any]:
 
 
 def exp_generate(ctx: Context) -> dict[str, Any]:
-    """A ≥ 256-token sample from the baseline's best model with the sampling settings, plus greedy
+    """A sample of up to ``max(256, max_new_tokens)`` tokens (or until ``<|endoftext|>``, as the
+    handout allows) from the baseline's best model with the run's sampling settings, plus greedy
     decoding and a hot temperature for contrast (handout §7.2 generate)."""
     from flm.generate import generate
     from flm.runs import load_model
@@ -234,10 +235,11 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
     for label, temp, top_p in settings:
         g = torch.Generator().manual_seed(s.seed)
         ids = generate(params, config, [tok.encode(s.prompts[0])], n, temperature=temp, top_p=top_p,
-                       eos_id=None, generator=g)[0]
+                       eos_id=tok.eos_id, generator=g)[0]
         samples.append({"label": label, "temperature": temp, "top_p": top_p, "tokens": len(ids),
-                        "text": s.prompts[0] + tok.decode(ids)})
-    md = "\n".join(f"**{x['label']}** (temperature {x['temperature']}, top-p {x['top_p']}, {x['tokens']} tokens):\n\n"
+                        "stopped_at_eos": len(ids) < n, "text": s.prompts[0] + tok.decode(ids)})
+    md = "\n".join(f"**{x['label']}** (temperature {x['temperature']}, top-p {x['top_p']}, {x['tokens']} tokens"
+                   f"{', stopped at <|endoftext|>' if x['stopped_at_eos'] else ''}):\n\n"
                    + "\n".join("> " + line for line in x["text"].splitlines()) + "\n" for x in samples)
     return {"table": md, "plots": [], "results": samples, "best_step": header.get("step")}
 
@@ -256,7 +258,7 @@ def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
         toks["GPT-2 (50,257)"] = Tokenizer.from_files(gpt2 / "gpt2_vocab.json", gpt2 / "gpt2_merges.txt", [EOS_TOKEN])
     rows, results = [], []
     for name, tok in toks.items():
-        longest = max((b for i, b in tok.vocab.items() if b.decode("utf-8", "replace") != EOS_TOKEN), key=len)
+        longest = max((b for b in tok.vocab.values() if b.decode("utf-8", "replace") != EOS_TOKEN), key=len)
         for split, path in ctx.data.items():
             text = Path(path).read_text(encoding="utf-8")
             raw = len(text.encode("utf-8"))
@@ -270,7 +272,8 @@ def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
                             "mb_per_s": mbps, "longest_token": longest.decode("utf-8", "replace"),
                             "longest_token_bytes": len(longest)})
     head = ["tokenizer", "split", "bytes", "tokens", "bytes/token", "MB/s (1 process)", "days for 825 GB (1 process)"]
-    longest = "\n".join(f"- {r['tokenizer']}: longest token {r['longest_token']!r} ({r['longest_token_bytes']} bytes)"
+    longest = "\n".join(f"- {r['tokenizer']}: longest token {r['longest_token'][:40]!r}"
+                        f"{'…' if len(r['longest_token']) > 40 else ''} ({r['longest_token_bytes']} bytes)"
                         for r in results[:: len(ctx.data)])
     return {"table": markdown_table(head, rows) + "\n" + longest + "\n", "plots": [], "results": results}
 
