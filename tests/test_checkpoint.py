@@ -35,14 +35,16 @@ def _state_after_steps(params, n=2):
     tx = _tx()
     state = tx.init(params)
     for i in range(n):
-        g = tree_map(lambda t: torch.full_like(t, 0.1 * (i + 1)), params)
+        g = tree_map(lambda t, v=0.1 * (i + 1): torch.full_like(t, v), params)
         _, state = tx.update(g, state, params)
     return tx, state
 
 
 def _equal(a, b):
     la, lb = tree_leaves(a), tree_leaves(b)
-    return len(la) == len(lb) and all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(la, lb))
+    return len(la) == len(lb) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) for x, y in zip(la, lb)
+    )
 
 
 def _full(**kw):
@@ -50,7 +52,9 @@ def _full(**kw):
     tx, state = _state_after_steps(params)
     gen = torch.Generator().manual_seed(123)
     torch.randint(0, 10, (5,), generator=gen)  # advance it: not the seed state
-    args = dict(params=params, opt_state=state, step=17, config=CFG, metadata={"run": "t", "val": [1.5, 2]}, generator=gen)
+    args = dict(
+        params=params, opt_state=state, step=17, config=CFG, metadata={"run": "t", "val": [1.5, 2]}, generator=gen
+    )
     args.update(kw)
     return args, tx
 
@@ -73,7 +77,9 @@ def test_round_trip_with_like(tmp_path, dest):
     assert _equal(ck.params, args["params"]) and _equal(ck.opt_state, args["opt_state"])
     # NamedTuples and their types come back exactly
     assert isinstance(ck.opt_state, tuple) and ck.opt_state[0] == optim.EmptyState()
-    assert isinstance(ck.opt_state[1][0], optim.AdamWState) and isinstance(ck.opt_state[1][2], optim.ScaleByLearningRateState)
+    assert isinstance(ck.opt_state[1][0], optim.AdamWState) and isinstance(
+        ck.opt_state[1][2], optim.ScaleByLearningRateState
+    )
     assert ck.opt_state[1][0].step.dtype == torch.int64 and int(ck.opt_state[1][0].step) == 2
     assert ck.step == 17 and isinstance(ck.step, int)
     assert ck.config == CFG.to_dict() and TransformerConfig.from_dict(ck.config) == CFG
@@ -82,21 +88,29 @@ def test_round_trip_with_like(tmp_path, dest):
     # the restored generator continues the same stream
     g2 = torch.Generator()
     g2.set_state(ck.rng_state)
-    assert torch.equal(torch.randint(0, 1000, (8,), generator=g2), torch.randint(0, 1000, (8,), generator=args["generator"]))
+    assert torch.equal(
+        torch.randint(0, 1000, (8,), generator=g2), torch.randint(0, 1000, (8,), generator=args["generator"])
+    )
     # a Checkpoint works as a template too
     again = load_checkpoint(tmp_path / "c.safetensors" if dest == "path" else io.BytesIO(target.getvalue()), like=ck)
     assert _equal(again.opt_state, ck.opt_state) and isinstance(again.opt_state[1][0], optim.AdamWState)
 
 
 def test_round_trip_dtypes_with_like(tmp_path):
-    params = {"a": torch.randn(3, dtype=torch.bfloat16), "b": [torch.randn(2, 2, dtype=torch.float64)], "c": torch.arange(4)}
+    params = {
+        "a": torch.randn(3, dtype=torch.bfloat16),
+        "b": [torch.randn(2, 2, dtype=torch.float64)],
+        "c": torch.arange(4),
+    }
     path = tmp_path / "d.safetensors"
     save_checkpoint(path, params=params)
     ck = load_checkpoint(path, like={"params": tree_map(torch.zeros_like, params)})
     assert _equal(ck.params, params)
     raw = load_checkpoint(path)  # without like: stored dtypes are kept as well
     assert _equal(raw.params, params) and isinstance(raw.params["b"], list)
-    assert raw.opt_state is None and raw.step == 0 and raw.config is None and raw.metadata == {} and raw.rng_state is None
+    assert (
+        raw.opt_state is None and raw.step == 0 and raw.config is None and raw.metadata == {} and raw.rng_state is None
+    )
 
 
 def test_round_trip_without_like_gives_nested_dicts_and_lists(tmp_path):
@@ -139,10 +153,16 @@ def test_keys_are_dotted_paths_and_format_is_plain_safetensors(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
-    expected = {f"params.{k}" for k in leaf_paths(args["params"])} | {f"opt_state.{k}" for k in leaf_paths(args["opt_state"])}
+    expected = {f"params.{k}" for k in leaf_paths(args["params"])} | {
+        f"opt_state.{k}" for k in leaf_paths(args["opt_state"])
+    }
     assert keys == expected
     assert "params.layers.0.attn.q_proj.weight" in keys and "params.lm_head.weight" in keys
-    assert "opt_state.1.0.step" in keys and "opt_state.1.0.m.layers.1.ffn.w2.weight" in keys and "opt_state.1.2.step" in keys
+    assert (
+        "opt_state.1.0.step" in keys
+        and "opt_state.1.0.m.layers.1.ffn.w2.weight" in keys
+        and "opt_state.1.2.step" in keys
+    )
     header = json.loads(meta["flm"])
     assert header["step"] == 17 and header["format_version"] == ckpt_mod.FORMAT_VERSION
     # safetensors layout: 8-byte little-endian header length, then a JSON header, then raw bytes
@@ -297,7 +317,11 @@ def test_unexpected_prefix_and_non_flm_files(tmp_path):
     with pytest.raises(ValueError, match="plain.safetensors"):
         load_checkpoint(p)  # no flm metadata
     q = tmp_path / "odd.safetensors"
-    save_file({"params.w": torch.ones(2), "junk.x": torch.ones(1)}, str(q), metadata={"flm": json.dumps({"format_version": 1})})
+    save_file(
+        {"params.w": torch.ones(2), "junk.x": torch.ones(1)},
+        str(q),
+        metadata={"flm": json.dumps({"format_version": 1})},
+    )
     with pytest.raises(ValueError, match=r"odd\.safetensors.*junk\.x"):
         load_checkpoint(q)
     r = tmp_path / "future.safetensors"
@@ -359,7 +383,9 @@ def test_exact_resume_in_fresh_process_is_bitwise(tmp_path):
     N, k = 12, 5
     script = tmp_path / "resume.py"
     script.write_text(RESUME_SCRIPT)
-    ck, straight, resumed = (str(tmp_path / n) for n in ("k.safetensors", "straight.safetensors", "resumed.safetensors"))
+    ck, straight, resumed = (
+        str(tmp_path / n) for n in ("k.safetensors", "straight.safetensors", "resumed.safetensors")
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
     def run(*a):
@@ -404,7 +430,9 @@ def test_exact_resume_in_process_with_bytesio():
     buf = io.BytesIO()
     save_checkpoint(buf, params=p, opt_state=s, step=k, generator=g)
     del p, s, g
-    ck = load_checkpoint(io.BytesIO(buf.getvalue()), like={"params": init_params(CFG), "opt_state": tx.init(init_params(CFG))})
+    ck = load_checkpoint(
+        io.BytesIO(buf.getvalue()), like={"params": init_params(CFG), "opt_state": tx.init(init_params(CFG))}
+    )
     g2 = torch.Generator()
     g2.set_state(ck.rng_state)
     p_res, s_res = run(ck.params, ck.opt_state, g2, N - k)

@@ -48,8 +48,8 @@ from flm.tokenizer import EOS_TOKEN, Tokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from transformers.models.llama import modeling_llama
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402  (after the importorskip)
+from transformers.models.llama import modeling_llama  # noqa: E402
 
 RTOL64 = 1e-9  # float64 flm vs HF with its float32 casts lifted
 F32_INTERNALS = 2e-5  # float64 flm vs stock HF (float32 RMSNorm, RoPE angles, eager softmax inside)
@@ -57,8 +57,15 @@ F32_INTERNALS = 2e-5  # float64 flm vs stock HF (float32 RMSNorm, RoPE angles, e
 CONFIGS = [
     TransformerConfig(vocab_size=61, context_length=32, d_model=16, num_layers=1, num_heads=2, d_ff=24),
     TransformerConfig(
-        vocab_size=47, context_length=32, d_model=24, num_layers=2, num_heads=4, d_ff=40,
-        rope_theta=500.0, eps=1e-6, tie_embeddings=True,
+        vocab_size=47,
+        context_length=32,
+        d_model=24,
+        num_layers=2,
+        num_heads=4,
+        d_ff=40,
+        rope_theta=500.0,
+        eps=1e-6,
+        tie_embeddings=True,
     ),
     TransformerConfig(vocab_size=33, context_length=32, d_model=12, num_layers=3, num_heads=6, d_ff=20),
     TransformerConfig(
@@ -111,7 +118,9 @@ def _params(config: TransformerConfig, seed: int = 0, dtype=torch.float64):
     """init_params with randomised RMSNorm gains (a swapped or dropped gain would show)."""
     params = init_params(config, torch.Generator().manual_seed(seed), dtype=dtype)
     g = torch.Generator().manual_seed(seed + 1)
-    return flm.tree.tree_map(lambda t: t + 0.2 * torch.randn(t.shape, generator=g).to(dtype) if t.dim() == 1 else t, params)
+    return flm.tree.tree_map(
+        lambda t: t + 0.2 * torch.randn(t.shape, generator=g).to(dtype) if t.dim() == 1 else t, params
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,7 +166,9 @@ def _compare_with_hf(config: TransformerConfig, attn: str, tmp_path) -> tuple[fl
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"h{c.num_heads}d{c.d_head}L{c.num_layers}t{int(c.tie_embeddings)}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"h{c.num_heads}d{c.d_head}L{c.num_layers}t{int(c.tie_embeddings)}"
+)
 def test_logits_and_grads_match_hf_float64(config, attn, tmp_path, hf_float64_internals):
     """HF with its float32 internals lifted to float64 equals flm to 1e-9 (logits and all gradients)."""
     logit_err, grad_err = _compare_with_hf(config, attn, tmp_path)
@@ -218,16 +229,32 @@ def test_rope_permutation_turns_pairs_into_halves(heads, half, seq, theta):
 
 _SMALL_CONFIGS = st.builds(
     lambda heads, half, layers, tie, ff, theta, eps: TransformerConfig(
-        vocab_size=11, context_length=8, d_model=heads * 2 * half, num_layers=layers, num_heads=heads, d_ff=ff,
-        rope_theta=theta, eps=eps, tie_embeddings=tie,
+        vocab_size=11,
+        context_length=8,
+        d_model=heads * 2 * half,
+        num_layers=layers,
+        num_heads=heads,
+        d_ff=ff,
+        rope_theta=theta,
+        eps=eps,
+        tie_embeddings=tie,
     ),
-    st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.integers(1, 9),
-    st.floats(1.0, 1e6), st.floats(1e-8, 1e-2),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.booleans(),
+    st.integers(1, 9),
+    st.floats(1.0, 1e6),
+    st.floats(1e-8, 1e-2),
 )
 
 
 @settings(max_examples=20, deadline=None)
-@given(config=_SMALL_CONFIGS, dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), seed=st.integers(0, 99))
+@given(
+    config=_SMALL_CONFIGS,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 99),
+)
 def test_round_trip_is_bitwise(config, dtype, seed):
     params = _params(config, seed, dtype)
     with tempfile.TemporaryDirectory() as d:
@@ -268,8 +295,15 @@ def test_load_hf_reads_checkpoints_hf_wrote(shard, tmp_path):
     """``save_pretrained`` output (v5 ``rope_parameters``, sharded or not) loads into flm with equal logits."""
     torch.manual_seed(0)
     hc = LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, rope_theta=1000.0, rms_norm_eps=1e-5, tie_word_embeddings=shard is None,
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rope_theta=1000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=shard is None,
     )
     model = LlamaForCausalLM(hc).to(torch.float64).eval()
     model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
@@ -314,8 +348,14 @@ def test_load_hf_rejects_unsupported_settings(change, field, tmp_path):
 
 
 def test_load_hf_rejects_grouped_query_attention_from_hf(tmp_path):
-    hc = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2)
+    hc = LlamaConfig(
+        vocab_size=20,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(hc).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         load_hf(tmp_path)
@@ -356,7 +396,10 @@ def small(shared_data) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def texts(shared_data) -> list[str]:
-    files = [(shared_data / "bpe" / n).read_text(encoding="utf-8") for n in ("tinystories_sample.txt", "german.txt", "address.txt")]
+    files = [
+        (shared_data / "bpe" / n).read_text(encoding="utf-8")
+        for n in ("tinystories_sample.txt", "german.txt", "address.txt")
+    ]
     eot = EOS_TOKEN
     return [
         *files,
@@ -384,7 +427,9 @@ def test_hf_tokenizers_give_flm_ids(which, texts, request, tmp_path):
 
 
 def test_save_hf_with_tokenizer_sets_bos_eos(small, tmp_path):
-    config = TransformerConfig(vocab_size=small.vocab_size, context_length=16, d_model=8, num_layers=1, num_heads=2, d_ff=8)
+    config = TransformerConfig(
+        vocab_size=small.vocab_size, context_length=16, d_model=8, num_layers=1, num_heads=2, d_ff=8
+    )
     save_hf(init_params(config), config, tmp_path, small)
     meta = json.loads((tmp_path / "config.json").read_text())
     assert meta["bos_token_id"] == meta["eos_token_id"] == small.eos_id
@@ -403,7 +448,10 @@ def test_load_hf_tokenizer_reads_a_tokenizer_hf_trained(shared_data, texts, tmp_
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=600,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     hf.train([str(shared_data / "bpe" / "corpus.en")], trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
