@@ -32,8 +32,20 @@ __all__ = [
 ]
 
 
-_LAZY = ("data", "generate", "distributed", "tokenizer", "tokens", "download", "interop", "runs", "config",
-         "sampling", "experiments", "cli")
+_LAZY = (
+    "data",
+    "generate",
+    "distributed",
+    "tokenizer",
+    "tokens",
+    "download",
+    "interop",
+    "runs",
+    "config",
+    "sampling",
+    "experiments",
+    "cli",
+)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ and gradients (``tests/test_nn.py``); flm's attention stays selectable as the re
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: N812  (the fused fast path)
+import torch.nn.functional as F
 
 
 def fused_attention(

@@ -179,7 +179,7 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    f = open(d / LOCK_NAME, "a+", encoding="utf-8")  # noqa: SIM115  (held for the block)
+    f = open(d / LOCK_NAME, "a+", encoding="utf-8")
     try:
         try:
             import fcntl

@@ -120,7 +120,9 @@ def _config_to_json(config: Any) -> Any:
         return config.to_dict()
     if isinstance(config, dict):
         return config
-    raise ValueError(f"save_checkpoint: config must be a TransformerConfig, a dict or None, got {type(config).__name__}")
+    raise ValueError(
+        f"save_checkpoint: config must be a TransformerConfig, a dict or None, got {type(config).__name__}"
+    )
 
 
 def _tensor_dict(prefix: str, tree: Any) -> dict[str, torch.Tensor]:
@@ -174,7 +176,9 @@ def save_checkpoint(
         "config": _config_to_json(config),
         "metadata": metadata or {},
         "has_opt_state": opt_state is not None,
-        "rng_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode() if generator is not None else None,
+        "rng_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode()
+        if generator is not None
+        else None,
         "checksum": {"algorithm": "crc32", "value": _checksum(tensors)},
     }
     try:
@@ -368,4 +372,3 @@ def _read_header_metadata(data: bytes) -> dict[str, str]:
         raise ValueError(f"header length {n} exceeds the file size {len(data)}")
     header = json.loads(data[8 : 8 + n])
     return header.get("__metadata__") or {}
-

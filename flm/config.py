@@ -94,7 +94,9 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or not 0 <= self.max_new_tokens <= 1_000_000:
             raise ValueError(f"SampleConfig: max_new_tokens must be in [0, 1000000], got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (
+            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
+        ):
             raise ValueError(f"SampleConfig: temperature must be a finite number ≥ 0, got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"SampleConfig: top_p must be in (0, 1], got {self.top_p!r}")
@@ -109,24 +111,68 @@ class SampleConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "handout": {
         "model": dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344),
-        "train": dict(batch_size=128, max_iters=10_000, lr=3e-3, min_lr=3e-4, warmup_iters=500, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=500, eval_batches=50, checkpoint_interval=1000, log_interval=50),
+        "train": dict(
+            batch_size=128,
+            max_iters=10_000,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=500,
+            weight_decay=0.1,
+            grad_clip=1.0,
+            eval_interval=500,
+            eval_batches=50,
+            checkpoint_interval=1000,
+            log_interval=50,
+        ),
     },
     "handout-lowres": {
         "model": dict(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344),
-        "train": dict(batch_size=32, max_iters=5_000, lr=3e-3, min_lr=3e-4, warmup_iters=250, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=250, eval_batches=50, checkpoint_interval=500, log_interval=25),
+        "train": dict(
+            batch_size=32,
+            max_iters=5_000,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=250,
+            weight_decay=0.1,
+            grad_clip=1.0,
+            eval_interval=250,
+            eval_batches=50,
+            checkpoint_interval=500,
+            log_interval=25,
+        ),
     },
     "cpu-small": {
         "model": dict(vocab_size=4096, context_length=128, d_model=256, num_layers=4, num_heads=8, d_ff=704),
-        "train": dict(batch_size=16, max_iters=600, lr=2e-3, min_lr=2e-4, warmup_iters=60, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=50, eval_batches=None, checkpoint_interval=200, log_interval=10),
+        "train": dict(
+            batch_size=16,
+            max_iters=600,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_iters=60,
+            weight_decay=0.1,
+            grad_clip=1.0,
+            eval_interval=50,
+            eval_batches=None,
+            checkpoint_interval=200,
+            log_interval=10,
+        ),
         "data": dict(train_bytes=32 << 20),
     },
     "tiny": {
         "model": dict(vocab_size=300, context_length=32, d_model=32, num_layers=2, num_heads=2, d_ff=64),
-        "train": dict(batch_size=8, max_iters=40, lr=3e-3, min_lr=3e-4, warmup_iters=5, weight_decay=0.1,
-                      grad_clip=1.0, eval_interval=20, eval_batches=4, checkpoint_interval=20, log_interval=5),
+        "train": dict(
+            batch_size=8,
+            max_iters=40,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_iters=5,
+            weight_decay=0.1,
+            grad_clip=1.0,
+            eval_interval=20,
+            eval_batches=4,
+            checkpoint_interval=20,
+            log_interval=5,
+        ),
         "sample": dict(max_new_tokens=32),
     },
 }
@@ -157,7 +203,12 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
-SECTIONS: dict[str, type] = {"model": TransformerConfig, "train": TrainConfig, "data": DataConfig, "sample": SampleConfig}
+SECTIONS: dict[str, type] = {
+    "model": TransformerConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "sample": SampleConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)

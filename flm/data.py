@@ -41,6 +41,7 @@ __all__ = [
     "TOKEN_FORMAT_VERSION",
 ]
 
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """Parse ``device`` and check it exists here, raising ``ValueError`` naming it otherwise."""
     try:

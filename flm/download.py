@@ -110,9 +110,7 @@ DATASETS: Mapping[str, DatasetInfo] = MappingProxyType(
     {
         "tinystories": DatasetInfo(
             base_url="https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main",
-            files=MappingProxyType(
-                {"train": "TinyStoriesV2-GPT4-train.txt", "valid": "TinyStoriesV2-GPT4-valid.txt"}
-            ),
+            files=MappingProxyType({"train": "TinyStoriesV2-GPT4-train.txt", "valid": "TinyStoriesV2-GPT4-valid.txt"}),
             gzip=False,
             description="TinyStoriesV2-GPT4 (Eldan & Li 2023), the handout's small data set",
             pins=MappingProxyType(
@@ -256,7 +254,13 @@ def _fetch(
         headers["Range"] = f"bytes={have}-"
     hub = _HubRedirects()
     again = functools.partial(
-        _fetch, url, part, timeout=timeout, progress=progress, desc=desc, expected_size=expected_size,
+        _fetch,
+        url,
+        part,
+        timeout=timeout,
+        progress=progress,
+        desc=desc,
+        expected_size=expected_size,
         _allow_restart=False,
     )
     html_error = OSError(f"download of {desc} from {url}: {_HTML_HINT}")

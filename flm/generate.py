@@ -205,13 +205,24 @@ def _forward(
     mask = _attention_mask(cache, num_new, device)
     hooks = [_cache_hook(k, v, start, mask, config.attention) for k, v in zip(cache.keys, cache.values, strict=True)]
     logits = transformer_lm(
-        params, token_ids, config, _positions(cache, num_new, device), check_ids=False, attend=hooks, last_only=last_only
+        params,
+        token_ids,
+        config,
+        _positions(cache, num_new, device),
+        check_ids=False,
+        attend=hooks,
+        last_only=last_only,
     )
     return logits, KVCache(cache.keys, cache.values, end, cache.pad_lengths)
 
 
 def _check_2d_ids(token_ids: torch.Tensor, config: TransformerConfig, name: str) -> None:
-    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2 or token_ids.shape[0] == 0 or token_ids.shape[1] == 0:
+    if (
+        not isinstance(token_ids, torch.Tensor)
+        or token_ids.dim() != 2
+        or token_ids.shape[0] == 0
+        or token_ids.shape[1] == 0
+    ):
         shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
         raise ValueError(f"{name}: token_ids must be a non-empty (batch, seq_len) tensor, got {shape}")
     check_token_ids(token_ids, config.vocab_size)
@@ -288,7 +299,9 @@ def decode_step(
     if token_ids_last.dim() == 1:
         token_ids_last = token_ids_last[:, None]
     if token_ids_last.dim() != 2 or token_ids_last.shape[1] != 1:
-        raise ValueError(f"decode_step: token_ids_last must be (batch,) or (batch, 1), got {tuple(token_ids_last.shape)}")
+        raise ValueError(
+            f"decode_step: token_ids_last must be (batch,) or (batch, 1), got {tuple(token_ids_last.shape)}"
+        )
     return _forward(params, config, token_ids_last, cache, last_only=False)
 
 
@@ -297,9 +310,7 @@ def decode_step(
 # --------------------------------------------------------------------------------------------
 
 
-def _prompts_to_padded(
-    prompt_ids: Any, vocab_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompts_to_padded(prompt_ids: Any, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise prompts to a right-aligned ``(batch, max_len)`` tensor and ``(batch,)`` pad counts."""
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() == 1:
@@ -309,9 +320,13 @@ def _prompts_to_padded(
         if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
             raise ValueError(f"generate: empty prompt (shape {tuple(prompt_ids.shape)})")
         check_token_ids(prompt_ids, vocab_size)
-        return prompt_ids.to(device=device, dtype=torch.int64), torch.zeros(prompt_ids.shape[0], dtype=torch.int64, device=device)
+        return prompt_ids.to(device=device, dtype=torch.int64), torch.zeros(
+            prompt_ids.shape[0], dtype=torch.int64, device=device
+        )
     if not isinstance(prompt_ids, Sequence) or isinstance(prompt_ids, (str, bytes)):
-        raise ValueError(f"generate: prompt_ids must be a tensor or a list of lists of ints, got {type(prompt_ids).__name__}")
+        raise ValueError(
+            f"generate: prompt_ids must be a tensor or a list of lists of ints, got {type(prompt_ids).__name__}"
+        )
     rows = list(prompt_ids)
     if rows and all(isinstance(t, int) and not isinstance(t, bool) for t in rows):
         rows = [rows]  # a single flat prompt
@@ -322,7 +337,9 @@ def _prompts_to_padded(
             raise ValueError(f"generate: prompt {i} is empty or not a sequence of ids: {row!r}")
         if isinstance(row, torch.Tensor):
             if row.dim() != 1 or row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
-                raise ValueError(f"generate: prompt {i} must be a 1-D integer tensor, got {row.dtype} {tuple(row.shape)}")
+                raise ValueError(
+                    f"generate: prompt {i} must be a 1-D integer tensor, got {row.dtype} {tuple(row.shape)}"
+                )
         elif not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
             raise ValueError(f"generate: prompt {i} must hold ints, got {row!r}")
     lengths = [len(r) for r in rows]
@@ -336,7 +353,12 @@ def _prompts_to_padded(
 
 
 def _check_generate_args(
-    config: TransformerConfig, max_new_tokens: int, temperature: float, top_p: float, top_k: int | None, eos_id: int | None
+    config: TransformerConfig,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    eos_id: int | None,
 ) -> None:
     _check_temperature(temperature)
     _check_top_p(top_p)
@@ -471,8 +493,15 @@ def generate(
     _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id)
     rows: list[list[int]] | None = None
     for step in generate_stream(
-        params, config, prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        eos_id=eos_id, generator=generator,
+        params,
+        config,
+        prompt_ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        generator=generator,
     ):
         if rows is None:
             rows = [[] for _ in step]

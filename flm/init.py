@@ -129,7 +129,11 @@ def init_swiglu(
     Source: handout §3.4.1, §3.5.2.
     """
     kw = dict(generator=generator, device=device, dtype=dtype)
-    return {"w1": init_linear(d_model, d_ff, **kw), "w2": init_linear(d_ff, d_model, **kw), "w3": init_linear(d_model, d_ff, **kw)}
+    return {
+        "w1": init_linear(d_model, d_ff, **kw),
+        "w2": init_linear(d_ff, d_model, **kw),
+        "w3": init_linear(d_model, d_ff, **kw),
+    }
 
 
 def init_silu_ffn(

@@ -43,7 +43,9 @@ class _CrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor, _grad_e: Any, _grad_total: Any) -> tuple[torch.Tensor, None]:
         e, total, targets = ctx.saved_tensors
         grad_x = e * (grad.unsqueeze(-1) / total)  # softmax(o) · dL/dloss
-        grad_x.scatter_add_(-1, targets.unsqueeze(-1), -grad.unsqueeze(-1))  # − onehot(target) · dL/dloss (in place: ours)
+        grad_x.scatter_add_(
+            -1, targets.unsqueeze(-1), -grad.unsqueeze(-1)
+        )  # − onehot(target) · dL/dloss (in place: ours)
         return grad_x, None
 
 

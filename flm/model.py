@@ -181,7 +181,9 @@ def init_params(
     emb_std = config.d_model**-0.5 if config.tie_embeddings else 1.0
     params: Params = {"token_embeddings": nn.init_embedding(config.vocab_size, config.d_model, std=emb_std, **kw)}
     block = dict(norm=config.norm, ffn=config.ffn)
-    params["layers"] = [nn.init_transformer_block(config.d_model, config.d_ff, **block, **kw) for _ in range(config.num_layers)]
+    params["layers"] = [
+        nn.init_transformer_block(config.d_model, config.d_ff, **block, **kw) for _ in range(config.num_layers)
+    ]
     if config.norm != "none":
         params["ln_final"] = nn.init_rms_norm(config.d_model, device=device, dtype=dtype)
     if not config.tie_embeddings:
@@ -222,7 +224,9 @@ def check_params(params: Params, config: TransformerConfig, *, name: str = "para
     have = {k: tuple(v.shape) for k, v in flatten(params).items()}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing:
-        raise ValueError(f"{name}: the config describes a tensor {missing[0]!r} that is missing ({len(missing)} missing)")
+        raise ValueError(
+            f"{name}: the config describes a tensor {missing[0]!r} that is missing ({len(missing)} missing)"
+        )
     if extra:
         raise ValueError(f"{name}: tensor {extra[0]!r} is not part of the model the config describes")
     for key, shape in want.items():
@@ -288,11 +292,15 @@ def transformer_lm(
     """
     seq_len = token_ids.shape[-1] if token_ids.dim() else 0
     if seq_len == 0:
-        raise ValueError(f"transformer_lm: token_ids must have shape (..., seq_len) with seq_len ≥ 1, got {tuple(token_ids.shape)}")
+        raise ValueError(
+            f"transformer_lm: token_ids must have shape (..., seq_len) with seq_len ≥ 1, got {tuple(token_ids.shape)}"
+        )
     if seq_len > config.context_length:
         raise ValueError(f"transformer_lm: seq_len={seq_len} exceeds context_length={config.context_length}")
     if token_positions is not None and token_positions.shape[-1] != seq_len:
-        raise ValueError(f"transformer_lm: token_positions has {token_positions.shape[-1]} positions, token_ids {seq_len}")
+        raise ValueError(
+            f"transformer_lm: token_positions has {token_positions.shape[-1]} positions, token_ids {seq_len}"
+        )
     if attend is not None and len(attend) != len(params["layers"]):
         raise ValueError(f"transformer_lm: {len(attend)} attention hooks for {len(params['layers'])} layers")
     if check_ids and not torch.compiler.is_compiling():

@@ -90,7 +90,9 @@ def linear(params: Params, x: torch.Tensor) -> torch.Tensor:
     """
     w = params["weight"]
     if x.shape[-1] != w.shape[-1]:
-        raise ValueError(f"linear: input has last dimension {x.shape[-1]}, weight {tuple(w.shape)} expects d_in={w.shape[-1]}")
+        raise ValueError(
+            f"linear: input has last dimension {x.shape[-1]}, weight {tuple(w.shape)} expects d_in={w.shape[-1]}"
+        )
     # (..., d_in) @ (d_in, d_out): one GEMM over all leading dims (what einsum "... i, o i -> ... o" lowers to).
     return x @ w.mT
 
@@ -285,7 +287,9 @@ def scaled_dot_product_attention(
     return torch.matmul(probs, v)  # (..., queries, keys) @ (..., keys, d_v) -> (..., queries, d_v)
 
 
-def causal_mask(num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+def causal_mask(
+    num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Boolean causal mask: query ``i`` attends to key ``j`` iff ``j ≤ i + (keys − queries)``.
 
     With ``num_keys > num_queries`` the queries are the last ``num_queries`` positions of the
@@ -600,8 +604,13 @@ def transformer_block(
 
     def attn(h: torch.Tensor) -> torch.Tensor:
         return multihead_self_attention(
-            params["attn"], h, config.num_heads, config.rope_theta, token_positions,
-            attention=config.attention, attend=attend,
+            params["attn"],
+            h,
+            config.num_heads,
+            config.rope_theta,
+            token_positions,
+            attention=config.attention,
+            attend=attend,
         )
 
     if config.norm == "pre":

@@ -240,8 +240,13 @@ def progress_bar(
 
         binary = unit == "B"
         return tqdm(
-            total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if binary else 1000,
-            initial=initial, dynamic_ncols=True,
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=True,
+            unit_divisor=1024 if binary else 1000,
+            initial=initial,
+            dynamic_ncols=True,
         )
     return ProgressBar(total, desc, unit, enabled, initial=initial)
 

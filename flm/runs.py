@@ -122,8 +122,12 @@ def _read_stamp(path: Path) -> Any:
 
 def tokenizer_stamp(train_text: str | os.PathLike, vocab_size: int, train_bytes: int | None = None) -> dict[str, Any]:
     """The inputs that determine a run's tokenizer (the cache key of the tokenizer stage)."""
-    return {"train_text": _file_stamp(train_text), "train_bytes": train_bytes, "vocab_size": vocab_size,
-            "special_tokens": [EOS_TOKEN]}
+    return {
+        "train_text": _file_stamp(train_text),
+        "train_bytes": train_bytes,
+        "vocab_size": vocab_size,
+        "special_tokens": [EOS_TOKEN],
+    }
 
 
 def cached_tokenizer(out_dir: str | os.PathLike, stamp: dict[str, Any]) -> Tokenizer | None:
@@ -140,16 +144,21 @@ def cached_tokenizer(out_dir: str | os.PathLike, stamp: dict[str, Any]) -> Token
 
 
 def train_tokenizer(
-    train_text: str | os.PathLike, vocab_size: int, *, train_bytes: int | None = None,
-    num_workers: int | None = None, progress: bool | None = None,
+    train_text: str | os.PathLike,
+    vocab_size: int,
+    *,
+    train_bytes: int | None = None,
+    num_workers: int | None = None,
+    progress: bool | None = None,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer with ``<|endoftext|>`` in memory (nothing is written).
 
     Raises:
         ValueError: an unreadable or non-UTF-8 text, or a vocabulary too small.
     """
-    vocab, merges = train_bpe(train_text, vocab_size, [EOS_TOKEN], num_workers=num_workers, progress=progress,
-                              max_bytes=train_bytes)
+    vocab, merges = train_bpe(
+        train_text, vocab_size, [EOS_TOKEN], num_workers=num_workers, progress=progress, max_bytes=train_bytes
+    )
     return Tokenizer(vocab, merges, [EOS_TOKEN])
 
 

@@ -19,8 +19,6 @@ from flm import nn
 __all__ = ["top_p_mask", "top_p_filter", "top_k_mask", "sample_next_token"]
 
 
-
-
 def _check_top_p(top_p: float) -> None:
     if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")

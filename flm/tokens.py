@@ -264,9 +264,7 @@ def load_tokens(
                 f"{np_dtype.name} item size {np_dtype.itemsize}"
             )
         if tokenizer_fingerprint is not None:
-            raise ValueError(
-                f"token file {path_s!r} has no sidecar, so its tokenizer fingerprint cannot be checked"
-            )
+            raise ValueError(f"token file {path_s!r} has no sidecar, so its tokenizer fingerprint cannot be checked")
         bound = vocab_size
 
     if size == 0:
@@ -275,7 +273,6 @@ def load_tokens(
     if check and bound is not None:
         _scan_ids(arr, bound, path_s)
     return arr
-
 
 
 def write_tokens(
@@ -338,4 +335,3 @@ def write_tokens(
     atomic_write_bytes(p, data.tobytes())
     atomic_write_json(sidecar_path(p), meta)
     return meta
-

@@ -163,12 +163,19 @@ def unflatten(flat: Mapping[str, Any], *, fill_missing: bool = False) -> PyTree:
         if node and all(k.isdigit() for k in node):
             odd = sorted(k for k in node if k != str(int(k)))  # "01", "00": not a list index flatten writes
             if odd:
-                raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} must be plain integers, got {odd}")
+                raise ValueError(
+                    f"unflatten: list indices under {prefix or '<root>'!r} must be plain integers, got {odd}"
+                )
             idx = sorted(int(k) for k in node)
             if fill_missing:
-                return [convert(node[str(i)], f"{prefix}.{i}" if prefix else str(i)) if str(i) in node else None for i in range(idx[-1] + 1)]
+                return [
+                    convert(node[str(i)], f"{prefix}.{i}" if prefix else str(i)) if str(i) in node else None
+                    for i in range(idx[-1] + 1)
+                ]
             if idx != list(range(len(idx))):
-                raise ValueError(f"unflatten: list indices under {prefix or '<root>'!r} are {idx}, not 0..{len(idx) - 1}")
+                raise ValueError(
+                    f"unflatten: list indices under {prefix or '<root>'!r} are {idx}, not 0..{len(idx) - 1}"
+                )
             return [convert(node[str(i)], f"{prefix}.{i}" if prefix else str(i)) for i in idx]
         return {k: convert(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()}
 
@@ -217,5 +224,9 @@ def all_finite(tree: PyTree) -> bool:
     Returns:
         ``True`` when all float/complex leaves are finite.
     """
-    checks = [torch.isfinite(t).all() for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    checks = [
+        torch.isfinite(t).all()
+        for t in tree_leaves(tree)
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+    ]
     return bool(torch.stack(checks).all()) if checks else True

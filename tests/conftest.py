@@ -57,8 +57,24 @@ def texts(shared_data, tmp_path_factory):
 def train_argv(texts, out, *extra):
     """``flm train`` arguments for the tiny preset on ``texts`` into ``out``."""
     train, valid = texts
-    return ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--out-dir", str(out),
-            "--device", "cpu", "--num-workers", "1", "--max-new-tokens", "12", *extra]
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--train-text",
+        str(train),
+        "--valid-text",
+        str(valid),
+        "--out-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-workers",
+        "1",
+        "--max-new-tokens",
+        "12",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

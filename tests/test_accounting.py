@@ -38,11 +38,15 @@ GPT2 = {  # (num_layers, d_model, num_heads); d_ff = 4·d_model
 
 def gpt2(name: str, **changes) -> TransformerConfig:
     L, d, h = GPT2[name]
-    return TransformerConfig(vocab_size=V, context_length=CTX, d_model=d, num_layers=L, num_heads=h, d_ff=4 * d).replace(**changes)
+    return TransformerConfig(
+        vocab_size=V, context_length=CTX, d_model=d, num_layers=L, num_heads=h, d_ff=4 * d
+    ).replace(**changes)
 
 
 XL = gpt2("xl")
-TINYSTORIES = TransformerConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1_344)
+TINYSTORIES = TransformerConfig(
+    vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1_344
+)
 
 
 def shares(cfg: TransformerConfig, seq_len: int | None = None) -> dict[str, float]:
@@ -69,7 +73,9 @@ def test_tinystories_param_count():
     assert p == 22_696_448
     non_embedding = p - TINYSTORIES.vocab_size * TINYSTORIES.d_model  # all but the input embedding table
     assert non_embedding == 17_576_448  # the handout's "about 17M non-embedding parameters"
-    assert num_elements(init_params(TINYSTORIES.replace(num_layers=1))) == count_params(TINYSTORIES.replace(num_layers=1))
+    assert num_elements(init_params(TINYSTORIES.replace(num_layers=1))) == count_params(
+        TINYSTORIES.replace(num_layers=1)
+    )
 
 
 def test_count_params_variants():
@@ -111,9 +117,15 @@ def test_gpt2_xl_forward_flops():
 
 # handout (d): proportions for GPT-2 small / medium / large / XL (d_ff = 4·d_model, SwiGLU, ctx 1024)
 EXPECTED_SHARES = {
-    "small": dict(attention_projections=0.166, attention_scores=0.055, attention_values=0.055, ffn=0.498, lm_head=0.226),
-    "medium": dict(attention_projections=0.200, attention_scores=0.050, attention_values=0.050, ffn=0.599, lm_head=0.102),
-    "large": dict(attention_projections=0.214, attention_scores=0.043, attention_values=0.043, ffn=0.642, lm_head=0.058),
+    "small": dict(
+        attention_projections=0.166, attention_scores=0.055, attention_values=0.055, ffn=0.498, lm_head=0.226
+    ),
+    "medium": dict(
+        attention_projections=0.200, attention_scores=0.050, attention_values=0.050, ffn=0.599, lm_head=0.102
+    ),
+    "large": dict(
+        attention_projections=0.214, attention_scores=0.043, attention_values=0.043, ffn=0.642, lm_head=0.058
+    ),
     "xl": dict(attention_projections=0.223, attention_scores=0.036, attention_values=0.036, ffn=0.669, lm_head=0.036),
 }
 
@@ -164,7 +176,9 @@ def test_train_and_adamw_flops():
 def test_forward_flops_match_flop_counter(changes, batch, seq):
     """torch's FlopCounterMode on a real forward (flm attention: every matmul is an mm/bmm)
     counts exactly forward_flops per sequence × batch."""
-    cfg = TransformerConfig(vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24, attention="flm", **changes)
+    cfg = TransformerConfig(
+        vocab_size=37, context_length=16, d_model=16, num_layers=2, num_heads=4, d_ff=24, attention="flm", **changes
+    )
     params = init_params(cfg)
     ids = torch.randint(0, 37, (batch, seq), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
@@ -203,12 +217,18 @@ def test_training_memory_matches_handout_closed_form(B):
 
 
 @given(
-    L=st.integers(1, 4), h=st.integers(1, 4), d_head=st.integers(1, 8), s=st.integers(1, 64),
-    v=st.integers(1, 100), B=st.integers(0, 5),
+    L=st.integers(1, 4),
+    h=st.integers(1, 4),
+    d_head=st.integers(1, 8),
+    s=st.integers(1, 64),
+    v=st.integers(1, 100),
+    B=st.integers(0, 5),
 )
 def test_training_memory_closed_form_any_shape(L, h, d_head, s, v, B):
     d = h * d_head * 2
-    cfg = TransformerConfig(vocab_size=v, context_length=s, d_model=d, num_layers=L, num_heads=h, d_ff=4 * d, ffn="silu")
+    cfg = TransformerConfig(
+        vocab_size=v, context_length=s, d_model=d, num_layers=L, num_heads=h, d_ff=4 * d, ffn="silu"
+    )
     assert training_memory(cfg, B)["activations"] == _handout_activations(cfg, B)
     # SwiGLU stores two more (s × d_ff) tensors per layer: the W3 output and the gated product
     swiglu = cfg.replace(ffn="swiglu")

@@ -30,7 +30,9 @@ def gpt2(shared_data) -> Tokenizer:
 def tiktoken_gpt2(gpt2):
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {b: i for i, b in gpt2.vocab.items() if i != 50256}
-    return tiktoken.Encoding(name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+    return tiktoken.Encoding(
+        name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
 
 
 # ----- merge algorithms vs. a plain reference -----
@@ -85,7 +87,9 @@ def test_encode_equals_reference_merge_per_pretoken(spec, words):
     vocab, merges = spec
     tok = Tokenizer(vocab, merges)
     text = " ".join(words)
-    expected = [i for piece in PRETOKEN_RE.findall(text) for i in reference_merge(list(piece.encode()), tok._ranks, tok._merged)]
+    expected = [
+        i for piece in PRETOKEN_RE.findall(text) for i in reference_merge(list(piece.encode()), tok._ranks, tok._merged)
+    ]
     assert tok.encode(text) == expected
     assert list(tok.encode_iterable([text[:3], text[3:]], buffer_chars=1)) == expected
 
@@ -118,10 +122,33 @@ def test_ascii_classes_match_the_unicode_ones():
     assert [c for c in chars if regex.fullmatch(r"\s", c)] == list("\t\n\x0b\x0c\r ")
 
 
-ascii_fragment = st.sampled_from(["a", "Zq", "7", "'s", "'ll", "'", "  ", " ", "\t", "\n", "\r\n", "\x0b", "\x0c",
-                                  "\x1c", "\x1d", "\x1e", "\x1f", "\x00", "\x7f", "!?", "-", "."])
-ascii_text = st.one_of(st.text(st.characters(max_codepoint=127)),
-                       st.lists(ascii_fragment, max_size=40).map("".join))
+ascii_fragment = st.sampled_from(
+    [
+        "a",
+        "Zq",
+        "7",
+        "'s",
+        "'ll",
+        "'",
+        "  ",
+        " ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x1d",
+        "\x1e",
+        "\x1f",
+        "\x00",
+        "\x7f",
+        "!?",
+        "-",
+        ".",
+    ]
+)
+ascii_text = st.one_of(st.text(st.characters(max_codepoint=127)), st.lists(ascii_fragment, max_size=40).map("".join))
 
 
 @given(text=ascii_text)
@@ -130,8 +157,10 @@ def test_ascii_pattern_equals_gpt2_pattern_on_ascii(text):
     assert pretokenize(text) == PRETOKEN_RE.findall(text)
 
 
-mixed_fragment = st.one_of(ascii_fragment, st.sampled_from(["é", "ß", "世界", "🙃", "٣", "\x85", "\xa0", "\u2028",
-                                                            "\u3000", " é", "é ", "x" * 70]))
+mixed_fragment = st.one_of(
+    ascii_fragment,
+    st.sampled_from(["é", "ß", "世界", "🙃", "٣", "\x85", "\xa0", "\u2028", "\u3000", " é", "é ", "x" * 70]),
+)
 
 
 @given(text=st.one_of(st.text(), st.lists(mixed_fragment, max_size=60).map("".join)))
@@ -150,8 +179,11 @@ def test_pretokenize_on_mixed_files(shared_data):
 
 def _line(kind: str, n: int) -> str:
     rng = random.Random(kind)
-    alphabet = {"letters": string.ascii_letters, "punctuation": string.punctuation,
-                "mixed": string.ascii_letters + string.digits + string.punctuation + "éß世"}[kind]
+    alphabet = {
+        "letters": string.ascii_letters,
+        "punctuation": string.punctuation,
+        "mixed": string.ascii_letters + string.digits + string.punctuation + "éß世",
+    }[kind]
     return "".join(rng.choices(alphabet, k=n))
 
 

@@ -15,10 +15,10 @@ import torch
 
 from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
 from flm.cli import main
-from tests.conftest import train_argv
 from flm.config import PRESETS, RunConfig
 from flm.train import read_metrics
 from flm.tree import tree_leaves
+from tests.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"step", "wall_time", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
@@ -26,8 +26,18 @@ REQUIRED = {"step", "wall_time", "tokens", "train_loss", "val_loss", "lr", "grad
 
 def test_train_writes_every_artefact_and_learns(tiny_run):
     out = tiny_run
-    for name in ("config.json", "metrics.jsonl", "loss.png", "best.safetensors", "vocab.json", "merges.txt",
-                 "samples.txt", "results.json", "train.tokens", "valid.tokens"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "best.safetensors",
+        "vocab.json",
+        "merges.txt",
+        "samples.txt",
+        "results.json",
+        "train.tokens",
+        "valid.tokens",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert [p.name for p in list_checkpoints(out)] == ["ckpt_0000020.safetensors", "ckpt_0000040.safetensors"]
     rows = read_metrics(out / "metrics.jsonl")
@@ -47,7 +57,10 @@ def test_best_holds_params_only_with_config_and_tokenizer_fingerprint(tiny_run):
     assert header["metadata"]["tokenizer_fingerprint"] and header["metadata"]["val_loss"] > 0
     assert header["config"]["model"]["vocab_size"] == 300
     ckpt_header = read_header(tiny_run / "ckpt_0000040.safetensors")
-    assert ckpt_header["has_opt_state"] and ckpt_header["metadata"]["tokenizer_fingerprint"] == header["metadata"]["tokenizer_fingerprint"]
+    assert (
+        ckpt_header["has_opt_state"]
+        and ckpt_header["metadata"]["tokenizer_fingerprint"] == header["metadata"]["tokenizer_fingerprint"]
+    )
 
 
 def test_crash_and_resume_matches_uninterrupted(tiny_run, texts, tmp_path, capsys):
@@ -66,7 +79,8 @@ def test_crash_and_resume_matches_uninterrupted(tiny_run, texts, tmp_path, capsy
     ra, rb = read_metrics(tiny_run / "metrics.jsonl"), read_metrics(crashed / "metrics.jsonl")
     assert [{k: r[k] for k in keys} for r in ra] == [{k: r[k] for k in keys} for r in rb]
     assert json.loads((crashed / "results.json").read_text())["val_loss"] == pytest.approx(
-        json.loads((tiny_run / "results.json").read_text())["val_loss"], rel=1e-12)
+        json.loads((tiny_run / "results.json").read_text())["val_loss"], rel=1e-12
+    )
 
 
 def test_resume_of_a_finished_run_reuses_every_stage(tiny_run, texts, tmp_path, capsys):
@@ -115,20 +129,59 @@ def test_every_config_field_is_a_flag(capsys):
             assert _flag(section, f.name) in text, (section, f.name)
     for preset in PRESETS:
         assert preset in text
-    argv = ["train", "--preset", "tiny", "--norm", "none", "--ffn", "silu", "--position", "nope", "--tie-embeddings",
-            "--attention", "flm", "--betas", "0.8", "0.9", "--adam-eps", "1e-6", "--norm-eps", "1e-6",
-            "--keep-checkpoints", "3", "--tokens", "20480", "--print-config"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--norm",
+        "none",
+        "--ffn",
+        "silu",
+        "--position",
+        "nope",
+        "--tie-embeddings",
+        "--attention",
+        "flm",
+        "--betas",
+        "0.8",
+        "0.9",
+        "--adam-eps",
+        "1e-6",
+        "--norm-eps",
+        "1e-6",
+        "--keep-checkpoints",
+        "3",
+        "--tokens",
+        "20480",
+        "--print-config",
+    ]
     assert main(argv) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["model"]["norm"], cfg["model"]["ffn"], cfg["model"]["position"], cfg["model"]["tie_embeddings"]) == (
-        "none", "silu", "nope", True)
+        "none",
+        "silu",
+        "nope",
+        True,
+    )
     assert cfg["train"]["betas"] == [0.8, 0.9] and cfg["train"]["eps"] == 1e-6 and cfg["model"]["eps"] == 1e-6
     assert cfg["train"]["keep_checkpoints"] == 3 and cfg["train"]["max_iters"] == 80  # 20480 / (8 × 32)
 
 
 def test_generate_streams_top_k_and_reproduces(tiny_run, capsys):
-    argv = ["generate", str(tiny_run), "--prompt", "Once upon a time", "--max-new-tokens", "10", "--seed", "1",
-            "--top-k", "5", "--device", "auto"]
+    argv = [
+        "generate",
+        str(tiny_run),
+        "--prompt",
+        "Once upon a time",
+        "--max-new-tokens",
+        "10",
+        "--seed",
+        "1",
+        "--top-k",
+        "5",
+        "--device",
+        "auto",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert first.startswith("Once upon a time") and len(first) > len("Once upon a time")
@@ -160,8 +213,26 @@ def test_load_run_for_notebooks(tiny_run):
 
 def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--preset", "tiny", "--train-text", str(texts[0]), "--valid-text", str(texts[1]), "--out-dir",
-            str(out), "--lrs", "1e-3", "1e-2", "--max-iters", "10", "--eval-interval", "5", "--num-workers", "1"]
+    argv = [
+        "sweep",
+        "--preset",
+        "tiny",
+        "--train-text",
+        str(texts[0]),
+        "--valid-text",
+        str(texts[1]),
+        "--out-dir",
+        str(out),
+        "--lrs",
+        "1e-3",
+        "1e-2",
+        "--max-iters",
+        "10",
+        "--eval-interval",
+        "5",
+        "--num-workers",
+        "1",
+    ]
     assert main(argv) == 0
     result = json.loads((out / "sweep.json").read_text())["results"]
     assert [r["lr"] for r in result] == [1e-3, 1e-2]
@@ -174,14 +245,22 @@ def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
 
 
 def test_python_dash_m_entry_points_are_the_same_command(tiny_run):
-    for module, args in (("flm", ["--version"]), ("flm.generate", ["--help"]), ("flm.tokenizer", ["train", "--help"]),
-                         ("flm.data", ["download", "--help"])):
+    for module, args in (
+        ("flm", ["--version"]),
+        ("flm.generate", ["--help"]),
+        ("flm.tokenizer", ["train", "--help"]),
+        ("flm.data", ["download", "--help"]),
+    ):
         r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 0, (module, r.stderr)
         assert "flm" in r.stdout
 
 
 def test_examples_script_is_flm_train(texts, tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tinystories.py"), "--preset", "tiny", "--print-config"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_tinystories.py"), "--preset", "tiny", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["preset"] == "tiny"

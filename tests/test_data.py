@@ -290,6 +290,7 @@ def test_raw_file_needs_dtype(tmp_path):
     with pytest.raises(ValueError, match=r"raw\.bin.*multiple"):
         load_tokens(path, dtype="uint32")
 
+
 def test_dtype_disagreeing_with_sidecar_raises(tmp_path):
     path = tmp_path / "tok.bin"
     write_tokens(path, np.arange(10), vocab_size=100)

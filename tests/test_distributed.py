@@ -96,8 +96,13 @@ def _collectives_worker(rank: int, port: int, out: str) -> None:
         step = make_train_step(CFG, tx, grad_reduce=all_reduce_mean)
         state = tx.init(params)
         for _ in range(2):
-            params, state, metrics = step(params, state, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
-        torch.save({"small": small, "default": default, "params": params, "grad_norm": metrics["grad_norm"]}, f"{out}/rank{rank}.pt")
+            params, state, metrics = step(
+                params, state, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+            )
+        torch.save(
+            {"small": small, "default": default, "params": params, "grad_norm": metrics["grad_norm"]},
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -137,8 +142,17 @@ def test_all_reduce_mean_and_data_parallel_step(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 LOOP = TrainConfig(
-    batch_size=8, max_iters=20, lr=3e-3, min_lr=3e-4, warmup_iters=3, eval_interval=5, eval_batches=2,
-    checkpoint_interval=5, keep_checkpoints=10, log_interval=5, seed=1,
+    batch_size=8,
+    max_iters=20,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_iters=3,
+    eval_interval=5,
+    eval_batches=2,
+    checkpoint_interval=5,
+    keep_checkpoints=10,
+    log_interval=5,
+    seed=1,
 )
 
 
@@ -153,9 +167,14 @@ def _loop_worker(rank: int, port: int, root: str) -> None:
     writes: list[str] = []
     if rank != 0:  # record any attempt by rank 1 to write a file
         real_save, real_sink, real_plot = (
-            flm.train.checkpointer.save_checkpoint, flm.train.metrics.JsonlSink.__init__, flm.train.loop.plot_metrics
+            flm.train.checkpointer.save_checkpoint,
+            flm.train.metrics.JsonlSink.__init__,
+            flm.train.loop.plot_metrics,
         )
-        flm.train.checkpointer.save_checkpoint = lambda path, *a, **k: (writes.append(str(path)), real_save(path, *a, **k))[1]
+        flm.train.checkpointer.save_checkpoint = lambda path, *a, **k: (
+            writes.append(str(path)),
+            real_save(path, *a, **k),
+        )[1]
         flm.train.metrics.JsonlSink.__init__ = lambda self, path: (writes.append(str(path)), real_sink(self, path))[1]
         flm.train.loop.plot_metrics = lambda m, png: (writes.append(str(png)), real_plot(m, png))[1]
     try:
@@ -171,7 +190,9 @@ def _loop_worker(rank: int, port: int, root: str) -> None:
             for name in ("ckpt_0000015.safetensors", "ckpt_0000020.safetensors"):
                 (crashed / name).unlink()
         dist.barrier()
-        s_resumed = flm.train.train_loop(CFG, LOOP, train, valid, crashed, resume=True, log=lambda _m: None, dist_info=info)
+        s_resumed = flm.train.train_loop(
+            CFG, LOOP, train, valid, crashed, resume=True, log=lambda _m: None, dist_info=info
+        )
         torch.save({"writes": writes, "full": s_full, "resumed": s_resumed}, f"{root}/loop_rank{rank}.pt")
     finally:
         dist.destroy_process_group()

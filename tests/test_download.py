@@ -311,7 +311,10 @@ def test_server_checksum_on_the_redirect_is_used(server, tinystories, tmp_path):
     server.hop_headers = {"X-Linked-Etag": f'"{_sha(good)}"', "X-Linked-Size": str(len(good))}
     paths = _get(server, tmp_path / "ok", pins={}, base_url=server.url + "/hop", splits=["train"])
     assert paths["train"].read_bytes() == good
-    assert [r["path"] for r in server.requests] == ["/hop/TinyStoriesV2-GPT4-train.txt", "/TinyStoriesV2-GPT4-train.txt"]
+    assert [r["path"] for r in server.requests] == [
+        "/hop/TinyStoriesV2-GPT4-train.txt",
+        "/TinyStoriesV2-GPT4-train.txt",
+    ]
     server.hop_headers = {"X-Linked-Etag": '"' + "ab" * 32 + '"'}
     with pytest.raises(OSError, match="server's checksum.*expected " + "ab" * 32):
         _get(server, tmp_path / "bad", pins={}, base_url=server.url + "/hop", splits=["train"])
@@ -355,7 +358,9 @@ def test_resume_verifies_the_bytes_already_on_disk(server, tinystories, tmp_path
     prefix = bytearray(part.read_bytes())
     prefix[10] ^= 0xFF  # the partial file was corrupted on disk between the runs
     part.write_bytes(bytes(prefix))
-    with pytest.raises(OSError, match=rf"{re.escape(name)}.*got sha256 [0-9a-f]{{64}}, expected {_sha(tinystories['train'])}"):
+    with pytest.raises(
+        OSError, match=rf"{re.escape(name)}.*got sha256 [0-9a-f]{{64}}, expected {_sha(tinystories['train'])}"
+    ):
         _get(server, dest)
     assert server.requests[1]["range"] == "bytes=1000-"  # only the tail was fetched, the prefix was re-read
     assert not part.exists() and not (dest / name).exists()
@@ -461,7 +466,9 @@ def test_gzip_decompressed_pin_mismatch(server, tmp_path):
     (server.root / "owt_valid.txt.gz").write_bytes(gz)
     dest = tmp_path / "dest"
     pins = {"valid": dataclasses.replace(_pin(gz, text), local_sha256="c" * 64)}  # the .gz is right, the text not
-    with pytest.raises(OSError, match=rf"owt_valid\.txt .*pinned, decompressed.*got sha256 {_sha(text)}, expected c{{64}}"):
+    with pytest.raises(
+        OSError, match=rf"owt_valid\.txt .*pinned, decompressed.*got sha256 {_sha(text)}, expected c{{64}}"
+    ):
         _get(server, dest, name="owt", splits=["valid"], pins=pins)
     assert not list(dest.iterdir())  # neither the text (atomic write) nor the .gz.part is left
 
@@ -492,7 +499,11 @@ def test_env_base_url_and_unknown_name(server, tinystories, tmp_path, monkeypatc
 
 def test_progress_bar_on_stderr(server, tinystories, tmp_path, capsys):
     download(
-        "tinystories", tmp_path / "dest", base_url=server.url, progress=True, timeout=TIMEOUT,
+        "tinystories",
+        tmp_path / "dest",
+        base_url=server.url,
+        progress=True,
+        timeout=TIMEOUT,
         pins=_ts_pins(tinystories),
     )
     err = capsys.readouterr().err

@@ -16,10 +16,37 @@ from flm.train import TrainConfig, train_loop
 @pytest.fixture(scope="module")
 def experiments(texts, tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("exp") / "exps"
-    argv = ["experiment", "all", "--preset", "tiny", "--train-text", str(texts[0]), "--valid-text", str(texts[1]),
-            "--out-dir", str(out), "--max-iters", "12", "--eval-interval", "4", "--log-interval", "4",
-            "--lrs", "1e-3", "1e-2", "1e4", "--batch-sizes", "2", "8", "--num-workers", "1",
-            "--gpt2-dir", str(shared_data / "bpe"), "--max-new-tokens", "16"]
+    argv = [
+        "experiment",
+        "all",
+        "--preset",
+        "tiny",
+        "--train-text",
+        str(texts[0]),
+        "--valid-text",
+        str(texts[1]),
+        "--out-dir",
+        str(out),
+        "--max-iters",
+        "12",
+        "--eval-interval",
+        "4",
+        "--log-interval",
+        "4",
+        "--lrs",
+        "1e-3",
+        "1e-2",
+        "1e4",
+        "--batch-sizes",
+        "2",
+        "8",
+        "--num-workers",
+        "1",
+        "--gpt2-dir",
+        str(shared_data / "bpe"),
+        "--max-new-tokens",
+        "16",
+    ]
     assert main(argv) == 0
     return out
 
@@ -74,8 +101,18 @@ def test_time_budget_stops_early_and_keeps_the_best_model(tmp_path):
     cfg = TransformerConfig(vocab_size=48, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     rng = np.random.default_rng(0)
     train, valid = rng.integers(0, 48, 4000).astype(np.uint16), rng.integers(0, 48, 400).astype(np.uint16)
-    loop = TrainConfig(batch_size=4, max_iters=100_000, lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=5,
-                       checkpoint_interval=50, log_interval=5, time_budget=0.02, device="cpu")  # 1.2 s
+    loop = TrainConfig(
+        batch_size=4,
+        max_iters=100_000,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_iters=2,
+        eval_interval=5,
+        checkpoint_interval=50,
+        log_interval=5,
+        time_budget=0.02,
+        device="cpu",
+    )  # 1.2 s
     s = train_loop(cfg, loop, train, valid, tmp_path, log=lambda m: None)
     assert s["status"] == "time_budget" and 0 < s["step"] < 100_000
     assert s["wall_time"] < 0.02 * 60 + 5 and s["final_val_loss"] is not None

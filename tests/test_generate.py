@@ -100,7 +100,12 @@ def test_prefill_last_only_and_float32():
     x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
     logits, cache = prefill(params32, cfg, x, last_only=True)
     assert logits.shape == (2, 1, VOCAB) and logits.dtype == torch.float32
-    assert cache.keys[0].dtype == torch.float32 and cache.keys[0].shape == (2, cfg.num_heads, cfg.context_length, cfg.d_head)
+    assert cache.keys[0].dtype == torch.float32 and cache.keys[0].shape == (
+        2,
+        cfg.num_heads,
+        cfg.context_length,
+        cfg.d_head,
+    )
     torch.testing.assert_close(logits[:, 0], transformer_lm(params32, x, cfg)[:, -1], rtol=1e-5, atol=1e-5)
 
 
@@ -137,6 +142,7 @@ def test_full_cache_and_bad_shapes_raise():
 
 def test_top_p_mask_hand_made():
     probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]], dtype=torch.float64)
+
     def kept(p):
         return set(torch.nonzero(top_p_mask(probs, p)[0]).flatten().tolist())
 
@@ -212,9 +218,11 @@ def test_temperature_zero_is_greedy_argmax_of_full_recompute():
 
 def test_fixed_generator_reproducible_and_seeds_differ():
     cfg, params = make()
+
     def run(seed):
-        return generate(params, cfg, [[1, 2, 3]] * 2, 16, temperature=1.0, top_p=0.95,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            params, cfg, [[1, 2, 3]] * 2, 16, temperature=1.0, top_p=0.95, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert run(0) == run(0)
     assert run(0) != run(1)
@@ -260,10 +268,13 @@ def test_batch_equals_per_prompt_generation():
     # tensor inputs: 2-D equal-length batch and a 1-D single prompt
     x = torch.tensor([[1, 2, 3], [4, 5, 6]])
     assert generate(params, cfg, x, 6, temperature=0.0) == [naive_greedy(params, cfg, r, 6) for r in x.tolist()]
-    assert generate(params, cfg, torch.tensor([1, 2, 3]), 6, temperature=0.0) == [naive_greedy(params, cfg, [1, 2, 3], 6)]
+    assert generate(params, cfg, torch.tensor([1, 2, 3]), 6, temperature=0.0) == [
+        naive_greedy(params, cfg, [1, 2, 3], 6)
+    ]
     assert generate(params, cfg, [1, 2, 3], 6, temperature=0.0) == [naive_greedy(params, cfg, [1, 2, 3], 6)]
     assert generate(params, cfg, [torch.tensor([4, 5]), torch.tensor([6])], 6, temperature=0.0) == [
-        naive_greedy(params, cfg, [4, 5], 6), naive_greedy(params, cfg, [6], 6)
+        naive_greedy(params, cfg, [4, 5], 6),
+        naive_greedy(params, cfg, [6], 6),
     ]
 
 
@@ -286,8 +297,9 @@ def test_sliding_window_beyond_context_length(variant, monkeypatch):
 
 def test_sampled_generation_with_eos_and_sliding_runs():
     cfg, params = make(context_length=6)
-    out = generate(params, cfg, [[1, 2], [3]], 30, temperature=1.2, top_p=0.8, eos_id=0,
-                   generator=torch.Generator().manual_seed(5))
+    out = generate(
+        params, cfg, [[1, 2], [3]], 30, temperature=1.2, top_p=0.8, eos_id=0, generator=torch.Generator().manual_seed(5)
+    )
     assert len(out) == 2 and all(0 not in r and len(r) <= 30 for r in out)
 
 
@@ -343,7 +355,9 @@ def test_top_k_sampling_never_leaves_the_top_k(values, k):
 def test_top_k_one_is_greedy_and_bad_top_k_raises():
     cfg, params = make()
     g = torch.Generator().manual_seed(3)
-    assert generate(params, cfg, [[1, 2]], 8, temperature=1.5, top_k=1, generator=g) == generate(params, cfg, [[1, 2]], 8, temperature=0.0)
+    assert generate(params, cfg, [[1, 2]], 8, temperature=1.5, top_k=1, generator=g) == generate(
+        params, cfg, [[1, 2]], 8, temperature=0.0
+    )
     with pytest.raises(ValueError, match="top_k"):
         generate(params, cfg, [[1]], 2, top_k=-1)
 
@@ -351,9 +365,13 @@ def test_top_k_one_is_greedy_and_bad_top_k_raises():
 def test_stream_yields_the_same_tokens_as_generate_one_step_at_a_time():
     cfg, params = make(context_length=6)
     prompts = [[1, 2], [3]]
-    steps = list(generate_stream(params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7)))
+    steps = list(
+        generate_stream(params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7))
+    )
     rows = [[t for t in col if t is not None] for col in zip(*steps)]
-    assert rows == generate(params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7))
+    assert rows == generate(
+        params, cfg, prompts, 15, temperature=0.9, eos_id=0, generator=torch.Generator().manual_seed(7)
+    )
     assert all(len(s) == 2 for s in steps)
 
 

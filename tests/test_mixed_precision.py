@@ -12,7 +12,9 @@ CFG = TransformerConfig(vocab_size=64, context_length=16, d_model=32, num_layers
 
 
 def _tx(lr=3e-3, steps=100):
-    adam = optim.adamw(optim.cosine_schedule(lr, lr / 10, 5, steps), betas=(0.9, 0.95), weight_decay=0.1, mask=decay_mask)
+    adam = optim.adamw(
+        optim.cosine_schedule(lr, lr / 10, 5, steps), betas=(0.9, 0.95), weight_decay=0.1, mask=decay_mask
+    )
     return optim.chain(optim.clip_by_global_norm(1.0), adam)
 
 

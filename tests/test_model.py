@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812  (the oracle)
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn as tnn
@@ -87,7 +87,9 @@ class RefAttention(tnn.Module):
 
     def forward(self, x):  # (b, s, d)
         b, s, d = x.shape
-        q, k, v = (p(x).view(b, s, self.h, d // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, s, self.h, d // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         if self.theta is not None:
             q, k = ref_rope(q, self.theta), ref_rope(k, self.theta)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -258,7 +260,9 @@ def _lm_loss(params, x, y, cfg):
     return cross_entropy(transformer_lm(params, x, cfg, check_ids=False), y)
 
 
-@pytest.mark.parametrize("changes", [dict(), dict(tie_embeddings=True, norm="post", ffn="silu")], ids=["default", "variant"])
+@pytest.mark.parametrize(
+    "changes", [dict(), dict(tie_embeddings=True, norm="post", ffn="silu")], ids=["default", "variant"]
+)
 def test_func_grad_equals_autograd_float64(changes):
     cfg = TINY.replace(**changes)
     params = _perturbed_params(cfg)
@@ -383,7 +387,9 @@ def test_block_matches_handout_formulas(norm, ffn):
         y = z + ffn_(z)
     torch.testing.assert_close(nn.transformer_block(block, x, cfg.block), y, **F64)
     if norm == "post":  # post-norm outputs are normalised: RMS = gain (here the gains are ≈ 1 ± 0.1·noise)
-        torch.testing.assert_close(y / block["ln2"]["weight"], _rms(1.0, y / block["ln2"]["weight"], 0.0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            y / block["ln2"]["weight"], _rms(1.0, y / block["ln2"]["weight"], 0.0), rtol=1e-4, atol=1e-4
+        )
 
 
 # =============================================================================================
@@ -518,7 +524,9 @@ def test_init_params_seeds_dtype_device():
     c = init_params(TINY, _gen(2))
     fa, fb, fc = flm.flatten(a), flm.flatten(b), flm.flatten(c)
     assert all(torch.equal(fa[k], fb[k]) for k in fa)
-    assert all(not torch.equal(fa[k], fc[k]) for k in fa if not k.endswith(("ln1.weight", "ln2.weight", "ln_final.weight")))
+    assert all(
+        not torch.equal(fa[k], fc[k]) for k in fa if not k.endswith(("ln1.weight", "ln2.weight", "ln_final.weight"))
+    )
     # no generator: a fixed default seed, so a plain call is reproducible
     d1, d2 = flm.flatten(init_params(TINY)), flm.flatten(init_params(TINY))
     assert all(torch.equal(d1[k], d2[k]) for k in d1)

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812  (the oracle)
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -260,7 +260,9 @@ def test_dot_product_attention_implementations_agree(impl, queries, keys):
     want = nn.scaled_dot_product_attention(q, k, v, m)
     torch.testing.assert_close(nn.dot_product_attention(q, k, v, m, implementation=impl), want, **F64)
     torch.testing.assert_close(nn.dot_product_attention(q, k, v, causal=True, implementation=impl), want, **F64)
-    torch.testing.assert_close(nn.dot_product_attention(q, k, v, implementation=impl), nn.scaled_dot_product_attention(q, k, v), **F64)
+    torch.testing.assert_close(
+        nn.dot_product_attention(q, k, v, implementation=impl), nn.scaled_dot_product_attention(q, k, v), **F64
+    )
 
 
 def test_auto_attention_uses_flm_under_vmap_without_the_slow_fallback_warning(recwarn):
@@ -373,8 +375,11 @@ def test_rope_properties(lead, s, half, seed, start):
 
 
 @given(
-    m=st.integers(0, 2000), n=st.integers(0, 2000), shift=st.integers(-2000, 2000),
-    half=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+    m=st.integers(0, 2000),
+    n=st.integers(0, 2000),
+    shift=st.integers(-2000, 2000),
+    half=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_rope_inner_product_depends_only_on_offset(m, n, shift, half, seed):
     d = 2 * half
@@ -412,8 +417,11 @@ def test_layers_any_leading_dims_and_dtype(dtype, lead):
     x64 = _randn(*lead, s, d, seed=1)
     x = x64.to(dtype)
     p = _mha_params(d, dtype=dtype)
-    ffn = {"w1": {"weight": _randn(12, d, seed=1, dtype=dtype)}, "w2": {"weight": _randn(d, 12, seed=2, dtype=dtype)},
-           "w3": {"weight": _randn(12, d, seed=3, dtype=dtype)}}
+    ffn = {
+        "w1": {"weight": _randn(12, d, seed=1, dtype=dtype)},
+        "w2": {"weight": _randn(d, 12, seed=2, dtype=dtype)},
+        "w3": {"weight": _randn(12, d, seed=3, dtype=dtype)},
+    }
     g = {"weight": torch.ones(d, dtype=dtype)}
     outputs = {
         "linear": nn.linear(p["q_proj"], x),
@@ -556,7 +564,9 @@ def test_embedding_gradient_accumulates_repeated_ids_like_autograd_of_indexing()
     ref = w.clone().requires_grad_()
     (ref[ids] * up).sum().backward()
     torch.testing.assert_close(got, ref.grad, rtol=0, atol=1e-15)
-    batched = torch.func.vmap(torch.func.grad(lambda w, i: nn.embedding({"weight": w}, i).sum()))(torch.stack([w, w]), torch.stack([ids, ids]))
+    batched = torch.func.vmap(torch.func.grad(lambda w, i: nn.embedding({"weight": w}, i).sum()))(
+        torch.stack([w, w]), torch.stack([ids, ids])
+    )
     torch.testing.assert_close(batched[1], torch.func.grad(lambda w: nn.embedding({"weight": w}, ids).sum())(w))
 
 

@@ -102,6 +102,7 @@ def test_adamw_matches_torch_lockstep_1000_steps():
 def test_adamw_matches_torch_with_cosine_schedule():
     sched = optim.cosine_schedule(1e-2, 1e-3, warmup_iters=50, cosine_cycle_iters=400)  # covers all 3 phases
     tx = optim.adamw(sched, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
     def make(ps):
         return torch.optim.AdamW(ps, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
@@ -122,7 +123,9 @@ def test_adamw_matches_torch_with_weight_decay_mask():
         assert decay and no_decay
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.5}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=5e-3, betas=(0.9, 0.95), eps=1e-8,
+            lr=5e-3,
+            betas=(0.9, 0.95),
+            eps=1e-8,
         )
 
     err, _ = _lockstep(tx, make, steps=VARIANT_STEPS)
@@ -205,7 +208,10 @@ def test_adamw_state_layout_and_memory():
     state = tx.init(p)
     # literally the state of chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)
     assert isinstance(state, tuple) and [type(s) for s in state] == [
-        optim.ScaleByAdamState, optim.EmptyState, optim.ScaleByLearningRateState]
+        optim.ScaleByAdamState,
+        optim.EmptyState,
+        optim.ScaleByLearningRateState,
+    ]
     adam, _, lr_state = state
     assert optim.AdamWState is optim.ScaleByAdamState and adam._fields == ("step", "m", "v")
     for step in (adam.step, lr_state.step):
@@ -278,6 +284,7 @@ def test_adamw_vmap_over_stacked_models_equals_separate_updates():
     models = [_params64(seed) for seed in range(K)]
     tx = optim.adamw(optim.cosine_schedule(1e-2, 1e-3, 1, 4), betas=(0.9, 0.95), weight_decay=0.1)
     states = [tx.init(m) for m in models]
+
     def stack(trees):
         return tree_map(lambda *xs: torch.stack(xs), *trees)
 
@@ -444,7 +451,12 @@ def test_chain_learning_rate_and_step_count():
 DTYPES = [torch.bfloat16, torch.float32, torch.float64]
 
 
-@given(shapes, st.integers(0, 2**31 - 1), st.lists(st.sampled_from(DTYPES), min_size=5, max_size=5), st.sampled_from(DTYPES))
+@given(
+    shapes,
+    st.integers(0, 2**31 - 1),
+    st.lists(st.sampled_from(DTYPES), min_size=5, max_size=5),
+    st.sampled_from(DTYPES),
+)
 def test_apply_updates_preserves_structure_dtypes_and_inputs(shape_list, seed, p_dtypes, u_dtype):
     gen = torch.Generator().manual_seed(seed)
     params = {"a": [torch.randn(s, generator=gen).to(p_dtypes[i]) for i, s in enumerate(shape_list)]}
@@ -533,12 +545,20 @@ def test_constant_schedule():
 
 @pytest.mark.parametrize(
     "make_tx",
-    [lambda: optim.clip_by_global_norm(1.0), lambda: optim.adamw(1e-2, weight_decay=0.1), lambda: optim.sgd(1e-2, momentum=0.9)],
+    [
+        lambda: optim.clip_by_global_norm(1.0),
+        lambda: optim.adamw(1e-2, weight_decay=0.1),
+        lambda: optim.sgd(1e-2, momentum=0.9),
+    ],
     ids=["clip", "adamw", "sgd"],
 )
 def test_mixed_dtype_trees_keep_their_dtypes(make_tx):
     gen = torch.Generator().manual_seed(0)
-    p = {"a": torch.randn(4, generator=gen), "b": torch.randn(3, generator=gen).bfloat16(), "c": torch.randn(2, generator=gen).double()}
+    p = {
+        "a": torch.randn(4, generator=gen),
+        "b": torch.randn(3, generator=gen).bfloat16(),
+        "c": torch.randn(2, generator=gen).double(),
+    }
     g = tree_map(lambda t: t * 100, p)
     tx = make_tx()
     u, _ = tx.update(g, tx.init(p), p)
@@ -588,8 +608,10 @@ def test_scale_by_adam_matches_textbook_formula(inplace, scale, host, monkeypatc
         else:  # pure: the old state is untouched
             assert _tree_equal(old, snap[1])
         assert int(state.step) == t
-        for got, want in zip(tree_leaves(d) + tree_leaves(state.m) + tree_leaves(state.v),
-                             tree_leaves(expected) + tree_leaves(m) + tree_leaves(v)):
+        for got, want in zip(
+            tree_leaves(d) + tree_leaves(state.m) + tree_leaves(state.v),
+            tree_leaves(expected) + tree_leaves(m) + tree_leaves(v),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-14 * scale)
 
 
@@ -626,6 +648,7 @@ def test_add_decayed_weights_formula_mask_and_errors():
     out_t, _ = optim.add_decayed_weights(torch.tensor(0.3, dtype=torch.float64)).update(u, optim.EmptyState(), params)
     assert _tree_equal(out_t, out)
     vm = torch.func.vmap(lambda lam, uu, pp: optim.add_decayed_weights(lam).update(uu, optim.EmptyState(), pp)[0])
+
     def lift(tree):
         return tree_map(lambda t: t[None], tree)
 
@@ -714,8 +737,11 @@ def test_trace_is_heavy_ball_momentum():
 
 
 def _composed(lr, betas, eps, wd, mask, inplace):
-    return optim.chain(optim.scale_by_adam(*betas, eps, inplace=inplace), optim.add_decayed_weights(wd, mask),
-                       optim.scale_by_learning_rate(lr))
+    return optim.chain(
+        optim.scale_by_adam(*betas, eps, inplace=inplace),
+        optim.add_decayed_weights(wd, mask),
+        optim.scale_by_learning_rate(lr),
+    )
 
 
 def _leafwise_rel(a, b) -> float:
@@ -730,13 +756,26 @@ FUSED_CASES = {
     "plain": {"lr": 3e-3, "wd": 0.0, "mask": None, "inplace": False},
     "decay": {"lr": 3e-3, "wd": 0.1, "mask": None, "inplace": False},
     "decay-mask-inplace": {"lr": 3e-3, "wd": 0.1, "mask": _matrices, "inplace": True},
-    "cosine-decay-mask": {"lr": optim.cosine_schedule(1e-2, 1e-3, 10, 150), "wd": 0.1, "mask": _matrices,
-                          "inplace": False},
+    "cosine-decay-mask": {
+        "lr": optim.cosine_schedule(1e-2, 1e-3, 10, 150),
+        "wd": 0.1,
+        "mask": _matrices,
+        "inplace": False,
+    },
     "cosine-inplace": {"lr": optim.cosine_schedule(1e-2, 1e-3, 10, 150), "wd": 0.0, "mask": None, "inplace": True},
-    "tensor-hyper": {"lr": torch.tensor(3e-3, dtype=torch.float64), "wd": torch.tensor(0.1, dtype=torch.float64),
-                     "mask": None, "inplace": False},
-    "device-scalars": {"lr": optim.cosine_schedule(1e-2, 1e-3, 10, 150), "wd": 0.1, "mask": _matrices, "inplace": True,
-                       "host": False},
+    "tensor-hyper": {
+        "lr": torch.tensor(3e-3, dtype=torch.float64),
+        "wd": torch.tensor(0.1, dtype=torch.float64),
+        "mask": None,
+        "inplace": False,
+    },
+    "device-scalars": {
+        "lr": optim.cosine_schedule(1e-2, 1e-3, 10, 150),
+        "wd": 0.1,
+        "mask": _matrices,
+        "inplace": True,
+        "host": False,
+    },
 }
 
 
@@ -785,8 +824,11 @@ def test_adamw_fused_low_precision_dtypes_and_zero_lr():
     """float32/bfloat16/float16 leaves: the fused kernel (float16 takes its unfolded branch) agrees
     with the chain to the dtype's rounding; at a warm-up step with α = 0 both give exact zeros."""
     gen = torch.Generator().manual_seed(11)
-    p = {"a": torch.randn(6, 5, generator=gen), "b": torch.randn(7, generator=gen).bfloat16(),
-         "c": torch.randn(4, 3, generator=gen).half()}
+    p = {
+        "a": torch.randn(6, 5, generator=gen),
+        "b": torch.randn(7, generator=gen).bfloat16(),
+        "c": torch.randn(4, 3, generator=gen).half(),
+    }
     sched = optim.cosine_schedule(1e-2, 1e-3, 2, 10)
     fused, chain = optim.adamw(sched, weight_decay=0.1), _composed(sched, (0.9, 0.999), 1e-8, 0.1, None, False)
     s_a, s_b = fused.init(p), chain.init(p)
@@ -835,9 +877,13 @@ def test_step_count_and_learning_rate_at_in_nested_chains():
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(sched))
     state = tx.init(p)
     assert state[0] == optim.EmptyState() and [type(s) for s in state[1]] == [
-        optim.ScaleByAdamState, optim.EmptyState, optim.ScaleByLearningRateState]
-    hand = optim.chain(optim.clip_by_global_norm(1.0),
-                       optim.chain(optim.scale_by_adam(), optim.scale_by_learning_rate(sched)))
+        optim.ScaleByAdamState,
+        optim.EmptyState,
+        optim.ScaleByLearningRateState,
+    ]
+    hand = optim.chain(
+        optim.clip_by_global_norm(1.0), optim.chain(optim.scale_by_adam(), optim.scale_by_learning_rate(sched))
+    )
     h_state = hand.init(p)
     for t in range(4):
         for x, s in ((tx, state), (hand, h_state)):

@@ -56,8 +56,18 @@ def tokens():
 
 
 def _loop(**kw):
-    base = dict(batch_size=4, max_iters=12, lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=8,
-                checkpoint_interval=4, log_interval=5, keep_checkpoints=5, device="cpu")
+    base = dict(
+        batch_size=4,
+        max_iters=12,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_iters=2,
+        eval_interval=8,
+        checkpoint_interval=4,
+        log_interval=5,
+        keep_checkpoints=5,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -235,7 +245,9 @@ def test_a_second_process_on_the_same_run_dir_fails_naming_the_holder(texts, tmp
 # ----------------------------------------------------------------- 6. checked up front
 
 
-@pytest.mark.parametrize("valid", ["", "tiny", "Once upon a time there was a cat."])  # the last: ≥ 33 bytes, < 33 tokens
+@pytest.mark.parametrize(
+    "valid", ["", "tiny", "Once upon a time there was a cat."]
+)  # the last: ≥ 33 bytes, < 33 tokens
 def test_a_too_short_validation_text_fails_before_anything_is_written(texts, tmp_path, capsys, valid):
     v = tmp_path / "valid.txt"
     v.write_text(valid)
@@ -247,11 +259,20 @@ def test_a_too_short_validation_text_fails_before_anything_is_written(texts, tmp
 
 @pytest.mark.parametrize(
     "flags, match",
-    [(["--eval-batches", "0"], "--eval-batches"), (["--grad-clip", "-1"], "--grad-clip"), (["--tokens", "-100"], "--tokens"),
-     (["--tokens", "10"], "less than one step"), (["--tokens", "1e5", "--max-iters", "3"], "not both"),
-     (["--batch-size", "6", "--grad-accum-steps", "4"], "grad_accum_steps"), (["--lr", "nan"], "--lr"),
-     (["--max-new-tokens", "99999999999"], "--max-new-tokens"), (["--device", "cuda"], "CUDA is not available"),
-     (["--device", "tpu7"], "--device"), (["--betas", "0.9", "1.5"], "--betas"), (["--top-p", "0"], "--top-p")],
+    [
+        (["--eval-batches", "0"], "--eval-batches"),
+        (["--grad-clip", "-1"], "--grad-clip"),
+        (["--tokens", "-100"], "--tokens"),
+        (["--tokens", "10"], "less than one step"),
+        (["--tokens", "1e5", "--max-iters", "3"], "not both"),
+        (["--batch-size", "6", "--grad-accum-steps", "4"], "grad_accum_steps"),
+        (["--lr", "nan"], "--lr"),
+        (["--max-new-tokens", "99999999999"], "--max-new-tokens"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--device", "tpu7"], "--device"),
+        (["--betas", "0.9", "1.5"], "--betas"),
+        (["--top-p", "0"], "--top-p"),
+    ],
 )
 def test_bad_settings_are_one_line_usage_errors_before_any_work(texts, tmp_path, capsys, flags, match):
     if "--device" in flags and flags[1] == "cuda" and torch.cuda.is_available():
@@ -289,9 +310,14 @@ def _rewrite_config(path: Path, edit) -> None:
 
 @pytest.mark.parametrize(
     "edit, match",
-    [(lambda m: m.update(vocab_size=500), "the config implies (500, 32)"), (lambda m: m.update(d_ff=96), "implies (96, 32)"),
-     (lambda m: m.update(num_layers=3), "'layers.2."), (lambda m: m.update(context_length=2**40), "context_length"),
-     (lambda m: m.update(d_model=10**9), "implies (1000000000"), (lambda m: m.update(bogus=1), "bogus")],
+    [
+        (lambda m: m.update(vocab_size=500), "the config implies (500, 32)"),
+        (lambda m: m.update(d_ff=96), "implies (96, 32)"),
+        (lambda m: m.update(num_layers=3), "'layers.2."),
+        (lambda m: m.update(context_length=2**40), "context_length"),
+        (lambda m: m.update(d_model=10**9), "implies (1000000000"),
+        (lambda m: m.update(bogus=1), "bogus"),
+    ],
 )
 def test_a_checkpoint_whose_config_does_not_match_its_tensors_is_refused(tiny_run, tmp_path, capsys, edit, match):
     run = tmp_path / "run"
@@ -343,7 +369,11 @@ def test_user_errors_in_every_subcommand_are_one_line(tiny_run, tmp_path, capsys
         (["eval", str(tiny_run), "--text", str(tmp_path / "none.txt")], 2, "no such file"),
         (["export-hf", str(tiny_run), "--out", str(tiny_run)], 2, "not an empty directory"),
         (["tokenize", "encode", str(tmp_path / "none.txt"), "o", "--tokenizer", str(tiny_run)], 2, "no such file"),
-        (["tokenize", "train", str(tiny_run / "config.json"), "--vocab-size", "10", "--out-dir", str(tmp_path)], 1, "vocab_size"),
+        (
+            ["tokenize", "train", str(tiny_run / "config.json"), "--vocab-size", "10", "--out-dir", str(tmp_path)],
+            1,
+            "vocab_size",
+        ),
         (["train", "--config", str(tmp_path / "none.toml")], 2, "cannot read config file"),
         (["train", "--preset", "nope"], 2, "unknown preset"),
         (["train", "--d-model"], 2, "expected one argument"),

@@ -33,7 +33,9 @@ def tiktoken_gpt2(gpt2):
     """tiktoken's GPT-2 encoding built offline from the shared vocab (ranks = ids)."""
     tiktoken = pytest.importorskip("tiktoken")
     ranks = {b: i for i, b in gpt2.vocab.items() if i != 50256}
-    return tiktoken.Encoding(name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256})
+    return tiktoken.Encoding(
+        name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: 50256}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,14 @@ def small(shared_data) -> Tokenizer:
 
 
 @pytest.mark.parametrize(
-    "name", ["bpe/address.txt", "bpe/german.txt", "bpe/tinystories_sample.txt", "tinystories/valid.txt", "tinystories/train.txt"]
+    "name",
+    [
+        "bpe/address.txt",
+        "bpe/german.txt",
+        "bpe/tinystories_sample.txt",
+        "tinystories/valid.txt",
+        "tinystories/train.txt",
+    ],
 )
 def test_matches_tiktoken_on_files(gpt2, tiktoken_gpt2, shared_data, name):
     text = (shared_data / name).read_text(encoding="utf-8")
@@ -57,7 +66,16 @@ def test_matches_tiktoken_on_files(gpt2, tiktoken_gpt2, shared_data, name):
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", "\n\n", "Héllo 🙃 wörld<|endoftext|>世界 it's   fine\t\n", EOT, EOT + EOT + " x", "<|endoftext", "s'll've 123 4567"],
+    [
+        "",
+        " ",
+        "\n\n",
+        "Héllo 🙃 wörld<|endoftext|>世界 it's   fine\t\n",
+        EOT,
+        EOT + EOT + " x",
+        "<|endoftext",
+        "s'll've 123 4567",
+    ],
 )
 def test_matches_tiktoken_edge_cases(gpt2, tiktoken_gpt2, text):
     assert gpt2.encode(text) == tiktoken_gpt2.encode(text, allowed_special="all")
@@ -102,7 +120,9 @@ def test_decode_invalid_utf8_and_bad_ids(gpt2):
 
 # ----- properties -----
 
-specials_text = st.lists(st.one_of(st.text(max_size=20), st.sampled_from([EOT, "<|endo", "ftext|>"])), max_size=8).map("".join)
+specials_text = st.lists(st.one_of(st.text(max_size=20), st.sampled_from([EOT, "<|endo", "ftext|>"])), max_size=8).map(
+    "".join
+)
 
 
 @given(text=st.text())
@@ -124,7 +144,30 @@ def test_gpt2_pattern_tiles_any_text(text):
 
 
 fragment = st.sampled_from(
-    ["a", "bc", " ", "  ", "\n", "\t", "\r\n", "'", "s", "ll", "ve", "1", "23", ".", "!?", "é", "世界", "🙃", EOT, "<|", "endoftext", "|>"]
+    [
+        "a",
+        "bc",
+        " ",
+        "  ",
+        "\n",
+        "\t",
+        "\r\n",
+        "'",
+        "s",
+        "ll",
+        "ve",
+        "1",
+        "23",
+        ".",
+        "!?",
+        "é",
+        "世界",
+        "🙃",
+        EOT,
+        "<|",
+        "endoftext",
+        "|>",
+    ]
 )
 
 
@@ -264,7 +307,13 @@ def test_encode_file_parallel_equals_encode(gpt2, shared_data, tmp_path):
             "tokenizer_files": gpt2.source_files,
             "source": str(src),
         }
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out1.bin", "out1.bin.json", "out2.bin", "out2.bin.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "in.txt",
+        "out1.bin",
+        "out1.bin.json",
+        "out2.bin",
+        "out2.bin.json",
+    ]
 
 
 def test_encode_file_without_special_tokens_and_errors(small, tmp_path, capsys):

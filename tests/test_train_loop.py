@@ -16,8 +16,17 @@ CONFIG = TransformerConfig(vocab_size=48, context_length=8, d_model=16, num_laye
 
 
 def _cfg(**kw):
-    base = dict(batch_size=4, max_iters=12, lr=1e-2, min_lr=1e-3, warmup_iters=2, eval_interval=4,
-                checkpoint_interval=4, log_interval=2, keep_checkpoints=5)
+    base = dict(
+        batch_size=4,
+        max_iters=12,
+        lr=1e-2,
+        min_lr=1e-3,
+        warmup_iters=2,
+        eval_interval=4,
+        checkpoint_interval=4,
+        log_interval=2,
+        keep_checkpoints=5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -25,7 +34,9 @@ def _cfg(**kw):
 @pytest.fixture
 def tokens():
     rng = np.random.default_rng(0)
-    return rng.integers(0, CONFIG.vocab_size, 2000).astype(np.uint16), rng.integers(0, CONFIG.vocab_size, 400).astype(np.uint16)
+    return rng.integers(0, CONFIG.vocab_size, 2000).astype(np.uint16), rng.integers(0, CONFIG.vocab_size, 400).astype(
+        np.uint16
+    )
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tokens, tmp_path, monkeypatch):
@@ -81,5 +92,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tokens, tmp_path, 
         assert torch.equal(value, flm.flatten(b.params)[key]), key
     # The line at step 6 averages steps 5–6 in the straight run but only step 6 after the resume
     # (step 5 was never logged before the interrupt); every later line is identical.
-    losses = lambda d: [(r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(d / "metrics.jsonl") if r["step"] != 6]  # noqa: E731
+    losses = lambda d: [
+        (r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(d / "metrics.jsonl") if r["step"] != 6
+    ]
     assert losses(run) == losses(tmp_path / "straight")

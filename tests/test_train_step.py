@@ -117,7 +117,9 @@ def test_tiny_model_overfits_one_batch():
     for _ in range(OVERFIT_STEPS):
         p, state, m = step(p, state, x, y)
         losses.append(float(m["loss"]))
-    print(f"\noverfit one batch: loss {losses[0]:.3f} → {losses[-1]:.4f} in {OVERFIT_STEPS} steps (ln V = {math.log(CFG.vocab_size):.3f})")
+    print(
+        f"\noverfit one batch: loss {losses[0]:.3f} → {losses[-1]:.4f} in {OVERFIT_STEPS} steps (ln V = {math.log(CFG.vocab_size):.3f})"
+    )
     assert abs(losses[0] - math.log(CFG.vocab_size)) < 1.5
     assert losses[-1] < 0.05
 

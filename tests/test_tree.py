@@ -40,8 +40,17 @@ def test_flatten_keys_and_order_with_many_layers():
     assert len(flat) == 2 + 12 * 9 + 1
     assert {"token_embeddings.weight", "ln_final.weight", "lm_head.weight"} <= set(flat)
     for i in range(12):
-        for name in ("ln1", "ln2", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.output_proj",
-                     "ffn.w1", "ffn.w2", "ffn.w3"):
+        for name in (
+            "ln1",
+            "ln2",
+            "attn.q_proj",
+            "attn.k_proj",
+            "attn.v_proj",
+            "attn.output_proj",
+            "ffn.w1",
+            "ffn.w2",
+            "ffn.w3",
+        ):
             assert f"layers.{i}.{name}.weight" in flat
     # layers are a list: they flatten in numeric order, '9' before '10'
     layer_order = [int(k.split(".")[1]) for k in flat if k.startswith("layers.") and k.endswith("q_proj.weight")]
@@ -111,7 +120,9 @@ _keys = st.text(alphabet="abcxyz_", min_size=1, max_size=4)
 _leaves = st.builds(lambda n, v: torch.full((n,), float(v)), st.integers(0, 3), st.integers(-5, 5))
 _trees = st.recursive(
     _leaves,
-    lambda children: st.lists(children, min_size=1, max_size=3) | st.dictionaries(_keys, children, min_size=1, max_size=3),
+    lambda children: (
+        st.lists(children, min_size=1, max_size=3) | st.dictionaries(_keys, children, min_size=1, max_size=3)
+    ),
     max_leaves=12,
 )
 _roots = st.dictionaries(_keys, _trees, min_size=1, max_size=3) | st.lists(_trees, min_size=1, max_size=12)
@@ -171,7 +182,9 @@ def test_stack_unstack_errors():
 def test_tree_map_zeros_like_num_elements_path_names():
     t = {"b": [torch.ones(2, 3), torch.ones(4)], "a": {"w": torch.ones(5, dtype=torch.float64)}}
     doubled = tree.tree_map(lambda x: 2 * x, t)
-    assert _same(doubled, {"b": [2 * torch.ones(2, 3), 2 * torch.ones(4)], "a": {"w": 2 * torch.ones(5, dtype=torch.float64)}})
+    assert _same(
+        doubled, {"b": [2 * torch.ones(2, 3), 2 * torch.ones(4)], "a": {"w": 2 * torch.ones(5, dtype=torch.float64)}}
+    )
     summed = tree.tree_map(lambda x, y: x + y, t, doubled)
     assert torch.equal(summed["b"][0], 3 * torch.ones(2, 3))
     with pytest.raises(ValueError, match="same structure"):

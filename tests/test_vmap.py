@@ -37,7 +37,9 @@ def _batches(k: int, shared: bool, steps: int, batch: int = 4):
 
 
 def _max_rel(a, b) -> float:
-    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(tree_leaves(a), tree_leaves(b)))
+    return max(
+        float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(tree_leaves(a), tree_leaves(b))
+    )
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-batch", "per-model-batch"])

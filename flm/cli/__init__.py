@@ -32,11 +32,18 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     argv = list(argv)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the traceback on errors (or set FLM_DEBUG=1)")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback on errors (or set FLM_DEBUG=1)",
+    )
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
-    parser = ArgumentParser(prog="flm", parents=[common],
-                            description="flm: train small language models with pure functions over parameter trees.")
+    parser = ArgumentParser(
+        prog="flm",
+        parents=[common],
+        description="flm: train small language models with pure functions over parameter trees.",
+    )
     parser.add_argument("--version", action="version", version=f"flm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
     original = sub.add_parser

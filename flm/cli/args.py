@@ -72,7 +72,9 @@ def _flag(section: str, name: str) -> str:
     return "--" + _FLAG_NAMES.get((section, name), name.replace("_", "-"))
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: RunConfig, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+def add_config_flags(
+    parser: argparse.ArgumentParser, defaults: RunConfig, sections: tuple[str, ...] = tuple(SECTIONS)
+) -> None:
     """Add one flag per config field (``dest = "<section>.<field>"``, absent unless given).
 
     Args:
@@ -112,8 +114,12 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: RunConfig, secti
                     del kw["metavar"]
             group.add_argument(_flag(section, f.name), **kw)
         if section == "train":
-            group.add_argument("--device", dest="train.device", default=argparse.SUPPRESS,
-                               help=f"cpu, cuda, cuda:N, mps or auto = the best available (default: {defaults.train.device})")
+            group.add_argument(
+                "--device",
+                dest="train.device",
+                default=argparse.SUPPRESS,
+                help=f"cpu, cuda, cuda:N, mps or auto = the best available (default: {defaults.train.device})",
+            )
 
 
 def presets_epilog() -> str:
@@ -122,8 +128,10 @@ def presets_epilog() -> str:
     for name, preset in PRESETS.items():
         m, t = preset["model"], preset["train"]
         tokens = t["batch_size"] * m["context_length"] * t["max_iters"]
-        lines.append(f"  {name:15s} {PRESET_NOTES[name]}; d_model {m['d_model']}, {m['num_layers']} layers, "
-                     f"{t['max_iters']} steps x {t['batch_size']} x {m['context_length']} = {tokens / 1e6:.2f}M tokens")
+        lines.append(
+            f"  {name:15s} {PRESET_NOTES[name]}; d_model {m['d_model']}, {m['num_layers']} layers, "
+            f"{t['max_iters']} steps x {t['batch_size']} x {m['context_length']} = {tokens / 1e6:.2f}M tokens"
+        )
     lines.append("settings apply in order: defaults < preset < --config file < flags; --print-config shows the result")
     return "\n".join(lines)
 
@@ -156,6 +164,7 @@ _CLASS_SECTION = {cls.__name__: section for section, cls in SECTIONS.items()}
 def flag_error(err: ValueError) -> ValueError:
     """Rewrite a config class's message (``TrainConfig: grad_clip must …``) in terms of its flag
     (``--grad-clip must …``)."""
+
     def repl(m: re.Match[str]) -> str:
         section = _CLASS_SECTION[m.group(1)]
         return _flag(section, m.group(2)) + m.group(3)

@@ -140,11 +140,13 @@ def run_command(handler: Callable[[argparse.Namespace], int | None], args: argpa
             raise
         print(f"error: {format_error(err)}", file=sys.stderr)
         return 1
-    except Exception as err:  # noqa: BLE001  (a bug: still one line, the traceback on request)
+    except Exception as err:
         if debug:
             raise
-        print(f"error: internal error: {type(err).__name__}: {format_error(err)} (run with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"error: internal error: {type(err).__name__}: {format_error(err)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -33,9 +33,13 @@ def add_parser(sub: Any, argv: list[str]) -> None:
         defaults, _ = base_config(preset or "cpu-small", config_file)
     except ValueError:
         defaults, _ = base_config("cpu-small", None)
-    p = sub.add_parser("experiment", help="run one of the handout's experiments (sweeps, ablations, …)",
-                       description=__doc__.split("\n\n")[0], epilog=presets_epilog(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "experiment",
+        help="run one of the handout's experiments (sweeps, ablations, …)",
+        description=__doc__.split("\n\n")[0],
+        epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("name", choices=NAMES, help="which experiment")
     p.add_argument("--lrs", type=float, nargs="+", help="lr: the learning rates (default: 0.1x … 100x the base lr)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="batch-size: the sizes (default: 1 4 16 64 256)")

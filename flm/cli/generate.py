@@ -26,9 +26,15 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any, argv: list[str]) -> None:
     """Register ``flm generate``."""
-    p = sub.add_parser("generate", help="sample text from a trained run or checkpoint",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", nargs="?", help="a run directory (its best.safetensors) or a checkpoint file")
+    p = sub.add_parser(
+        "generate", help="sample text from a trained run or checkpoint", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "run",
+        metavar="RUN_OR_CHECKPOINT",
+        nargs="?",
+        help="a run directory (its best.safetensors) or a checkpoint file",
+    )
     p.add_argument("--checkpoint", help="the same as RUN_OR_CHECKPOINT (the older spelling)")
     p.add_argument("--prompt", default=None, help="text to continue (default: start from <|endoftext|>)")
     p.add_argument("--max-new-tokens", type=int, help="most tokens per sample (default: the run's, else 256)")
@@ -79,13 +85,24 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("empty --prompt and no <|endoftext|> token to start from")
         ids = [tokenizer.eos_id]
     if max(ids) >= config.vocab_size:
-        raise UsageError(f"the prompt encodes to token {max(ids)}, outside the model's vocabulary of {config.vocab_size}")
+        raise UsageError(
+            f"the prompt encodes to token {max(ids)}, outside the model's vocabulary of {config.vocab_size}"
+        )
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---", flush=True)
         gen = torch.Generator(device=device).manual_seed(args.seed + i)
-        stream = generate_stream(params, config, [ids], s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                 top_k=s.top_k or None, eos_id=tokenizer.eos_id, generator=gen)
+        stream = generate_stream(
+            params,
+            config,
+            [ids],
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k or None,
+            eos_id=tokenizer.eos_id,
+            generator=gen,
+        )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out = [prompt]
         sys.stdout.write(prompt)

@@ -33,8 +33,13 @@ def add_parser(sub: Any, argv: list[str]) -> None:
         defaults, _ = base_config(preset, config_file)
     except ValueError:
         defaults, _ = base_config(None, None)
-    p = sub.add_parser("sweep", help="a learning-rate sweep as one vmapped run", description=__doc__.split("\n\n")[0],
-                       epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "sweep",
+        help="a learning-rate sweep as one vmapped run",
+        description=__doc__.split("\n\n")[0],
+        epilog=presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("sweep")
     g.add_argument("--lrs", type=float, nargs="+", required=True, help="peak learning rates, one model each")
     g.add_argument("--weight-decays", type=float, nargs="+", help="weight decays (crossed with --lrs)")
@@ -57,8 +62,10 @@ def variants(lrs: list[float], weight_decays: list[float] | None) -> list[dict[s
             raise UsageError(f"--weight-decays: must be ≥ 0, got {wd:g}")
     if not weight_decays:
         return [{"label": f"lr_{lr:g}", "lr": lr} for lr in lrs]
-    return [{"label": f"lr_{lr:g}_wd_{wd:g}", "lr": lr, "weight_decay": wd}
-            for lr, wd in itertools.product(lrs, weight_decays)]
+    return [
+        {"label": f"lr_{lr:g}_wd_{wd:g}", "lr": lr, "weight_decay": wd}
+        for lr, wd in itertools.product(lrs, weight_decays)
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         plot_curves(curves, out / "sweep_curves.png", title="learning-rate sweep")
         plot_loss_vs_lr(summaries, out / "sweep.png", title="final validation loss against peak learning rate")
         atomic_write_json(out / "sweep.json", {"config": plan.config.to_dict(), "results": summaries})
-    table = markdown_table(["model", "lr", "final val loss", "best val loss", "diverged"],
-                           [[s["label"], s["lr"], s["final_val_loss"], s["best_val_loss"], s["diverged"]] for s in summaries])
+    table = markdown_table(
+        ["model", "lr", "final val loss", "best val loss", "diverged"],
+        [[s["label"], s["lr"], s["final_val_loss"], s["best_val_loss"], s["diverged"]] for s in summaries],
+    )
     log(table)
     return 0

@@ -1,10 +1,10 @@
 """The smaller ``flm`` subcommands: ``tokenize`` (train / encode), ``download``, ``eval``, ``export-hf``.
 
-    flm tokenize train INPUT --vocab-size 10000 --out-dir tok/
-    flm tokenize encode INPUT OUTPUT --tokenizer tok/
-    flm download tinystories data/
-    flm eval runs/cpu-small --text ../shared/data/tinystories/valid.txt
-    flm export-hf runs/cpu-small --out hf-model/
+flm tokenize train INPUT --vocab-size 10000 --out-dir tok/
+flm tokenize encode INPUT OUTPUT --tokenizer tok/
+flm download tinystories data/
+flm eval runs/cpu-small --text ../shared/data/tinystories/valid.txt
+flm export-hf runs/cpu-small --out hf-model/
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ def add_parsers(sub: Any, argv: list[str]) -> None:
     dl.add_argument("dest", help="directory to save into")
     dl.add_argument("--base-url", help="a mirror's base URL (the file name is appended); still verified")
     dl.add_argument("--timeout", type=float, default=60.0, help="socket timeout in seconds (default: 60)")
-    dl.add_argument("--no-pins", action="store_true", help="skip the size/SHA-256 pins (e.g. for a changed upstream file)")
+    dl.add_argument(
+        "--no-pins", action="store_true", help="skip the size/SHA-256 pins (e.g. for a changed upstream file)"
+    )
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     dl.set_defaults(handler=run_download)
 
@@ -84,8 +86,9 @@ def run_tokenize(args: argparse.Namespace) -> int:
     if args.action == "train":
         if args.max_bytes is not None and args.max_bytes < 1:
             raise UsageError(f"--max-bytes must be ≥ 1, got {args.max_bytes}")
-        vocab, merges = train_bpe(args.input, args.vocab_size, specials, num_workers=args.workers, progress=None,
-                                  max_bytes=args.max_bytes)
+        vocab, merges = train_bpe(
+            args.input, args.vocab_size, specials, num_workers=args.workers, progress=None, max_bytes=args.max_bytes
+        )
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         Tokenizer(vocab, merges, specials).save(out / "vocab.json", out / "merges.txt")
@@ -110,8 +113,14 @@ def run_download(args: argparse.Namespace) -> int:
     """``flm download``."""
     from flm.download import download
 
-    paths = download(args.name, args.dest, base_url=args.base_url, progress=not args.no_progress, timeout=args.timeout,
-                     pins={} if args.no_pins else None)
+    paths = download(
+        args.name,
+        args.dest,
+        base_url=args.base_url,
+        progress=not args.no_progress,
+        timeout=args.timeout,
+        pins={} if args.no_pins else None,
+    )
     for split, p in paths.items():
         print(f"{split}\t{p}")
     return 0
@@ -137,16 +146,27 @@ def run_eval(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as err:
         raise UsageError(f"--text {args.text} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if len(ids) < config.context_length + 1:
-        raise UsageError(f"--text {args.text} encodes to {len(ids)} tokens; need context_length + 1 = {config.context_length + 1}")
-    res = evaluate(params, config, np.asarray(ids, dtype=np.int64), args.batch_size, config.context_length,
-                   args.max_batches, progress=True)
+        raise UsageError(
+            f"--text {args.text} encodes to {len(ids)} tokens; need context_length + 1 = {config.context_length + 1}"
+        )
+    res = evaluate(
+        params,
+        config,
+        np.asarray(ids, dtype=np.int64),
+        args.batch_size,
+        config.context_length,
+        args.max_batches,
+        progress=True,
+    )
     res["checkpoint"] = str(find_checkpoint(args.run))
     res["text"] = args.text
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{args.text}: loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.2f} "
-              f"({res['tokens']:,} tokens predicted, {res['checkpoint']})")
+        print(
+            f"{args.text}: loss {res['loss']:.4f} nats/token, perplexity {res['perplexity']:.2f} "
+            f"({res['tokens']:,} tokens predicted, {res['checkpoint']})"
+        )
     return 0
 
 

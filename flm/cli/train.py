@@ -68,8 +68,10 @@ def add_parser(sub: Any, argv: list[str]) -> None:
     except ValueError:
         defaults, _ = base_config(None, None)  # the error is reported when the command runs
     p = sub.add_parser(
-        "train", help="train a tokenizer and a model end to end (the main job)",
-        description=__doc__.split("\n\n")[0], epilog=presets_epilog(),
+        "train",
+        help="train a tokenizer and a model end to end (the main job)",
+        description=__doc__.split("\n\n")[0],
+        epilog=presets_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(p)
@@ -84,10 +86,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="load settings from a .json or .toml file (e.g. a run's own config.json)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     g.add_argument("--out-dir", help="the run directory (default: runs/<preset>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its newest good checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="delete the run in --out-dir (checkpoints, metrics, results) and start over")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --out-dir from its newest good checkpoint"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run in --out-dir (checkpoints, metrics, results) and start over",
+    )
     g.add_argument("--tokens", type=float, help="total training tokens (sets --max-iters from batch size and context)")
-    g.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: all cores; OMP_NUM_THREADS also works)")
+    g.add_argument(
+        "--threads", type=int, help="CPU threads for PyTorch (default: all cores; OMP_NUM_THREADS also works)"
+    )
 
 
 @dataclass
@@ -190,8 +200,11 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
             )
         now = cfg.train.to_dict()
         was = saved.get("train", {})
-        plan.train_changes = [f"{k} {was[k]!r} → {now[k]!r}" for k in now if k in was and was[k] != now[k]
-                              and k not in ("device", "compile", "tensorboard", "wandb", "peak_flops")]
+        plan.train_changes = [
+            f"{k} {was[k]!r} → {now[k]!r}"
+            for k in now
+            if k in was and was[k] != now[k] and k not in ("device", "compile", "tensorboard", "wandb", "peak_flops")
+        ]
         plan.resume_from = (path, int(header.get("step", 0)))
         plan.notes.append(f"resume from {path.name} (step {plan.resume_from[1]})")
         return
@@ -214,7 +227,8 @@ def describe(plan: Plan) -> list[str]:
     flops, seconds = _estimate(cfg)
     lines = [
         f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}"
-        + (" (compiled)" if t.compile else "") + (f", {t.dtype}" if t.dtype not in ("float32", "fp32") else ""),
+        + (" (compiled)" if t.compile else "")
+        + (f", {t.dtype}" if t.dtype not in ("float32", "fp32") else ""),
         f"  model: {count_params(m):,} parameters (d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
         f"d_ff {m.d_ff}, vocab {m.vocab_size}, context {m.context_length})",
         f"  training: {t.max_iters:,} steps x {t.batch_size} x {m.context_length} = {cfg.tokens / 1e6:,.2f}M tokens, "
@@ -228,8 +242,11 @@ def describe(plan: Plan) -> list[str]:
         lines.append(f"  download: {files} ({format_count(total)}) into {cfg.data.data_dir}")
     if plan.remove:
         names = [p.name for p in plan.remove if p.parent == plan.out_dir]
-        lines.append(f"  --overwrite: removing {len(plan.remove)} file(s) of the previous run: "
-                     + ", ".join(names[:12]) + (" …" if len(names) > 12 else ""))
+        lines.append(
+            f"  --overwrite: removing {len(plan.remove)} file(s) of the previous run: "
+            + ", ".join(names[:12])
+            + (" …" if len(names) > 12 else "")
+        )
     if plan.train_changes:
         lines.append("  resumed with changed settings: " + "; ".join(plan.train_changes))
     lines += [f"  {n}" for n in plan.notes]
@@ -251,9 +268,12 @@ def _tokenizer_for(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
             f"but {plan.resume_from[0].name} was trained with the one in {out}; keep the inputs, or start over"
         )
     t0 = time.perf_counter()
-    tok = train_tokenizer(train_text, cfg.model.vocab_size, train_bytes=max_bytes, num_workers=cfg.data.num_workers,
-                          progress=None)
-    log(f"tokenizer: trained {tok.vocab_size:,} tokens in {time.perf_counter() - t0:.1f}s (in memory, written after the checks)")
+    tok = train_tokenizer(
+        train_text, cfg.model.vocab_size, train_bytes=max_bytes, num_workers=cfg.data.num_workers, progress=None
+    )
+    log(
+        f"tokenizer: trained {tok.vocab_size:,} tokens in {time.perf_counter() - t0:.1f}s (in memory, written after the checks)"
+    )
     return tok, stamp
 
 
@@ -283,9 +303,18 @@ def execute(plan: Plan) -> dict[str, Any]:
                 distributed.barrier()
                 tokenizer = Tokenizer.from_files(out / "vocab.json", out / "merges.txt", special_tokens=[EOS_TOKEN])
                 tokens = prepare_tokens(out, tokenizer, plan.texts, log=lambda _m: None)
-            summary = train_loop(cfg.model, cfg.train, tokens["train"], tokens["valid"], out, resume=plan.resume,
-                                 run_config=cfg.to_dict(), tokenizer_fingerprint=tokenizer.fingerprint(), log=log,
-                                 dist_info=info)
+            summary = train_loop(
+                cfg.model,
+                cfg.train,
+                tokens["train"],
+                tokens["valid"],
+                out,
+                resume=plan.resume,
+                run_config=cfg.to_dict(),
+                tokenizer_fingerprint=tokenizer.fingerprint(),
+                log=log,
+                dist_info=info,
+            )
             if not info.is_main:
                 return summary
             if summary["status"] == "interrupted":
@@ -313,8 +342,10 @@ def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
         plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
     elif not plan.texts:
         ds, base = DATASETS[cfg.data.dataset], Path(cfg.data.data_dir)
-        plan.texts = {"train": (str(base / ds.local_name("train")), cfg.data.train_bytes),
-                      "valid": (str(base / ds.local_name("valid")), None)}
+        plan.texts = {
+            "train": (str(base / ds.local_name("train")), cfg.data.train_bytes),
+            "valid": (str(base / ds.local_name("valid")), None),
+        }
     tokenizer, new_stamp = _tokenizer_for(plan)
     if plan.resume_from is not None:
         saved = (read_header(plan.resume_from[0]).get("metadata") or {}).get("tokenizer_fingerprint")
@@ -346,7 +377,9 @@ def write_data(plan: Plan, tokenizer: Tokenizer, new_stamp: dict[str, Any] | Non
     return tokenizer, tokens
 
 
-def _finish(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokens: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+def _finish(
+    cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokens: dict[str, Any], summary: dict[str, Any]
+) -> dict[str, Any]:
     """Evaluate the best checkpoint on every validation token; write results.json and samples.txt."""
     from flm.generate import generate
     from flm.runs import load_model
@@ -355,20 +388,37 @@ def _finish(cfg: RunConfig, out: Path, tokenizer: Tokenizer, tokens: dict[str, A
     final = evaluate(params, model, tokens["valid"], cfg.train.batch_size, model.context_length, progress=True)
     h1 = unigram_entropy(tokens["valid"], model.vocab_size)
     best_step = int(header.get("step", 0))
-    log(f"validation: loss {final['loss']:.4f} nats/token (perplexity {final['perplexity']:.2f}) on "
-        f"{final['tokens']:,} tokens at best step {best_step}; unigram entropy {h1:.4f}")
+    log(
+        f"validation: loss {final['loss']:.4f} nats/token (perplexity {final['perplexity']:.2f}) on "
+        f"{final['tokens']:,} tokens at best step {best_step}; unigram entropy {h1:.4f}"
+    )
     results = {
-        "best_step": best_step, "val_loss": final["loss"], "val_perplexity": final["perplexity"],
-        "val_tokens": final["tokens"], "unigram_entropy": h1, "steps": summary["step"], "status": summary["status"],
-        "train_wall_time_s": summary["wall_time"], "train_tokens_per_sec": summary["tokens_per_sec"],
-        "mfu": summary["mfu"], "num_params": count_params(model),
+        "best_step": best_step,
+        "val_loss": final["loss"],
+        "val_perplexity": final["perplexity"],
+        "val_tokens": final["tokens"],
+        "unigram_entropy": h1,
+        "steps": summary["step"],
+        "status": summary["status"],
+        "train_wall_time_s": summary["wall_time"],
+        "train_tokens_per_sec": summary["tokens_per_sec"],
+        "mfu": summary["mfu"],
+        "num_params": count_params(model),
     }
     s = cfg.sample
     if s.max_new_tokens and s.prompts:
         gen = torch.Generator(device=cfg.train.device).manual_seed(s.seed)
-        ids = generate(params, model, [tokenizer.encode(p) for p in s.prompts], s.max_new_tokens,
-                       temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None, eos_id=tokenizer.eos_id,
-                       generator=gen)
+        ids = generate(
+            params,
+            model,
+            [tokenizer.encode(p) for p in s.prompts],
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k or None,
+            eos_id=tokenizer.eos_id,
+            generator=gen,
+        )
         texts = [p + tokenizer.decode(o) for p, o in zip(s.prompts, ids, strict=True)]
         sep = "\n\n" + "-" * 72 + "\n\n"
         head = f"# {out.name}: best step {best_step}, temperature {s.temperature}, top-p {s.top_p}, top-k {s.top_k}\n\n"

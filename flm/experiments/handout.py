@@ -64,8 +64,10 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def _train(ctx: Context, name: str, cfg: RunConfig, *, reuse: bool = False) -> dict[str, Any]:
@@ -80,11 +82,26 @@ def _train(ctx: Context, name: str, cfg: RunConfig, *, reuse: bool = False) -> d
     if d.exists():
         shutil.rmtree(d)
     ctx.log(f"{name}: {count_params(cfg.model):,} params, {cfg.train.max_iters} steps")
-    s = train_loop(cfg.model, cfg.train, ctx.tokens["train"], ctx.tokens["valid"], d, run_config=cfg.to_dict(),
-                   tokenizer_fingerprint=ctx.tokenizer.fingerprint(), log=ctx.log)
-    summary = {"label": name.split("/")[-1], "lr": cfg.train.lr, "final_val_loss": s["final_val_loss"],
-               "best_val_loss": s["best_val_loss"], "diverged": s["final_val_loss"] is None or not math.isfinite(s["final_val_loss"]),
-               "wall_time": s["wall_time"], "tokens_per_sec": s["tokens_per_sec"], "params": count_params(cfg.model)}
+    s = train_loop(
+        cfg.model,
+        cfg.train,
+        ctx.tokens["train"],
+        ctx.tokens["valid"],
+        d,
+        run_config=cfg.to_dict(),
+        tokenizer_fingerprint=ctx.tokenizer.fingerprint(),
+        log=ctx.log,
+    )
+    summary = {
+        "label": name.split("/")[-1],
+        "lr": cfg.train.lr,
+        "final_val_loss": s["final_val_loss"],
+        "best_val_loss": s["best_val_loss"],
+        "diverged": s["final_val_loss"] is None or not math.isfinite(s["final_val_loss"]),
+        "wall_time": s["wall_time"],
+        "tokens_per_sec": s["tokens_per_sec"],
+        "params": count_params(cfg.model),
+    }
     atomic_write_json(saved, {"config": cfg.to_dict(), "summary": summary})
     return summary
 
@@ -101,9 +118,21 @@ def baseline(ctx: Context) -> dict[str, Any]:
     return _train(ctx, "baseline", ctx.cfg, reuse=True)
 
 
-def _rows(summaries: list[dict[str, Any]], extra: Callable[[dict[str, Any]], list[Any]] | None = None) -> list[list[Any]]:
-    return [[s["label"], s["lr"], s["final_val_loss"], s["best_val_loss"], "yes" if s["diverged"] else "no",
-             round(s["wall_time"]), *(extra(s) if extra else [])] for s in summaries]
+def _rows(
+    summaries: list[dict[str, Any]], extra: Callable[[dict[str, Any]], list[Any]] | None = None
+) -> list[list[Any]]:
+    return [
+        [
+            s["label"],
+            s["lr"],
+            s["final_val_loss"],
+            s["best_val_loss"],
+            "yes" if s["diverged"] else "no",
+            round(s["wall_time"]),
+            *(extra(s) if extra else []),
+        ]
+        for s in summaries
+    ]
 
 
 _HEAD = ["run", "peak lr", "final val loss", "best val loss", "diverged", "wall time (s)"]
@@ -118,8 +147,11 @@ def exp_lr(ctx: Context, lrs: list[float] | None = None) -> dict[str, Any]:
     lrs = lrs or [base * f for f in (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)]
     summaries = _vmapped(ctx, "lr", ctx.cfg, [{"label": f"lr_{lr:.3g}", "lr": lr} for lr in lrs])
     d = ctx.out / "lr"
-    plot_curves(load_curves({s["label"]: d / s["label"] for s in summaries}), d / "curves.png",
-                title="learning-rate sweep (same init and batches)")
+    plot_curves(
+        load_curves({s["label"]: d / s["label"] for s in summaries}),
+        d / "curves.png",
+        title="learning-rate sweep (same init and batches)",
+    )
     plot_loss_vs_lr(summaries, d / "loss_vs_lr.png", title="final validation loss against peak learning rate")
     ok = [s for s in summaries if not s["diverged"]]
     best = min(ok, key=lambda s: s["final_val_loss"]) if ok else None
@@ -144,26 +176,57 @@ def exp_batch_size(ctx: Context, sizes: list[int] | None = None) -> dict[str, An
     best_runs, rows, curves = [], [], {}
     for b in sizes:
         steps = max(1, round(tokens / (b * base.model.context_length)))
-        cfg = base.replace(train={"batch_size": b, "max_iters": steps, "warmup_iters": max(1, steps // 10),
-                                  "eval_interval": max(1, steps // 12), "log_interval": max(1, steps // 60),
-                                  "checkpoint_interval": 0})
+        cfg = base.replace(
+            train={
+                "batch_size": b,
+                "max_iters": steps,
+                "warmup_iters": max(1, steps // 10),
+                "eval_interval": max(1, steps // 12),
+                "log_interval": max(1, steps // 60),
+                "checkpoint_interval": 0,
+            }
+        )
         lr0 = base.train.lr * math.sqrt(b / b0)
-        summaries = _vmapped(ctx, f"batch_size/b{b}", cfg, [{"label": f"lr_{lr0 * f:.3g}", "lr": lr0 * f}
-                                                            for f in (0.5, 1.0, 2.0)])
+        summaries = _vmapped(
+            ctx, f"batch_size/b{b}", cfg, [{"label": f"lr_{lr0 * f:.3g}", "lr": lr0 * f} for f in (0.5, 1.0, 2.0)]
+        )
         ok = [s for s in summaries if not s["diverged"]] or summaries
         best = min(ok, key=lambda s: s["final_val_loss"] if s["final_val_loss"] is not None else math.inf)
         best_runs.append({**best, "batch_size": b, "steps": steps})
         curves[f"B={b}, lr {best['lr']:.2g}"] = load_curves({"x": ctx.out / f"batch_size/b{b}" / best["label"]})["x"]
-        rows.append([b, steps, best["lr"], best["final_val_loss"], best["best_val_loss"], round(best["wall_time"]),
-                     best["tokens_per_sec"], ", ".join(f"{s['lr']:.2g}: {fmt_loss(s)}" for s in summaries)])
+        rows.append(
+            [
+                b,
+                steps,
+                best["lr"],
+                best["final_val_loss"],
+                best["best_val_loss"],
+                round(best["wall_time"]),
+                best["tokens_per_sec"],
+                ", ".join(f"{s['lr']:.2g}: {fmt_loss(s)}" for s in summaries),
+            ]
+        )
     d = ctx.out / "batch_size"
     plot_curves(curves, d / "curves.png", title=f"batch size at {tokens / 1e6:.2f}M tokens (best lr each)")
     mem = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else _ram_bytes()
     limit = max_batch_size(base.model, 0.8 * mem)
-    head = ["batch size", "steps", "best lr", "final val loss", "best val loss", "wall time (s)", "tokens/s",
-            "final val loss per lr"]
-    return {"table": markdown_table(head, rows), "plots": ["curves.png"], "results": best_runs,
-            "memory_limit_batch": limit, "memory_bytes": mem}
+    head = [
+        "batch size",
+        "steps",
+        "best lr",
+        "final val loss",
+        "best val loss",
+        "wall time (s)",
+        "tokens/s",
+        "final val loss per lr",
+    ]
+    return {
+        "table": markdown_table(head, rows),
+        "plots": ["curves.png"],
+        "results": best_runs,
+        "memory_limit_batch": limit,
+        "memory_bytes": mem,
+    }
 
 
 def fmt_loss(s: dict[str, Any]) -> str:
@@ -187,10 +250,17 @@ def exp_ablations(ctx: Context) -> dict[str, Any]:
     base = ctx.cfg
     summaries = [baseline(ctx)]
     lr = base.train.lr
-    summaries += _vmapped(ctx, "ablations/no_norm", base.replace(model={"norm": "none"}),
-                          [{"label": f"no_norm_lr_{f * lr:.3g}", "lr": f * lr} for f in (1.0, 0.3, 0.1)])
-    for name, change in (("post_norm", {"norm": "post"}), ("nope", {"position": "nope"}),
-                         ("silu", {"ffn": "silu", "d_ff": 4 * base.model.d_model})):
+    summaries += _vmapped(
+        ctx,
+        "ablations/no_norm",
+        base.replace(model={"norm": "none"}),
+        [{"label": f"no_norm_lr_{f * lr:.3g}", "lr": f * lr} for f in (1.0, 0.3, 0.1)],
+    )
+    for name, change in (
+        ("post_norm", {"norm": "post"}),
+        ("nope", {"position": "nope"}),
+        ("silu", {"ffn": "silu", "d_ff": 4 * base.model.d_model}),
+    ):
         summaries.append(_train(ctx, f"ablations/{name}", base.replace(model=change)))
     runs = {"baseline": ctx.out / "baseline"}
     for s in summaries[1:]:
@@ -199,9 +269,16 @@ def exp_ablations(ctx: Context) -> dict[str, Any]:
     d = ctx.out / "ablations"
     curves = load_curves(runs)
     plot_curves(curves, d / "curves.png", title="ablations against the baseline (pre-norm, RoPE, SwiGLU)")
-    params = {"baseline": count_params(base.model), "silu": count_params(base.replace(model={"ffn": "silu", "d_ff": 4 * base.model.d_model}).model)}
-    return {"table": markdown_table(_HEAD + ["params"], _rows(summaries, lambda s: [s.get("params", params["baseline"])])),
-            "plots": ["curves.png"], "results": summaries, "params": params}
+    params = {
+        "baseline": count_params(base.model),
+        "silu": count_params(base.replace(model={"ffn": "silu", "d_ff": 4 * base.model.d_model}).model),
+    }
+    return {
+        "table": markdown_table(_HEAD + ["params"], _rows(summaries, lambda s: [s.get("params", params["baseline"])])),
+        "plots": ["curves.png"],
+        "results": summaries,
+        "params": params,
+    }
 
 
 def exp_tie(ctx: Context) -> dict[str, Any]:
@@ -209,14 +286,22 @@ def exp_tie(ctx: Context) -> dict[str, Any]:
     base = ctx.cfg
     summaries = [baseline(ctx)]
     lr = base.train.lr
-    summaries += _vmapped(ctx, "tie", base.replace(model={"tie_embeddings": True}),
-                          [{"label": f"tied_lr_{f * lr:.3g}", "lr": f * lr} for f in (1.0, 0.5)])
+    summaries += _vmapped(
+        ctx,
+        "tie",
+        base.replace(model={"tie_embeddings": True}),
+        [{"label": f"tied_lr_{f * lr:.3g}", "lr": f * lr} for f in (1.0, 0.5)],
+    )
     d = ctx.out / "tie"
     runs = {"baseline": ctx.out / "baseline", **{s["label"]: d / s["label"] for s in summaries[1:]}}
     plot_curves(load_curves(runs), d / "curves.png", title="tied embeddings against the baseline")
     tied = count_params(base.replace(model={"tie_embeddings": True}).model)
-    return {"table": markdown_table(_HEAD, _rows(summaries)), "plots": ["curves.png"], "results": summaries,
-            "params": {"baseline": count_params(base.model), "tied": tied}}
+    return {
+        "table": markdown_table(_HEAD, _rows(summaries)),
+        "plots": ["curves.png"],
+        "results": summaries,
+        "params": {"baseline": count_params(base.model), "tied": tied},
+    }
 
 
 def exp_generate(ctx: Context) -> dict[str, Any]:
@@ -234,13 +319,26 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
     samples = []
     for label, temp, top_p in settings:
         g = torch.Generator().manual_seed(s.seed)
-        ids = generate(params, config, [tok.encode(s.prompts[0])], n, temperature=temp, top_p=top_p,
-                       eos_id=tok.eos_id, generator=g)[0]
-        samples.append({"label": label, "temperature": temp, "top_p": top_p, "tokens": len(ids),
-                        "stopped_at_eos": len(ids) < n, "text": s.prompts[0] + tok.decode(ids)})
-    md = "\n".join(f"**{x['label']}** (temperature {x['temperature']}, top-p {x['top_p']}, {x['tokens']} tokens"
-                   f"{', stopped at <|endoftext|>' if x['stopped_at_eos'] else ''}):\n\n"
-                   + "\n".join("> " + line for line in x["text"].splitlines()) + "\n" for x in samples)
+        ids = generate(
+            params, config, [tok.encode(s.prompts[0])], n, temperature=temp, top_p=top_p, eos_id=tok.eos_id, generator=g
+        )[0]
+        samples.append(
+            {
+                "label": label,
+                "temperature": temp,
+                "top_p": top_p,
+                "tokens": len(ids),
+                "stopped_at_eos": len(ids) < n,
+                "text": s.prompts[0] + tok.decode(ids),
+            }
+        )
+    md = "\n".join(
+        f"**{x['label']}** (temperature {x['temperature']}, top-p {x['top_p']}, {x['tokens']} tokens"
+        f"{', stopped at <|endoftext|>' if x['stopped_at_eos'] else ''}):\n\n"
+        + "\n".join("> " + line for line in x["text"].splitlines())
+        + "\n"
+        for x in samples
+    )
     return {"table": md, "plots": [], "results": samples, "best_step": header.get("step")}
 
 
@@ -268,13 +366,24 @@ def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
             secs = time.perf_counter() - t0
             mbps = raw / secs / 1e6
             rows.append([name, split, raw, n, raw / n, mbps, 825e9 / (raw / secs) / 86400])
-            results.append({"tokenizer": name, "split": split, "bytes": raw, "tokens": n, "bytes_per_token": raw / n,
-                            "mb_per_s": mbps, "longest_token": longest.decode("utf-8", "replace"),
-                            "longest_token_bytes": len(longest)})
+            results.append(
+                {
+                    "tokenizer": name,
+                    "split": split,
+                    "bytes": raw,
+                    "tokens": n,
+                    "bytes_per_token": raw / n,
+                    "mb_per_s": mbps,
+                    "longest_token": longest.decode("utf-8", "replace"),
+                    "longest_token_bytes": len(longest),
+                }
+            )
     head = ["tokenizer", "split", "bytes", "tokens", "bytes/token", "MB/s (1 process)", "days for 825 GB (1 process)"]
-    longest = "\n".join(f"- {r['tokenizer']}: longest token {r['longest_token'][:40]!r}"
-                        f"{'…' if len(r['longest_token']) > 40 else ''} ({r['longest_token_bytes']} bytes)"
-                        for r in results[:: len(ctx.data)])
+    longest = "\n".join(
+        f"- {r['tokenizer']}: longest token {r['longest_token'][:40]!r}"
+        f"{'…' if len(r['longest_token']) > 40 else ''} ({r['longest_token_bytes']} bytes)"
+        for r in results[:: len(ctx.data)]
+    )
     return {"table": markdown_table(head, rows) + "\n" + longest + "\n", "plots": [], "results": results}
 
 
@@ -313,8 +422,10 @@ def run_experiment(ctx: Context, name: str, command: str, **kw: Any) -> dict[str
     res["machine"] = machine()
     res["command"] = command
     plots = "".join(f"![{p}]({p})\n\n" for p in res["plots"])
-    md = (f"# {name}\n\n`{command}`\n\nWall time {res['wall_time'] / 60:.1f} min on {res['machine']}.\n\n"
-          f"{res['table']}\n{plots}")
+    md = (
+        f"# {name}\n\n`{command}`\n\nWall time {res['wall_time'] / 60:.1f} min on {res['machine']}.\n\n"
+        f"{res['table']}\n{plots}"
+    )
     atomic_write_text(d / "report.md", md)
     atomic_write_json(d / "results.json", {k: v for k, v in res.items() if k != "table"})
     ctx.log(md)

@@ -45,7 +45,10 @@ def _save(fig: Any, out_png: str | os.PathLike) -> None:
 
 
 def plot_curves(
-    curves: dict[str, list[dict[str, Any]]], out_png: str | os.PathLike, *, title: str = "",
+    curves: dict[str, list[dict[str, Any]]],
+    out_png: str | os.PathLike,
+    *,
+    title: str = "",
     ylim: tuple[float, float] | None = None,
 ) -> bool:
     """Validation (markers) and training (thin lines) loss per run, against steps and against wall time.
@@ -63,8 +66,13 @@ def plot_curves(
         fig, axes = _figure(2)
     except ImportError:
         return False
-    finite = [r[k] for rows in curves.values() for r in rows for k in ("train_loss", "val_loss")
-              if r.get(k) is not None and math.isfinite(r[k])]
+    finite = [
+        r[k]
+        for rows in curves.values()
+        for r in rows
+        for k in ("train_loss", "val_loss")
+        if r.get(k) is not None and math.isfinite(r[k])
+    ]
     for label, rows in curves.items():
         for ax, key in zip(axes, ("step", "wall_time"), strict=True):
             tr = [(r[key], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
@@ -125,7 +133,7 @@ def fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits else f"{value:.2e}"
+        return f"{value:.{digits}f}" if abs(value) >= 10**-digits else f"{value:.2e}"
     return str(value)
 
 

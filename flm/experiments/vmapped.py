@@ -83,7 +83,9 @@ def vmapped_train(
     hparams = {
         "lr": torch.tensor(lrs, dtype=torch.float64),
         "min_lr": torch.tensor(lrs, dtype=torch.float64) * ratio,
-        "weight_decay": torch.tensor([float(v.get("weight_decay", t.weight_decay)) for v in variants], dtype=torch.float64),
+        "weight_decay": torch.tensor(
+            [float(v.get("weight_decay", t.weight_decay)) for v in variants], dtype=torch.float64
+        ),
     }
 
     def make_tx(h: dict[str, torch.Tensor]) -> optim.GradientTransformation:
@@ -94,14 +96,15 @@ def vmapped_train(
     seeds = [int(v.get("seed", t.seed)) for v in variants]
     params, opt_state = init_vmapped(cfg.model, make_tx, hparams, seeds, device=device)
     hparams = {n: v.to(device) for n, v in hparams.items()}
-    step_fn = make_vmapped_train_step(cfg.model, make_tx, shared_batch=True, compile=t.compile,
-                                      compute_dtype=t.compute_dtype)
+    step_fn = make_vmapped_train_step(
+        cfg.model, make_tx, shared_batch=True, compile=t.compile, compute_dtype=t.compute_dtype
+    )
     sampler = torch.Generator().manual_seed(t.seed + 1)
     out = Path(out_dir)
     files = {}
     for label in labels:
         (out / label).mkdir(parents=True, exist_ok=True)
-        files[label] = open(out / label / "metrics.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        files[label] = open(out / label / "metrics.jsonl", "w", encoding="utf-8")
     clock = Throughput(k * train_step_flops(cfg.model, 1) / ctx, device_peak_flops(device, t.compute_dtype))
     best = [math.inf] * k
     last_val: list[float | None] = [None] * k
@@ -135,30 +138,51 @@ def vmapped_train(
                 t_eval = time.perf_counter()
                 vals = evaluate_all()
                 clock.exclude(time.perf_counter() - t_eval)
-            train_l, lrs_now, norms = _finite_or_none(losses), _finite_or_none(last["lr"]), _finite_or_none(last["grad_norm"])
+            train_l, lrs_now, norms = (
+                _finite_or_none(losses),
+                _finite_or_none(last["lr"]),
+                _finite_or_none(last["grad_norm"]),
+            )
             for i, label in enumerate(labels):
                 val = vals[i] if vals else None
                 if val is not None:
                     best[i] = min(best[i], val)
                 if vals:
                     last_val[i] = val
-                rec = {"step": step, "wall_time": round(time.perf_counter() - t0, 3), "tokens": step * t.batch_size * ctx,
-                       "train_loss": train_l[i], "val_loss": val,
-                       "val_perplexity": math.exp(val) if val is not None and val < 700 else None,
-                       "lr": lrs_now[i], "grad_norm": norms[i], "tokens_per_sec": round(rate / k, 1),
-                       "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
+                rec = {
+                    "step": step,
+                    "wall_time": round(time.perf_counter() - t0, 3),
+                    "tokens": step * t.batch_size * ctx,
+                    "train_loss": train_l[i],
+                    "val_loss": val,
+                    "val_perplexity": math.exp(val) if val is not None and val < 700 else None,
+                    "lr": lrs_now[i],
+                    "grad_norm": norms[i],
+                    "tokens_per_sec": round(rate / k, 1),
+                    "mfu": None if clock.mfu is None else round(clock.mfu, 4),
+                }
                 files[label].write(json.dumps(rec) + "\n")
                 files[label].flush()
-            fmt = lambda vs: " ".join("   nan" if v is None else f"{v:6.3f}" for v in vs)  # noqa: E731
-            log(f"step {step:5d} | train {fmt(train_l)}" + (f" | val {fmt(vals)}" if vals else "")
-                + f" | {rate:,.0f} tok/s")
+            fmt = lambda vs: " ".join("   nan" if v is None else f"{v:6.3f}" for v in vs)
+            log(
+                f"step {step:5d} | train {fmt(train_l)}"
+                + (f" | val {fmt(vals)}" if vals else "")
+                + f" | {rate:,.0f} tok/s"
+            )
     finally:
         for f in files.values():
             f.close()
     wall = time.perf_counter() - t0
     return [
-        {"label": label, "lr": lrs[i], "weight_decay": float(hparams["weight_decay"][i]),
-         "final_val_loss": last_val[i], "best_val_loss": best[i] if math.isfinite(best[i]) else None,
-         "diverged": last_val[i] is None, "wall_time": wall, "tokens_per_sec": clock.rate / k if clock.rate else None}
+        {
+            "label": label,
+            "lr": lrs[i],
+            "weight_decay": float(hparams["weight_decay"][i]),
+            "final_val_loss": last_val[i],
+            "best_val_loss": best[i] if math.isfinite(best[i]) else None,
+            "diverged": last_val[i] is None,
+            "wall_time": wall,
+            "tokens_per_sec": clock.rate / k if clock.rate else None,
+        }
         for i, label in enumerate(labels)
     ]

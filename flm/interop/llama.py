@@ -41,7 +41,12 @@ __all__ = [
 
 Params = dict[str, Any]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
 _SAFETENSORS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 # flm -> HF per-layer names (weights are (d_out, d_in) on both sides).
@@ -67,7 +72,9 @@ def _check_expressible(config: TransformerConfig) -> None:
             raise ValueError(f"Hugging Face Llama cannot express {field}={value!r} (only {field}={wanted!r})")
 
 
-def hf_config(config: TransformerConfig, *, dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None) -> dict:
+def hf_config(
+    config: TransformerConfig, *, dtype: torch.dtype = torch.float32, tokenizer: Tokenizer | None = None
+) -> dict:
     """Return the ``config.json`` dict of the ``LlamaForCausalLM`` that computes what ``config`` does.
 
     Args:
@@ -125,10 +132,14 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     params = hf.get("rope_parameters")
     if params is not None:
         if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-            raise ValueError(f"Hugging Face config: rope_parameters={params!r} is not supported (one plain RoPE expected)")
+            raise ValueError(
+                f"Hugging Face config: rope_parameters={params!r} is not supported (one plain RoPE expected)"
+            )
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
-            raise ValueError(f"Hugging Face config: rope_parameters rope_type={kind!r} is not supported (only 'default')")
+            raise ValueError(
+                f"Hugging Face config: rope_parameters rope_type={kind!r} is not supported (only 'default')"
+            )
         extra = set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
         if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"Hugging Face config: rope_parameters={params!r} is not supported (only rope_theta)")
@@ -175,7 +186,9 @@ def config_from_hf(hf: Mapping[str, Any], *, attention: str = "auto") -> Transfo
                          "(grouped-query attention is not supported)")  # fmt: skip
     head_dim = hf.get("head_dim")
     if head_dim is not None and heads > 0 and head_dim * heads != d_model:
-        raise ValueError(f"Hugging Face config: head_dim={head_dim!r} != hidden_size/num_attention_heads={d_model}/{heads}")
+        raise ValueError(
+            f"Hugging Face config: head_dim={head_dim!r} != hidden_size/num_attention_heads={d_model}/{heads}"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key, False):
             raise ValueError(f"Hugging Face config: {key}={hf[key]!r} is not supported (flm layers have no biases)")
@@ -183,7 +196,9 @@ def config_from_hf(hf: Mapping[str, Any], *, attention: str = "auto") -> Transfo
     if act not in ("silu", "swish"):
         raise ValueError(f"Hugging Face config: hidden_act={act!r} is not supported (only 'silu')")
     if hf.get("attention_dropout", 0.0):
-        raise ValueError(f"Hugging Face config: attention_dropout={hf['attention_dropout']!r} is not supported (flm has no dropout)")
+        raise ValueError(
+            f"Hugging Face config: attention_dropout={hf['attention_dropout']!r} is not supported (flm has no dropout)"
+        )
     return TransformerConfig(
         vocab_size=_get(hf, "vocab_size"), context_length=_get(hf, "max_position_embeddings", 2048),
         d_model=d_model, num_layers=_get(hf, "num_hidden_layers"), num_heads=heads,
@@ -305,7 +320,9 @@ def from_hf_state_dict(state: Mapping[str, torch.Tensor], config: TransformerCon
     if config.tie_embeddings and "lm_head.weight" in state:
         head, emb = state.pop("lm_head.weight"), state.get("model.embed_tokens.weight")
         if emb is None or head.shape != emb.shape or not torch.equal(head, emb):
-            raise ValueError("from_hf_state_dict: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+            raise ValueError(
+                "from_hf_state_dict: tie_word_embeddings is true but lm_head.weight differs from the embedding"
+            )
     extra = sorted(set(state) - {row[1] for row in table})
     if extra:
         raise ValueError(f"from_hf_state_dict: unexpected tensors {extra[:5]}{' …' if len(extra) > 5 else ''}")
@@ -361,7 +378,9 @@ def save_hf(
         (dtype,) = dtypes
     meta = hf_config(config, dtype=dtype, tokenizer=tokenizer)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"save_hf: tokenizer has vocab_size {tokenizer.vocab_size} > model vocab_size {config.vocab_size}")
+        raise ValueError(
+            f"save_hf: tokenizer has vocab_size {tokenizer.vocab_size} > model vocab_size {config.vocab_size}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:  # first: it is the part that can still fail (duplicate token bytes)
@@ -429,5 +448,3 @@ def load_hf(
     if dtype is not None or device is not None:
         state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
     return from_hf_state_dict(state, config), config
-
-

@@ -155,7 +155,9 @@ def apply_updates(params: PyTree, updates: PyTree, *, inplace: bool = False) -> 
             for p, u in zip(p_leaves, u_leaves):
                 p.add_(u)
         return params
-    new = torch._foreach_add(p_leaves, u_leaves) if _use_foreach(p_leaves) else [p + u for p, u in zip(p_leaves, u_leaves)]
+    new = (
+        torch._foreach_add(p_leaves, u_leaves)
+        if _use_foreach(p_leaves)
+        else [p + u for p, u in zip(p_leaves, u_leaves)]
+    )
     return optree.tree_unflatten(spec, new)
-
-

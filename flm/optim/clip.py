@@ -15,8 +15,6 @@ from flm.tree import tree_leaves
 __all__ = ["global_norm", "clip_by_global_norm"]
 
 
-
-
 def global_norm(tree: PyTree) -> torch.Tensor:
     """The ℓ2 norm of all leaves of ``tree`` taken together, ``sqrt(Σ ‖leaf‖²)``.
 
@@ -78,5 +76,3 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
         return optree.tree_unflatten(spec, scaled), state
 
     return GradientTransformation(init, update)
-
-

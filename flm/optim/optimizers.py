@@ -32,8 +32,6 @@ from flm.tree import tree_leaves, tree_structure
 __all__ = ["sgd", "adamw"]
 
 
-
-
 def sgd(lr: float | torch.Tensor | Schedule, momentum: float = 0.0) -> GradientTransformation:
     """Stochastic gradient descent, optionally with heavy-ball momentum: ``chain(trace(μ), scale_by_learning_rate(α))``.
 
@@ -56,8 +54,19 @@ def sgd(lr: float | torch.Tensor | Schedule, momentum: float = 0.0) -> GradientT
 
 
 def _adamw_kernel(
-    g: list, m: list, v: list, p: list, flags: list[bool], *, b1: float, b2: float, eps: float,
-    step: torch.Tensor, lr_t: torch.Tensor, weight_decay: float | torch.Tensor, inplace: bool,
+    g: list,
+    m: list,
+    v: list,
+    p: list,
+    flags: list[bool],
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+    step: torch.Tensor,
+    lr_t: torch.Tensor,
+    weight_decay: float | torch.Tensor,
+    inplace: bool,
 ) -> tuple[list, list, list]:
     """AdamW's chain on eager leaf lists: ``(updates, m, v)`` with ``u = −α·k·m/(√v + ε_t) − αλθ``
     (θ on the flagged leaves only), what ``chain(scale_by_adam, add_decayed_weights,
@@ -144,15 +153,22 @@ def adamw(
     if len(betas) != 2:
         raise ValueError(f"adamw: betas must be a pair (β1, β2), got {betas!r}")
     b1, b2 = (float(b) for b in betas)
-    composed = chain(scale_by_adam(b1, b2, eps, inplace=inplace), add_decayed_weights(weight_decay, mask),
-                     scale_by_learning_rate(lr))
+    composed = chain(
+        scale_by_adam(b1, b2, eps, inplace=inplace), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)
+    )
     use_decay = isinstance(weight_decay, torch.Tensor) or weight_decay > 0
 
     def update(grads: PyTree, state: tuple[Any, ...], params: PyTree = None) -> tuple[PyTree, tuple[Any, ...]]:
-        if not (isinstance(state, tuple) and len(state) == 3 and isinstance(state[0], ScaleByAdamState)
-                and isinstance(state[2], ScaleByLearningRateState)):
-            raise ValueError("adamw: state must be (ScaleByAdamState, EmptyState, ScaleByLearningRateState), "
-                             f"got {type(state).__name__}")
+        if not (
+            isinstance(state, tuple)
+            and len(state) == 3
+            and isinstance(state[0], ScaleByAdamState)
+            and isinstance(state[2], ScaleByLearningRateState)
+        ):
+            raise ValueError(
+                "adamw: state must be (ScaleByAdamState, EmptyState, ScaleByLearningRateState), "
+                f"got {type(state).__name__}"
+            )
         adam_state, decay_state, lr_state = state
         g, spec = optree.tree_flatten(grads, namespace="")
         m, v = tree_leaves(adam_state.m), tree_leaves(adam_state.v)
@@ -166,14 +182,23 @@ def adamw(
         if not (len(g) == len(m) == len(v) and len(p) in (0, len(g)) and base._use_foreach(g + m + v + p)):
             return composed.update(grads, state, params)
         step = adam_state.step + 1
-        upd, m_new, v_new = _adamw_kernel(g, m, v, p, flags, b1=b1, b2=b2, eps=float(eps), step=step,
-                                          lr_t=composed.learning_rate(lr_state.step).to(torch.float64),
-                                          weight_decay=_hyper(weight_decay), inplace=inplace)
+        upd, m_new, v_new = _adamw_kernel(
+            g,
+            m,
+            v,
+            p,
+            flags,
+            b1=b1,
+            b2=b2,
+            eps=float(eps),
+            step=step,
+            lr_t=composed.learning_rate(lr_state.step).to(torch.float64),
+            weight_decay=_hyper(weight_decay),
+            inplace=inplace,
+        )
         m_tree = optree.tree_unflatten(tree_structure(adam_state.m), m_new)
         v_tree = optree.tree_unflatten(tree_structure(adam_state.v), v_new)
         new_state = (ScaleByAdamState(step, m_tree, v_tree), decay_state, ScaleByLearningRateState(lr_state.step + 1))
         return optree.tree_unflatten(spec, upd), new_state
 
     return GradientTransformation(composed.init, update, composed.learning_rate)
-
-

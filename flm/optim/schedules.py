@@ -14,8 +14,6 @@ from flm.optim.base import Schedule
 __all__ = ["constant_schedule", "cosine_schedule"]
 
 
-
-
 def constant_schedule(lr: float) -> Schedule:
     """Return the schedule ``step -> lr`` (a float64 0-d tensor on the step's device)."""
     lr = float(lr)
@@ -85,5 +83,3 @@ def _as_schedule(lr: float | torch.Tensor | Schedule) -> Schedule:
     if not isinstance(lr, (int, float)) or lr < 0:
         raise ValueError(f"learning rate must be a non-negative float or a schedule, got {lr!r}")
     return constant_schedule(float(lr))
-
-

@@ -63,8 +63,6 @@ class TraceState(NamedTuple):
     trace: PyTree
 
 
-
-
 def _decay_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, n: int) -> list[bool]:
     if mask is None:
         return [True] * n
@@ -136,8 +134,9 @@ def _adam_coefficients(step: torch.Tensor, b1: float, b2: float, eps: float) -> 
     return eps * bias2_sqrt, bias2_sqrt / (1.0 - b1**t)
 
 
-def _adam_direction(m: list, v: list, eps_t: torch.Tensor, k: torch.Tensor, out_scale: torch.Tensor | None = None
-                    ) -> list:
+def _adam_direction(
+    m: list, v: list, eps_t: torch.Tensor, k: torch.Tensor, out_scale: torch.Tensor | None = None
+) -> list:
     """``k · m / (√v + ε_t)`` leaf by leaf, then ``× out_scale`` (in the same buffer) if given."""
     scale = k if out_scale is None else k * out_scale
     if base._use_foreach(m + v) and base._host_scalars(m, eps_t, scale):
@@ -201,7 +200,9 @@ def scale_by_adam(
 
     def init(params: PyTree) -> ScaleByAdamState:
         zeros = tree_map(torch.zeros_like, params)
-        return ScaleByAdamState(step=base._step_tensor(base._first_device(params)), m=zeros, v=tree_map(torch.zeros_like, params))
+        return ScaleByAdamState(
+            step=base._step_tensor(base._first_device(params)), m=zeros, v=tree_map(torch.zeros_like, params)
+        )
 
     def update(grads: PyTree, state: ScaleByAdamState, params: PyTree = None) -> tuple[PyTree, ScaleByAdamState]:
         g, spec = optree.tree_flatten(grads, namespace="")
@@ -356,4 +357,3 @@ def learning_rate_at(tx: GradientTransformation, state: Any) -> torch.Tensor | N
     if tx.learning_rate is None or step is None:
         return None
     return tx.learning_rate(step)
-

@@ -45,7 +45,9 @@ def model_config_changes(saved: dict[str, Any], current: TransformerConfig) -> l
     ``"name: saved → current"`` strings (runtime-only fields such as ``attention`` ignored)."""
     now = current.to_dict()
     return [
-        f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in now if k not in _RUNTIME_FIELDS and saved.get(k, now[k]) != now[k]
+        f"{k}: {saved.get(k)!r} → {now[k]!r}"
+        for k in now
+        if k not in _RUNTIME_FIELDS and saved.get(k, now[k]) != now[k]
     ]
 
 
@@ -125,8 +127,15 @@ class Checkpointer:
             **(metadata or {}),
         }
         path = self.out / checkpoint_name(step)
-        save_checkpoint(path, params=params, opt_state=opt_state, step=step, config=self.run_config,
-                        generator=sampler, metadata=meta)
+        save_checkpoint(
+            path,
+            params=params,
+            opt_state=opt_state,
+            step=step,
+            config=self.run_config,
+            generator=sampler,
+            metadata=meta,
+        )
         self.last_good, self.last_saved_step = path, step
         for old in list_checkpoints(self.out)[: -self.keep]:
             if old != path:

@@ -17,7 +17,12 @@ from flm.tree import tree_map
 __all__ = ["TrainConfig", "make_optimizer", "decay_mask", "default_device", "COMPUTE_DTYPES"]
 
 PyTree = Any
-COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "fp32": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def default_device() -> str:
@@ -179,8 +184,9 @@ def make_optimizer(cfg: TrainConfig, *, inplace: bool = False) -> optim.Gradient
     Source: handout §4.3–4.5, §7.2.
     """
     schedule = optim.cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
-    adam = optim.adamw(schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
-                       inplace=inplace)
+    adam = optim.adamw(
+        schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask, inplace=inplace
+    )
     if cfg.grad_clip > 0:
         return optim.chain(optim.clip_by_global_norm(cfg.grad_clip, inplace=inplace), adam)
     return adam

@@ -64,7 +64,9 @@ def evaluate(
         raise ValueError(f"evaluate: tokens must be a 1-D array, got shape {tuple(tokens.shape)}")
     n = int(tokens.shape[0])
     if batch_size <= 0 or context_length <= 0:
-        raise ValueError(f"evaluate: batch_size and context_length must be positive, got {batch_size}, {context_length}")
+        raise ValueError(
+            f"evaluate: batch_size and context_length must be positive, got {batch_size}, {context_length}"
+        )
     if context_length > config.context_length:
         raise ValueError(f"evaluate: context_length={context_length} exceeds the model's {config.context_length}")
     if num_batches is not None and num_batches <= 0:  # 0 would evaluate nothing and divide by zero
@@ -83,7 +85,11 @@ def evaluate(
     bar = progress_bar(len(starts), "evaluate", unit="seq", enabled=progress)
     for i in range(0, len(starts), batch_size):
         idx = starts[i : i + batch_size, None] + offsets
-        window = tokens[idx] if isinstance(tokens, torch.Tensor) else torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))
+        window = (
+            tokens[idx]
+            if isinstance(tokens, torch.Tensor)
+            else torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))
+        )
         window = window.to(device=device, dtype=torch.int64)
         logits = transformer_lm(params, window[:, :-1], config)
         total += token_cross_entropy(logits, window[:, 1:]).double().sum()
@@ -92,8 +98,6 @@ def evaluate(
     bar.close()
     loss = float(total) / count
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
-
-
 
 
 class Evaluator:
@@ -114,8 +118,12 @@ class Evaluator:
     """
 
     def __init__(
-        self, tokens: np.ndarray | torch.Tensor, config: TransformerConfig, batch_size: int,
-        num_batches: int | None, interval: int,
+        self,
+        tokens: np.ndarray | torch.Tensor,
+        config: TransformerConfig,
+        batch_size: int,
+        num_batches: int | None,
+        interval: int,
     ) -> None:
         need = config.context_length + 1
         if tokens.ndim != 1 or int(tokens.shape[0]) < need:
@@ -138,7 +146,11 @@ class Evaluator:
         ``{"loss", "perplexity", "tokens", "seconds"}``."""
         t0 = time.perf_counter()
         res = evaluate(
-            params, self.config, self.tokens, self.batch_size, self.config.context_length,
+            params,
+            self.config,
+            self.tokens,
+            self.batch_size,
+            self.config.context_length,
             None if full else self.num_batches,
         )
         res["seconds"] = time.perf_counter() - t0

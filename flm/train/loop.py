@@ -134,21 +134,41 @@ def train_loop(
     if valid_tokens is not None:
         evaluator = Evaluator(valid_tokens, model_config, local_batch, cfg.eval_batches, cfg.eval_interval)
     if not main:
-        log = lambda _msg: None  # noqa: E731  (only rank 0 speaks)
+        log = lambda _msg: None
     out = Path(out_dir)
     with run_lock(out) if main else contextlib.nullcontext():
         if main:
             remove_orphan_temps(out)
-        return _train(model_config, cfg, train_tokens, evaluator, out, resume=resume,
-                      run_config=run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()},
-                      fingerprint=tokenizer_fingerprint, log=log, dist_info=dist_info, device=device,
-                      local_batch=local_batch)
+        return _train(
+            model_config,
+            cfg,
+            train_tokens,
+            evaluator,
+            out,
+            resume=resume,
+            run_config=run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()},
+            fingerprint=tokenizer_fingerprint,
+            log=log,
+            dist_info=dist_info,
+            device=device,
+            local_batch=local_batch,
+        )
 
 
 def _train(
-    model_config: TransformerConfig, cfg: TrainConfig, train_tokens: np.ndarray, evaluator: Evaluator | None,
-    out: Path, *, resume: bool, run_config: dict[str, Any], fingerprint: str | None,
-    log: Callable[[str], None], dist_info: distributed.DistInfo, device: torch.device, local_batch: int,
+    model_config: TransformerConfig,
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    evaluator: Evaluator | None,
+    out: Path,
+    *,
+    resume: bool,
+    run_config: dict[str, Any],
+    fingerprint: str | None,
+    log: Callable[[str], None],
+    dist_info: distributed.DistInfo,
+    device: torch.device,
+    local_batch: int,
 ) -> dict[str, Any]:
     rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
     # The loop owns its params, optimiser state and gradients, so the step updates them in place
@@ -158,8 +178,15 @@ def _train(
     params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
     opt_state = tx.init(params)
     sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)
-    ckpt = Checkpointer(out, interval=cfg.checkpoint_interval, keep=cfg.keep_checkpoints, run_config=run_config,
-                        tokenizer_fingerprint=fingerprint, enabled=main, log=log)
+    ckpt = Checkpointer(
+        out,
+        interval=cfg.checkpoint_interval,
+        keep=cfg.keep_checkpoints,
+        run_config=run_config,
+        tokenizer_fingerprint=fingerprint,
+        enabled=main,
+        log=log,
+    )
     start, wall_offset = 0, 0.0
     loaded = ckpt.resume({"params": params, "opt_state": opt_state}, model_config) if resume else None
     if loaded is not None:
@@ -173,10 +200,20 @@ def _train(
         log(f"resumed from {ckpt.last_good.name} at step {start}")
     elif resume:
         log("no checkpoint to resume from: starting at step 0")
-    metrics = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb=cfg.wandb, run_config=run_config,
-                            resume_step=start if loaded is not None else None, enabled=main)
+    metrics = MetricsLogger(
+        out,
+        tensorboard=cfg.tensorboard,
+        wandb=cfg.wandb,
+        run_config=run_config,
+        resume_step=start if loaded is not None else None,
+        enabled=main,
+    )
     step_fn = make_train_step(
-        model_config, tx, compile=cfg.compile, donate=True, compute_dtype=cfg.compute_dtype,
+        model_config,
+        tx,
+        compile=cfg.compile,
+        donate=True,
+        compute_dtype=cfg.compute_dtype,
         grad_accum_steps=cfg.grad_accum_steps,
         grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
     )
@@ -217,10 +254,16 @@ def _train(
                 pending.clear()
                 rate = clock.update((step - interval_start) * tokens_per_step)
                 interval_start = step
-                record: dict[str, Any] = {"step": step, "wall_time": round(time.perf_counter() - t0, 3),
-                                          "tokens": step * tokens_per_step, **summary, "val_loss": None,
-                                          "val_perplexity": None, "tokens_per_sec": round(rate, 1),
-                                          "mfu": None if clock.mfu is None else round(clock.mfu, 4)}
+                record: dict[str, Any] = {
+                    "step": step,
+                    "wall_time": round(time.perf_counter() - t0, 3),
+                    "tokens": step * tokens_per_step,
+                    **summary,
+                    "val_loss": None,
+                    "val_perplexity": None,
+                    "tokens_per_sec": round(rate, 1),
+                    "mfu": None if clock.mfu is None else round(clock.mfu, 4),
+                }
                 if at_eval:
                     res = evaluator(params, step)
                     clock.exclude(res["seconds"])
@@ -300,7 +343,11 @@ def _log_line(record: dict[str, Any], cfg: TrainConfig, clock: Throughput) -> st
     eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / max(rate, 1e-9)
     lr = f" | lr {record['lr']:.2e}" if record["lr"] is not None else ""
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
-    val = f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})" if record["val_loss"] is not None else ""
+    val = (
+        f" | val {record['val_loss']:.4f} (ppl {record['val_perplexity']:.2f})"
+        if record["val_loss"] is not None
+        else ""
+    )
     return (
         f"step {record['step']:6d}/{cfg.max_iters} | loss {record['train_loss']:.4f}{lr} | grad norm "
         f"{record['grad_norm']:.3f} | {rate:,.0f} tok/s{mfu} | ETA {format_duration(eta)}{val}"

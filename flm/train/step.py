@@ -56,7 +56,9 @@ def make_loss_fn(
     return loss_fn
 
 
-def _accumulated_grads(loss_and_grad: Callable, params: PyTree, inputs: torch.Tensor, targets: torch.Tensor, steps: int):
+def _accumulated_grads(
+    loss_and_grad: Callable, params: PyTree, inputs: torch.Tensor, targets: torch.Tensor, steps: int
+):
     if steps == 1:
         return loss_and_grad(params, inputs, targets)
     if inputs.shape[0] % steps:
@@ -195,7 +197,9 @@ def make_vmapped_train_step(
     config = dataclasses.replace(config, attention="flm")  # what "auto" picks inside vmap, also under compile
     loss_and_grad = torch.func.grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
 
-    def single(params: PyTree, opt_state: Any, hparams: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+    def single(
+        params: PyTree, opt_state: Any, hparams: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor
+    ):
         return _step_body(make_tx(hparams), loss_and_grad, params, opt_state, inputs, targets)
 
     batch_dim = None if shared_batch else 0
@@ -237,5 +241,3 @@ def init_vmapped(
     models = [init_params(config, torch.Generator().manual_seed(s), device=device, dtype=dtype) for s in seeds]
     states = [make_tx({n: v[i] for n, v in hparams.items()}).init(p) for i, p in enumerate(models)]
     return stack(models), stack(states)
-
-
