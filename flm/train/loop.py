@@ -155,6 +155,58 @@ def train_loop(
         )
 
 
+class _Clock:
+    """Wall time of a run (resumes included), its time budget, and the throughput meter.
+
+    ``aside()`` times work that is not training (evaluation, checkpoints): it is left out of the
+    tokens/s, and the longest such pause is kept in reserve so a time budget still leaves room
+    for the final evaluation and checkpoint.
+    """
+
+    def __init__(self, offset: float, budget_minutes: float | None, throughput: Throughput) -> None:
+        self.t0 = time.perf_counter() - offset
+        self.budget = budget_minutes * 60 if budget_minutes else None
+        self.reserve = 0.0
+        self.throughput = throughput
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and self.elapsed() + self.reserve >= self.budget
+
+    @contextlib.contextmanager
+    def aside(self):
+        t = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t
+        self.throughput.exclude(seconds)
+        self.reserve = max(self.reserve, 1.5 * seconds)
+
+
+def _resume(
+    ckpt: Checkpointer,
+    like: dict[str, Any],
+    model_config: TransformerConfig,
+    sampler: torch.Generator,
+    dist_info: distributed.DistInfo,
+    log: Callable[[str], None],
+) -> tuple[Any, Any, int, float] | None:
+    """Load the newest good checkpoint into ``(params, opt_state, step, wall time)`` and restore
+    this rank's sampler; ``None`` when there is none."""
+    loaded = ckpt.resume(like, model_config)
+    if loaded is None:
+        log("no checkpoint to resume from: starting at step 0")
+        return None
+    states = loaded.metadata.get("rng_states")
+    if dist_info.world_size > 1 and states and len(states) == dist_info.world_size:
+        sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[dist_info.rank])), dtype=torch.uint8))
+    elif loaded.rng_state is not None and dist_info.rank == 0:
+        sampler.set_state(loaded.rng_state)
+    log(f"resumed from {ckpt.last_good.name} at step {loaded.step}")
+    return loaded.params, loaded.opt_state, loaded.step, float(loaded.metadata.get("wall_time") or 0.0)
+
+
 def _train(
     model_config: TransformerConfig,
     cfg: TrainConfig,
@@ -170,14 +222,14 @@ def _train(
     device: torch.device,
     local_batch: int,
 ) -> dict[str, Any]:
-    rank, world, main = dist_info.rank, dist_info.world_size, dist_info.is_main
+    main = dist_info.is_main
     # The loop owns its params, optimiser state and gradients, so the step updates them in place
     # (donated buffers: no allocation per step); Ctrl-C is deferred to the end of the step
     # (_interrupt_guard), so an interrupted run never saves a half-applied update.
     tx = make_optimizer(cfg, inplace=True)
     params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
     opt_state = tx.init(params)
-    sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * rank)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * dist_info.rank)
     ckpt = Checkpointer(
         out,
         interval=cfg.checkpoint_interval,
@@ -188,18 +240,13 @@ def _train(
         log=log,
     )
     start, wall_offset = 0, 0.0
-    loaded = ckpt.resume({"params": params, "opt_state": opt_state}, model_config) if resume else None
+    loaded = (
+        _resume(ckpt, {"params": params, "opt_state": opt_state}, model_config, sampler, dist_info, log)
+        if resume
+        else None
+    )
     if loaded is not None:
-        params, opt_state, start = loaded.params, loaded.opt_state, loaded.step
-        states = loaded.metadata.get("rng_states")
-        if world > 1 and states and len(states) == world:
-            sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[rank])), dtype=torch.uint8))
-        elif loaded.rng_state is not None and rank == 0:
-            sampler.set_state(loaded.rng_state)
-        wall_offset = float(loaded.metadata.get("wall_time") or 0.0)
-        log(f"resumed from {ckpt.last_good.name} at step {start}")
-    elif resume:
-        log("no checkpoint to resume from: starting at step 0")
+        params, opt_state, start, wall_offset = loaded
     metrics = MetricsLogger(
         out,
         tensorboard=cfg.tensorboard,
@@ -219,10 +266,9 @@ def _train(
     )
     tokens_per_step = cfg.batch_size * model_config.context_length
     peak = cfg.peak_flops or (device_peak_flops(device, cfg.compute_dtype) if main else None)
-    clock = Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak)
-    t0 = time.perf_counter() - wall_offset
-    budget = cfg.time_budget * 60 if cfg.time_budget else None
-    reserve = 0.0  # seconds the final evaluation and checkpoint are expected to take
+    clock = _Clock(
+        wall_offset, cfg.time_budget, Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak)
+    )
     pending: list[dict[str, torch.Tensor]] = []
     step, status, final_val, interval_start = start, "done", None, start
 
@@ -230,7 +276,7 @@ def _train(
         states = None
         if dist_info.enabled and gather:  # a collective: every rank takes part
             states = [_encode_state(t) for t in distributed.all_gather_bytes(sampler.get_state())]
-        meta = {"wall_time": time.perf_counter() - t0, **({"rng_states": states} if states else {})}
+        meta = {"wall_time": clock.elapsed(), **({"rng_states": states} if states else {})}
         ckpt.save(at_step, params, opt_state, sampler=sampler, metadata=meta)
 
     try:
@@ -238,7 +284,7 @@ def _train(
             while step < cfg.max_iters:
                 if interrupted():
                     raise KeyboardInterrupt
-                if budget is not None and time.perf_counter() - t0 + reserve >= budget:
+                if clock.over_budget():
                     status = "time_budget"
                     log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
                     break
@@ -247,38 +293,31 @@ def _train(
                 step += 1
                 pending.append(m)
                 at_eval = main and evaluator is not None and evaluator.due(step)
-                at_ckpt = ckpt.due(step)
-                if step % cfg.log_interval and not at_eval and not at_ckpt and step != cfg.max_iters:
+                if step % cfg.log_interval and not at_eval and not ckpt.due(step) and step != cfg.max_iters:
                     continue
-                summary = _summarise(pending, step, ckpt)
-                pending.clear()
-                rate = clock.update((step - interval_start) * tokens_per_step)
-                interval_start = step
-                record: dict[str, Any] = {
+                rate = clock.throughput.update((step - interval_start) * tokens_per_step)
+                record = {
                     "step": step,
-                    "wall_time": round(time.perf_counter() - t0, 3),
+                    "wall_time": round(clock.elapsed(), 3),
                     "tokens": step * tokens_per_step,
-                    **summary,
+                    **_summarise(pending, step, ckpt),
                     "val_loss": None,
                     "val_perplexity": None,
                     "tokens_per_sec": round(rate, 1),
-                    "mfu": None if clock.mfu is None else round(clock.mfu, 4),
+                    "mfu": _round(clock.throughput.mfu),
                 }
+                pending.clear()
+                interval_start = step
                 if at_eval:
-                    res = evaluator(params, step)
-                    clock.exclude(res["seconds"])
-                    reserve = max(reserve, 1.5 * res["seconds"])
-                    record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
-                    t = time.perf_counter()
-                    ckpt.save_best(step, params, res["loss"])
-                    clock.exclude(time.perf_counter() - t)
+                    with clock.aside():
+                        res = evaluator(params, step)
+                        record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
+                        ckpt.save_best(step, params, res["loss"])
                 metrics.write(record)
-                log(_log_line(record, cfg, clock))
-                if at_ckpt:
-                    t = time.perf_counter()
-                    save_periodic(step)
-                    clock.exclude(time.perf_counter() - t)
-                    reserve = max(reserve, 1.5 * (time.perf_counter() - t))
+                log(_log_line(record, cfg))
+                if ckpt.due(step):
+                    with clock.aside():
+                        save_periodic(step)
     except KeyboardInterrupt:
         status = "interrupted"
         log(f"interrupted at step {step}: saving a checkpoint")
@@ -297,20 +336,21 @@ def _train(
             ckpt.save_best(step, params, final_val)
         if ckpt.last_saved_step != step:
             save_periodic(step)
-        if main:
-            plot_metrics(metrics.path, out / "loss.png")
-    wall = time.perf_counter() - t0
     return {
         "step": step,
         "status": status,
         "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
         "best_step": ckpt.best_step,
         "final_val_loss": final_val,
-        "wall_time": wall,
+        "wall_time": clock.elapsed(),
         "tokens": step * tokens_per_step,
-        "tokens_per_sec": clock.rate,
-        "mfu": clock.mfu,
+        "tokens_per_sec": clock.throughput.rate,
+        "mfu": clock.throughput.mfu,
     }
+
+
+def _round(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 @contextlib.contextmanager
@@ -338,7 +378,7 @@ def _interrupt_guard():
         signal.signal(signal.SIGINT, previous)
 
 
-def _log_line(record: dict[str, Any], cfg: TrainConfig, clock: Throughput) -> str:
+def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:
     rate = record["tokens_per_sec"]
     eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / max(rate, 1e-9)
     lr = f" | lr {record['lr']:.2e}" if record["lr"] is not None else ""
