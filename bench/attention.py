@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from flm.nn import causal_mask, scaled_dot_product_attention  # noqa: E402
+from flm.nn import causal_mask, scaled_dot_product_attention
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
         q, k, v = (torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
         mask = causal_mask(s, device=device)
 
-        def flm_fb() -> None:
+        def flm_fb(q=q, k=k, v=v, mask=mask) -> None:
             out = scaled_dot_product_attention(q, k, v, mask)
             torch.autograd.grad(out.sum(), (q, k, v))
 
-        def sdpa_fb() -> None:
+        def sdpa_fb(q=q, k=k, v=v) -> None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             torch.autograd.grad(out.sum(), (q, k, v))
 

@@ -3,7 +3,8 @@
 Every bench script builds its command line with :func:`make_parser`, times its rows with
 :func:`measure` (one function) or :func:`measure_interleaved` (several functions timed in turn, so
 load from other processes on a shared machine hits every side of a comparison alike), prints a
-table with :func:`print_table` and returns/writes :func:`make_result`'s dict.
+table with :func:`print_table` and returns/writes :func:`make_result`'s dict through :func:`finish`.
+Targets are dicts made by :func:`target` from their name ("... ≤ 1.15" or "... ≥ 1.3").
 
 Timing rules:
 
@@ -12,7 +13,8 @@ Timing rules:
 * on CUDA each call is bracketed by CUDA events and ``torch.cuda.synchronize``; on MPS by
   ``torch.mps.synchronize``; on CPU by ``time.perf_counter``;
 * a row reports the median, min, max and inter-quartile range of ``repeats`` calls, and the
-  1-minute load average when it was taken.
+  1-minute load average when it was taken; with ``cpu=True`` also the median CPU seconds of this
+  process and its finished child processes (see :func:`cpu_seconds`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from flm._io import atomic_write_text
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -96,6 +100,20 @@ def sync(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
+def shared_data_dir() -> Path:
+    """The shared data folder: ``$FLM_SHARED_DATA``, else ``../shared/data`` or ``shared/data``
+    relative to the repository root.
+
+    Raises:
+        SystemExit: none of them exists (``run_all`` records the line and goes on).
+    """
+    env = os.environ.get("FLM_SHARED_DATA")
+    for c in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "data", ROOT / "shared" / "data"]:
+        if c.is_dir():
+            return c
+    raise SystemExit("shared data not found: set FLM_SHARED_DATA or place it at ../shared/data")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     """``"float32"``/``"bf16"``/... → ``torch.dtype``."""
     try:
@@ -125,6 +143,22 @@ def _timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished, waited-for children.
+
+    A worker pool's processes count once they have exited, so a call that starts and joins a pool
+    is measured whole. On a busy machine CPU time shows the work apart from the waiting for a core.
+    """
+    try:
+        import resource
+
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children = ch.ru_utime + ch.ru_stime
+    except ImportError:  # not POSIX
+        children = 0.0
+    return time.process_time() + children
+
+
 def summarize(times: Sequence[float]) -> dict[str, Any]:
     """Median, min, max, inter-quartile range and count of a list of seconds."""
     ts = sorted(times)
@@ -137,29 +171,35 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
 
 
 def measure(
-    fn: Callable[[], object], *, device: torch.device | str = "cpu", repeats: int = 5, warmup: int = 1
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    cpu: bool = False,
 ) -> dict[str, Any]:
     """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
 
     Returns:
-        :func:`summarize`'s dict plus ``load_avg_1m`` (taken after the timed calls).
+        :func:`summarize`'s dict plus ``load_avg_1m`` (taken after the timed calls) and, with
+        ``cpu``, ``cpu`` (median CPU seconds per call, :func:`cpu_seconds`) and ``cpu_times``.
     """
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    stats = summarize([_timed_call(fn, device) for _ in range(max(1, repeats))])
-    stats["load_avg_1m"] = (load_average() or [None])[0]
-    return stats
+    return measure_interleaved({"fn": fn}, device=device, repeats=repeats, warmup=warmup, cpu=cpu)["fn"]
 
 
 def measure_interleaved(
-    fns: Mapping[str, Callable[[], object]], *, device: torch.device | str = "cpu", repeats: int = 5, warmup: int = 1
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    cpu: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Time several functions in turn (a, b, c, a, b, c, ...), so background load hits all alike.
 
     Returns:
-        ``{name: stats}`` as :func:`measure`.
+        ``{name: stats}`` as :func:`measure`; the ``times`` lists are aligned (the i-th time of
+        each function was taken in the same round), so paired differences are meaningful.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -167,16 +207,36 @@ def measure_interleaved(
             fn()
     sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu_times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(max(1, repeats)):
         for k, fn in fns.items():
+            c0 = cpu_seconds() if cpu else 0.0
             times[k].append(_timed_call(fn, device))
+            if cpu:
+                cpu_times[k].append(cpu_seconds() - c0)
     load = (load_average() or [None])[0]
-    return {k: {**summarize(t), "load_avg_1m": load} for k, t in times.items()}
+    out = {}
+    for k, t in times.items():
+        out[k] = {**summarize(t), "load_avg_1m": load}
+        if cpu:
+            out[k].update(cpu=statistics.median(cpu_times[k]), cpu_times=cpu_times[k])
+    return out
 
 
 def time_once(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
     """Seconds of a single synchronised call (e.g. the first, compiling call of a compiled step)."""
     return _timed_call(fn, torch.device(device))
+
+
+def measure_first_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A stats dict (as :func:`measure`'s) for one call of ``fn``, marked ``compile_row``.
+
+    For the first call of a ``torch.compile``\\d function (compilation + one step): reported as a
+    row of its own, never inside a timed row.
+    """
+    t = time_once(fn, device)
+    return {"median": t, "min": t, "max": t, "iqr": 0.0, "n": 1, "times": [t],
+            "load_avg_1m": (load_average() or [None])[0], "compile_row": True}
 
 
 def matmul_peak_flops(
@@ -202,10 +262,14 @@ def matmul_peak_flops(
 # ------------------------------------------------------------------------------------------
 
 
-def make_parser(description: str, *, dtype: bool = True, repeats: int = 5) -> argparse.ArgumentParser:
-    """The flags every bench shares: ``--device --dtype --json --quick --repeats --warmup``."""
+def make_parser(
+    description: str, *, dtype: bool = True, device: bool = True, repeats: int = 5
+) -> argparse.ArgumentParser:
+    """The flags every bench shares: ``--json --quick --repeats --warmup``, and ``--device``/``--dtype``
+    unless the bench runs on the CPU only / has no dtype to choose."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    if device:
+        ap.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     if dtype:
         ap.add_argument("--dtype", default="float32", help="parameter/compute dtype (default float32)")
     ap.add_argument("--json", default=None, help="also write the results here as JSON")
@@ -268,14 +332,39 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON atomically (temp file + rename)."""
+    """Write ``data`` as indented JSON atomically (:func:`flm._io.atomic_write_text`), creating the
+    directory; values JSON cannot encode (dtypes, paths) are written as their ``str``."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, target)
+    atomic_write_text(target, json.dumps(data, indent=2, default=str) + "\n")
+
+
+_TARGET = re.compile(r"(≤|<=|≥|>=)\s*([-+0-9.eE]+)\s*$")
+
+
+def target(name: str, value: float | None) -> dict[str, Any]:
+    """A target entry: ``name`` ends in its threshold, ``"... ≤ 1.15"`` or ``"... ≥ 1.3"`` (``<=``/``>=``
+    too); a name without one (e.g. ``"... (info)"``) is informational.
+
+    Returns:
+        ``{"value", "op", "threshold", "met"}``: ``op`` is ``"≤"``/``"≥"`` or ``None``; ``met`` is
+        ``value ≤/≥ threshold``, or ``None`` when informational or ``value`` is ``None``.
+    """
+    m = _TARGET.search(name)
+    if m is None:
+        return {"value": value, "op": None, "threshold": None, "met": None}
+    op = "≤" if m.group(1) in ("≤", "<=") else "≥"
+    threshold = float(m.group(2))
+    met = None if value is None else (value <= threshold if op == "≤" else value >= threshold)
+    return {"value": value, "op": op, "threshold": threshold, "met": met}
+
+
+def format_target(name: str, entry: Mapping[str, Any]) -> str:
+    """``"target <name>: <value> -> met|MISSED"`` (no verdict for an informational target)."""
+    value = entry.get("value")
+    met = entry.get("met")
+    text = f"target {name}: " + ("–" if value is None else f"{value:.3f}")
+    return text + ("" if met is None else f" -> {'met' if met else 'MISSED'}")
 
 
 def make_result(bench: str, args: argparse.Namespace, rows: list[dict], notes: list[str], **extra: Any) -> dict:
@@ -285,7 +374,9 @@ def make_result(bench: str, args: argparse.Namespace, rows: list[dict], notes: l
 
 
 def finish(result: dict, args: argparse.Namespace) -> dict:
-    """Print the notes and machine line, write ``--json`` if asked, return ``result``."""
+    """Print the targets, notes and machine line, write ``--json`` if asked, return ``result``."""
+    for name, entry in (result.get("targets") or {}).items():
+        print(format_target(name, entry))
     for n in result["notes"]:
         print("note:", n)
     m = result["machine"]

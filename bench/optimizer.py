@@ -41,11 +41,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from flm import optim  # noqa: E402
-from flm.model import TransformerConfig, init_params  # noqa: E402
-from flm.tree import tree_leaves, tree_map  # noqa: E402
+from flm import optim
+from flm.model import TransformerConfig, init_params
+from flm.tree import tree_leaves, tree_map
 
 HANDOUT = TransformerConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
 QUICK = TransformerConfig(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=96)
@@ -111,7 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads < 1:
         raise SystemExit(f"--threads must be ≥ 1, got {args.threads}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # run_all runs the next bench in this process
+
+
+def _run(args) -> dict:
+    """The bench proper, under ``--threads`` torch threads."""
     device, dtype = common.check_device(args.device), common.resolve_dtype(args.dtype)
     cfg = QUICK if args.quick else HANDOUT
     repeats = 1 if args.quick else args.repeats
@@ -149,11 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_compile and (args.compile or not args.quick):
         fn = flm_step_fn(copy(params), grads, compile=True)
         print("compiling flm update+apply ...", flush=True)
-        t_compile = common.time_once(fn, device)
+        first = common.measure_first_call(fn, device)
         stats["flm compiled"] = common.measure(fn, device=device, repeats=repeats, warmup=args.warmup)
-        stats["flm compiled: compilation (first call)"] = {"median": t_compile, "min": t_compile, "max": t_compile,
-                                                           "iqr": 0.0, "n": 1, "compile_row": True,
-                                                           "load_avg_1m": (common.load_average() or [None])[0]}
+        stats["flm compiled: compilation (first call)"] = first
     elif not args.no_compile:
         notes.append("--quick: compile row skipped (pass --compile to include it)")
 
@@ -174,11 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows += _malloc_child(args)
     common.print_table(rows, [("row", "row"), ("median_s", "median s"), ("min_s", "min"), ("max_s", "max"),
                               ("iqr_s", "IQR"), ("peer_s", "foreach s"), ("ratio", "ratio"), ("load_1m", "load")])
-    ratio = stats["flm inplace"]["median"] / peer
-    targets = {"flm inplace / torch foreach ≤ 1.15": {"value": ratio, "met": ratio <= 1.15},
-               "flm pure / torch foreach (info)": {"value": stats["flm pure"]["median"] / peer, "met": None}}
-    for k, v in targets.items():
-        print(f"target {k}: {v['value']:.3f}" + ("" if v["met"] is None else f" -> {'met' if v['met'] else 'MISSED'}"))
+    targets = {name: common.target(name, stats[row]["median"] / peer) for name, row in
+               (("flm inplace / torch foreach ≤ 1.15", "flm inplace"), ("flm pure / torch foreach (info)", "flm pure"))}
     memory = {"param_bytes": param_bytes, "adamw_state_bytes": state_bytes, "state_over_params": state_bytes / param_bytes,
               "pure_step_new_bytes": 4 * param_bytes}
     notes.append(f"memory: params {param_bytes / 2**20:.1f} MiB, m+v {state_bytes / 2**20:.1f} MiB "

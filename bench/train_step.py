@@ -31,16 +31,16 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-from flm import optim  # noqa: E402
-from flm.model import TransformerConfig, count_params, init_params, train_step_flops  # noqa: E402
-from flm.train import make_train_step  # noqa: E402
-from flm.tree import flatten  # noqa: E402
+from flm import optim
+from flm.model import TransformerConfig, count_params, init_params, train_step_flops
+from flm.train import make_train_step
+from flm.tree import flatten
 
 HANDOUT = TransformerConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
 QUICK = TransformerConfig(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=96)
@@ -240,16 +240,14 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
     if not args.no_compile and (args.compile or not args.quick):
         fn = flm_step_fn(cfg, fresh_params(cfg), x, y, donate=True, compile=True)
         print(f"{batch}x{seq}: compiling ...", flush=True)
-        t_compile = common.time_once(fn, device)
+        first = common.measure_first_call(fn, device)
         # timed alternately with the peer again, so both see the same load
         both = {"flm compile=True": fn, **({PEER: fns[PEER]} if PEER in fns else {})}
         again = common.measure_interleaved(both, device=device, repeats=repeats, warmup=args.warmup)
         stats["flm compile=True"] = again["flm compile=True"]
         if PEER in again:
             stats[f"{PEER} (timed with compile)"] = again[PEER]
-        stats["flm compile=True: compilation (first call)"] = {
-            "median": t_compile, "min": t_compile, "max": t_compile, "iqr": 0.0, "n": 1,
-            "load_avg_1m": common.load_average()[0], "compile_row": True}
+        stats["flm compile=True: compilation (first call)"] = first
     rows = []
     for name, s in stats.items():
         is_compile = s.get("compile_row", False)
@@ -288,17 +286,17 @@ def main(argv: list[str] | None = None) -> dict:
     common.print_table(rows, [("row", "row"), ("shape", "batch×seq"), ("median_s", "median s"), ("min_s", "min"),
                               ("max_s", "max"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"), ("peer_s", "HF s"),
                               ("speed_vs_peer", "speed vs HF"), ("load_1m", "load")])
-    targets = {}
+    targets = {}  # speed = HF time / flm time: higher is better
     for r in rows:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
         if r["row"] == DEFAULT and r["speed_vs_peer"] is not None:
-            targets[f"{r['shape'][0]}x{r['shape'][1]} flm default eager / HF eager ≥ 1.0"] = r["speed_vs_peer"]
+            name = f"{shape} speed of flm default eager vs HF eager ≥ 1.0"
+            targets[name] = common.target(name, r["speed_vs_peer"])
         if r["row"] == "flm compile=True" and r["speed_vs_peer"] is not None:
-            targets[f"{r['shape'][0]}x{r['shape'][1]} flm compile=True / HF eager ≥ 1.3"] = r["speed_vs_peer"]
-    for k, v in targets.items():
-        print(f"target {k}: {v:.3f} -> {'met' if v >= float(k.rsplit(' ', 1)[1]) else 'MISSED'}")
+            name = f"{shape} speed of flm compile=True vs HF eager ≥ 1.3"
+            targets[name] = common.target(name, r["speed_vs_peer"])
     result = common.make_result("train_step", args, rows, notes, config=cfg.to_dict(), params=count_params(cfg),
-                                matmul_peak=peak,
-                                targets={k: {"value": v, "met": v >= float(k.rsplit(' ', 1)[1])} for k, v in targets.items()})
+                                matmul_peak=peak, targets=targets)
     return common.finish(result, args)
 
 

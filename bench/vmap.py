@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
+import common  # puts the repository root on sys.path
 
-from flm import optim  # noqa: E402
-from flm.model import TransformerConfig, count_params, init_params  # noqa: E402
-from flm.train import decay_mask, init_vmapped, make_train_step, make_vmapped_train_step  # noqa: E402
+from flm import optim
+from flm.model import TransformerConfig, count_params, init_params
+from flm.train import decay_mask, init_vmapped, make_train_step, make_vmapped_train_step
 
 # A sweep-sized model (the "tiny"-to-"cpu-small" range a CPU sweep would use).
 SMALL = TransformerConfig(vocab_size=1024, context_length=64, d_model=128, num_layers=2, num_heads=4, d_ff=352)
@@ -67,18 +66,19 @@ def _runners(cfg, seq, vec, x, y, compile: bool):
     def sequential():
         out = []
         for i, (step, (p, s)) in enumerate(zip(steps, state["seq"])):
-            p, s, m = step(p, s, x[i], y[i])
+            p, s, _ = step(p, s, x[i], y[i])
             out.append((p, s))
         state["seq"] = out
 
     def vmapped():
-        p, s, m = vstep(*state["vec"], vec[2], x, y)
+        p, s, _ = vstep(*state["vec"], vec[2], x, y)
         state["vec"] = (p, s)
 
     return sequential, vmapped
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark, print the table, return (and with ``--json`` write) the results."""
     ap = common.make_parser(__doc__.splitlines()[0], repeats=7)
     ap.add_argument("--ks", type=int, nargs="+", default=None, help="numbers of models (default 2 4 8)")
     ap.add_argument("--batch-size", type=int, default=None, help="sequences per model per step (default 8)")
@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     repeats = 1 if args.quick else args.repeats
     rows: list[dict] = []
     notes = [
-        f"model: {count_params(cfg):,} params (d_model {cfg.d_model}, {cfg.num_layers} layers, ctx {cfg.context_length}), "
-        f"batch {batch} per model, {dtype}, torch threads {torch.get_num_threads()}",
+        (f"model: {count_params(cfg):,} params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
+         f"ctx {cfg.context_length}), batch {batch} per model, {dtype}, torch threads {torch.get_num_threads()}"),
     ]
     for k in ks:
         tokens = k * batch * cfg.context_length
@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             sequential, vmapped = _runners(cfg, seq, vec, x, y, compile)
             if compile:  # the first calls compile: report them as their own rows
                 for name, fn in (("sequential", sequential), ("vmapped", vmapped)):
-                    rows.append({"name": f"{name} compile (first call)", "K": k, "median_s": common.time_once(fn, device)})
+                    first = common.measure_first_call(fn, device)
+                    rows.append({"name": f"{name} compile (first call)", "K": k, "median_s": first["median"],
+                                 "load_avg_1m": first["load_avg_1m"]})
             stats = common.measure_interleaved(
                 {"sequential": sequential, "vmapped": vmapped}, device=device, repeats=repeats, warmup=args.warmup
             )

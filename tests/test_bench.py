@@ -1,13 +1,14 @@
 """Smoke test of the benchmarks: every bench imports and runs once on a tiny size (``--quick``).
 
 Keeps ``bench/`` from rotting: ``run_all.py --quick`` runs all of them (tokenizer, generate,
-train_step, attention, optimizer, vmap) in one process and writes results.json and RESULTS.md.
-Peers that are not installed are skipped inside the benches with a note; the tokenizer bench
-needs the shared data and is allowed to report that it is missing.
+train_step, attention, optimizer, vmap, checkpoint) in one process and writes results.json and
+RESULTS.md. Peers that are not installed are skipped inside the benches with a note; the tokenizer
+bench needs the shared data and is allowed to report that it is missing. No timing is asserted.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,44 @@ def test_common_summary_and_tables(tmp_path):
     info = common.machine_info("cpu")
     assert {"date", "cpu", "torch", "torch_threads", "load_avg"} <= set(info)
     st = common.measure(lambda: None, repeats=3, warmup=1)
-    assert st["n"] == 3 and st["median"] >= 0
+    assert st["n"] == 3 and st["median"] >= 0 and "cpu" not in st
+    calls = []
+    both = common.measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                      repeats=2, warmup=1, cpu=True)
+    assert calls == ["a", "b"] * 3  # warm-up round, then the timed rounds in turn
+    assert all(len(s["times"]) == len(s["cpu_times"]) == 2 and s["cpu"] >= 0 for s in both.values())
+
+
+def test_common_targets_and_parser():
+    import common
+
+    assert common.target("flm / torch ≤ 1.15", 1.1) == {"value": 1.1, "op": "≤", "threshold": 1.15, "met": True}
+    assert common.target("flm / torch ≤ 1.15", 1.2)["met"] is False
+    assert common.target("speed vs HF ≥ 1.3", 1.4)["met"] is True
+    assert common.target("speed vs HF ≥ 1.3", 1.2)["met"] is False
+    assert common.target("speed vs HF >= 1.0", 1.0)["met"] is True
+    assert common.target("overhead (info)", 0.2)["met"] is None
+    assert common.format_target("speed vs HF ≥ 1.3", common.target("speed vs HF ≥ 1.3", 1.2)).endswith("MISSED")
+    assert "--device" not in common.make_parser("x", device=False, dtype=False).format_help()
+    args = common.make_parser("x").parse_args(["--quick", "--device", "cpu", "--dtype", "bf16"])
+    assert args.quick and args.repeats == 5 and args.warmup == 1
+
+
+def test_run_all_renders_both_target_directions():
+    import run_all
+
+    results = {"train_step": {"rows": [{"row": "flm default (train loop)", "speed_vs_peer": 1.2}],
+                              "targets": {"4x128 speed of flm default eager vs HF eager ≥ 1.0": {"value": 1.2},
+                                          "8x256 speed of flm compile=True vs HF eager ≥ 1.3": {"value": 1.2}}},
+               "optimizer": {"rows": [{"row": "flm inplace", "ratio": 1.2}],
+                             "targets": {"flm inplace / torch foreach ≤ 1.15": {"value": 1.2, "met": False},
+                                         "flm pure / torch foreach (info)": {"value": 2.0, "met": None}}}}
+    machine = {"date": "d", "machine": "m", "cpu": "c", "cpu_count": 2, "torch_threads": 2, "torch": "t",
+               "python": "p", "device": "cpu", "load_avg": [1.0, 1.0, 1.0]}
+    md = run_all.render_markdown(results, machine, 60.0, quick=True)
+    assert "≥ 1.0: **1.200** — met" in md and "≥ 1.3: **1.200** — MISSED" in md
+    assert "≤ 1.15: **1.200** — MISSED" in md and "(info): **2.000**\n" in md
+    assert "| speed vs HF |" in md
 
 
 def test_run_all_quick(tmp_path):
@@ -49,13 +87,32 @@ def test_run_all_quick(tmp_path):
         assert "error" not in res, f"{name}: {res.get('error')}"
         assert run_all._rows(res), f"{name} returned no rows"
     train = {r["row"]: r for r in benches["train_step"]["rows"]}
-    assert {"flm eager", "flm eager donate+inplace", "torch nn.Module"} <= set(train)
-    assert train["flm eager"]["tokens_per_s"] > 0 and train["flm eager"]["ratio"] > 0
+    import train_step
+
+    assert {train_step.DEFAULT, "flm make_train_step (pure)", "flm attention=flm", "torch nn.Module (flm's math)"} <= set(train)
+    assert train[train_step.DEFAULT]["tokens_per_s"] > 0
     assert any("first-step loss" in n and "WARNING" not in n for n in benches["train_step"]["notes"])
+    if importlib.util.find_spec("transformers") is not None:  # the peer of every train_step row
+        assert train[train_step.DEFAULT]["speed_vs_peer"] > 0 and train[train_step.PEER]["speed_vs_peer"] is None
+        assert all("≥" in k and isinstance(v["met"], bool) for k, v in benches["train_step"]["targets"].items())
+        assert benches["train_step"]["targets"]
     assert {"flm pure", "flm inplace", "torch foreach"} <= {r["row"] for r in benches["optimizer"]["rows"]}
+    gen = benches["generate"]["rows"]
+    assert gen and all(r["tokens_match"] and r["speedup"] > 0 for r in gen)
+    if "error" not in benches["tokenizer"]:
+        tasks = [r["task"] for r in benches["tokenizer"]["rows"]]
+        assert any(t.startswith("encode gpt2 (cold") for t in tasks) and any("no whitespace: mixed" in t for t in tasks)
+        assert all(r["flm_cpu_s"] is not None for r in benches["tokenizer"]["rows"])
+    import checkpoint
+
+    ckpt = {r["row"]: r for r in benches["checkpoint"]["rows"]}
+    assert set(ckpt) == {checkpoint.FLM_SAVE, checkpoint.TORCH_SAVE, checkpoint.ST_SAVE, checkpoint.ST_ATOMIC,
+                         checkpoint.FLM_LOAD, checkpoint.FLM_VERIFY, checkpoint.TORCH_LOAD, checkpoint.ST_LOAD}
+    assert ckpt[checkpoint.FLM_VERIFY]["verify_overhead"] is not None and ckpt[checkpoint.FLM_LOAD]["ratio_torch"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["benches"].keys() == benches.keys()
     md = (tmp_path / "RESULTS.md").read_text()
     assert all(f"## {n}" in md for n in expected) and "torch" in md
+    assert "speed vs HF" in md and "ratio vs safetensors" in md
 
 
 def test_bench_json_flag(tmp_path):
@@ -65,3 +122,14 @@ def test_bench_json_flag(tmp_path):
     on_disk = json.loads((tmp_path / "opt.json").read_text())
     assert on_disk["bench"] == "optimizer" and len(on_disk["rows"]) == len(res["rows"])
     assert on_disk["memory"]["state_over_params"] == pytest.approx(2.0)
+
+
+def test_checkpoint_bench_json(tmp_path):
+    import checkpoint
+
+    res = checkpoint.main(["--quick", "--warmup", "0", "--dir", str(tmp_path), "--json", str(tmp_path / "ckpt.json")])
+    on_disk = json.loads((tmp_path / "ckpt.json").read_text())
+    assert on_disk["bench"] == "checkpoint" and len(on_disk["rows"]) == len(res["rows"]) == 8
+    params_bytes = 4 * on_disk["params"]
+    assert on_disk["state_bytes"] >= 3 * params_bytes  # params + AdamW m and v
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]  # the bench's files are removed
