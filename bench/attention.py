@@ -38,12 +38,23 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 1 if args.quick else args.repeats
     rows: list[dict] = []
     notes: list[str] = []
-    cols = [("shape", "b×h×s×d"), ("flm_s", "flm s"), ("flm_min_s", "min"), ("flm_max_s", "max"),
-            ("peer_s", "sdpa s"), ("ratio", "ratio"), ("flm_gflops", "flm GF/s"), ("peer_gflops", "sdpa GF/s"),
-            ("max_abs_err", "max|Δout|"), ("load_1m", "load")]
+    cols = [
+        ("shape", "b×h×s×d"),
+        ("flm_s", "flm s"),
+        ("flm_min_s", "min"),
+        ("flm_max_s", "max"),
+        ("peer_s", "sdpa s"),
+        ("ratio", "ratio"),
+        ("flm_gflops", "flm GF/s"),
+        ("peer_gflops", "sdpa GF/s"),
+        ("max_abs_err", "max|Δout|"),
+        ("load_1m", "load"),
+    ]
     for s in seq_lens:
         g = torch.Generator().manual_seed(s)
-        q, k, v = (torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)
+        )
         mask = causal_mask(s, device=device)
 
         def flm_fb(q=q, k=k, v=v, mask=mask) -> None:
@@ -55,16 +66,26 @@ def main(argv: list[str] | None = None) -> dict:
             torch.autograd.grad(out.sum(), (q, k, v))
 
         with torch.no_grad():
-            err = (scaled_dot_product_attention(q, k, v, mask) - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max()
-        st = common.measure_interleaved({"flm": flm_fb, "sdpa": sdpa_fb}, device=device, repeats=repeats, warmup=args.warmup)
+            err = (
+                (scaled_dot_product_attention(q, k, v, mask) - F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                .abs()
+                .max()
+            )
+        st = common.measure_interleaved(
+            {"flm": flm_fb, "sdpa": sdpa_fb}, device=device, repeats=repeats, warmup=args.warmup
+        )
         flops = 3 * 4 * b * h * s * s * d
         row = {
             "seq_len": s,
             "shape": [b, h, s, d],
-            "flm_s": st["flm"]["median"], "flm_min_s": st["flm"]["min"], "flm_max_s": st["flm"]["max"],
+            "flm_s": st["flm"]["median"],
+            "flm_min_s": st["flm"]["min"],
+            "flm_max_s": st["flm"]["max"],
             "flm_iqr_s": st["flm"]["iqr"],
             "peer": "F.scaled_dot_product_attention",
-            "peer_s": st["sdpa"]["median"], "peer_min_s": st["sdpa"]["min"], "peer_max_s": st["sdpa"]["max"],
+            "peer_s": st["sdpa"]["median"],
+            "peer_min_s": st["sdpa"]["min"],
+            "peer_max_s": st["sdpa"]["max"],
             "ratio": st["flm"]["median"] / st["sdpa"]["median"],
             "flm_gflops": flops / st["flm"]["median"] / 1e9,
             "peer_gflops": flops / st["sdpa"]["median"] / 1e9,
@@ -75,8 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"seq {s}: flm {row['flm_s']:.4f} s, sdpa {row['peer_s']:.4f} s", flush=True)
     common.print_table(rows, cols)
-    notes.append("flm materialises the (s × s) score and probability matrices per head (memory O(b·h·s²)); "
-                 "SDPA on CPU uses a blocked flash-style kernel")
+    notes.append(
+        "flm materialises the (s × s) score and probability matrices per head (memory O(b·h·s²)); "
+        "SDPA on CPU uses a blocked flash-style kernel"
+    )
     return common.finish(common.make_result("attention", args, rows, notes), args)
 
 

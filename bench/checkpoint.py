@@ -56,14 +56,32 @@ from flm.tree import flatten
 HANDOUT = TransformerConfig(vocab_size=10_000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
 QUICK = TransformerConfig(vocab_size=256, context_length=32, d_model=64, num_layers=2, num_heads=4, d_ff=96)
 
-FLM_SAVE, TORCH_SAVE, ST_SAVE, ST_ATOMIC = ("flm save_checkpoint", "torch.save", "safetensors save_file",
-                                            "safetensors save + atomic write")
-FLM_LOAD, FLM_VERIFY, TORCH_LOAD, ST_LOAD = ("flm load_checkpoint verify=False", "flm load_checkpoint verify=True",
-                                             "torch.load(weights_only=True)", "safetensors load_file")
-COLUMNS = [("row", "row"), ("MB", "file MB"), ("median_s", "median s"), ("min_s", "min"), ("max_s", "max"),
-           ("MB_per_s", "MB/s"), ("torch_s", "torch s"), ("ratio_torch", "ratio vs torch"),
-           ("safetensors_s", "safetensors s"), ("ratio_safetensors", "ratio vs safetensors"),
-           ("verify_overhead", "verify overhead"), ("load_1m", "load")]
+FLM_SAVE, TORCH_SAVE, ST_SAVE, ST_ATOMIC = (
+    "flm save_checkpoint",
+    "torch.save",
+    "safetensors save_file",
+    "safetensors save + atomic write",
+)
+FLM_LOAD, FLM_VERIFY, TORCH_LOAD, ST_LOAD = (
+    "flm load_checkpoint verify=False",
+    "flm load_checkpoint verify=True",
+    "torch.load(weights_only=True)",
+    "safetensors load_file",
+)
+COLUMNS = [
+    ("row", "row"),
+    ("MB", "file MB"),
+    ("median_s", "median s"),
+    ("min_s", "min"),
+    ("max_s", "max"),
+    ("MB_per_s", "MB/s"),
+    ("torch_s", "torch s"),
+    ("ratio_torch", "ratio vs torch"),
+    ("safetensors_s", "safetensors s"),
+    ("ratio_safetensors", "ratio vs safetensors"),
+    ("verify_overhead", "verify overhead"),
+    ("load_1m", "load"),
+]
 
 
 def state_dicts(params: Any, opt_state: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -120,15 +138,26 @@ def main(argv: list[str] | None = None) -> dict:
     flat = flat_tensors(params, opt_state)
     like = {"params": params, "opt_state": opt_state}
     state_bytes = sum(t.numel() * t.element_size() for t in flat.values())
-    print(f"model: {count_params(cfg) / 1e6:.1f}M params; params + AdamW state {state_bytes / 1e6:.0f} MB "
-          f"in {len(flat)} tensors", flush=True)
-    notes = [(f"state: {count_params(cfg):,} params + AdamW m, v (flm.optim.adamw(1e-3).init): "
-              f"{state_bytes / 1e6:.1f} MB in {len(flat)} tensors; torch threads {torch.get_num_threads()}")]
+    print(
+        f"model: {count_params(cfg) / 1e6:.1f}M params; params + AdamW state {state_bytes / 1e6:.0f} MB "
+        f"in {len(flat)} tensors",
+        flush=True,
+    )
+    notes = [
+        (
+            f"state: {count_params(cfg):,} params + AdamW m, v (flm.optim.adamw(1e-3).init): "
+            f"{state_bytes / 1e6:.1f} MB in {len(flat)} tensors; torch threads {torch.get_num_threads()}"
+        )
+    ]
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         d = Path(tmp)
-        paths = {FLM_SAVE: d / "flm.safetensors", TORCH_SAVE: d / "state.pt", ST_SAVE: d / "flat.safetensors",
-                 ST_ATOMIC: d / "flat_atomic.safetensors"}
+        paths = {
+            FLM_SAVE: d / "flm.safetensors",
+            TORCH_SAVE: d / "state.pt",
+            ST_SAVE: d / "flat.safetensors",
+            ST_ATOMIC: d / "flat_atomic.safetensors",
+        }
         saves = {
             FLM_SAVE: lambda: save_checkpoint(paths[FLM_SAVE], params=params, opt_state=opt_state, step=1, config=cfg),
             TORCH_SAVE: lambda: torch.save(dicts, paths[TORCH_SAVE]),
@@ -165,30 +194,54 @@ def main(argv: list[str] | None = None) -> dict:
     overhead = extra / plain["median"]
     rows = []
     file_of = {FLM_LOAD: FLM_SAVE, FLM_VERIFY: FLM_SAVE, TORCH_LOAD: TORCH_SAVE, ST_LOAD: ST_SAVE}
-    for op, stats, torch_row, st_row in (("save", save_st, TORCH_SAVE, ST_SAVE), ("load", load_st, TORCH_LOAD, ST_LOAD)):
+    for op, stats, torch_row, st_row in (
+        ("save", save_st, TORCH_SAVE, ST_SAVE),
+        ("load", load_st, TORCH_LOAD, ST_LOAD),
+    ):
         for name, s in stats.items():
             nbytes = sizes[file_of.get(name, name)]
             is_flm = name.startswith("flm")
-            rows.append({
-                "row": name, "op": op, "bytes": nbytes, "MB": nbytes / 1e6,
-                "median_s": s["median"], "min_s": s["min"], "max_s": s["max"], "iqr_s": s["iqr"], "n": s["n"],
-                "MB_per_s": nbytes / s["median"] / 1e6,
-                "torch_s": stats[torch_row]["median"] if is_flm else None,
-                "ratio_torch": s["median"] / stats[torch_row]["median"] if is_flm else None,
-                "safetensors_s": stats[st_row]["median"] if is_flm else None,
-                "ratio_safetensors": s["median"] / stats[st_row]["median"] if is_flm else None,
-                "verify_overhead": overhead if name == FLM_VERIFY else None,
-                "load_1m": s["load_avg_1m"],
-            })
+            rows.append(
+                {
+                    "row": name,
+                    "op": op,
+                    "bytes": nbytes,
+                    "MB": nbytes / 1e6,
+                    "median_s": s["median"],
+                    "min_s": s["min"],
+                    "max_s": s["max"],
+                    "iqr_s": s["iqr"],
+                    "n": s["n"],
+                    "MB_per_s": nbytes / s["median"] / 1e6,
+                    "torch_s": stats[torch_row]["median"] if is_flm else None,
+                    "ratio_torch": s["median"] / stats[torch_row]["median"] if is_flm else None,
+                    "safetensors_s": stats[st_row]["median"] if is_flm else None,
+                    "ratio_safetensors": s["median"] / stats[st_row]["median"] if is_flm else None,
+                    "verify_overhead": overhead if name == FLM_VERIFY else None,
+                    "load_1m": s["load_avg_1m"],
+                }
+            )
     common.print_table(rows, COLUMNS)
     name = "flm load verify=True extra time / verify=False load time (info)"
     targets = {name: common.target(name, overhead)}
-    notes.append(f"verify=True adds {extra * 1e3:.1f} ms to a {plain['median'] * 1e3:.1f} ms load "
-                 f"({100 * overhead:.0f} %; median of paired differences)")
-    notes.append("flm's save fsyncs the file and its directory (atomic write); torch.save and save_file do not "
-                 "(the 'safetensors save + atomic write' row has flm's durability without its checksum)")
-    result = common.make_result("checkpoint", args, rows, notes, config=cfg.to_dict(), params=count_params(cfg),
-                                state_bytes=state_bytes, targets=targets)
+    notes.append(
+        f"verify=True adds {extra * 1e3:.1f} ms to a {plain['median'] * 1e3:.1f} ms load "
+        f"({100 * overhead:.0f} %; median of paired differences)"
+    )
+    notes.append(
+        "flm's save fsyncs the file and its directory (atomic write); torch.save and save_file do not "
+        "(the 'safetensors save + atomic write' row has flm's durability without its checksum)"
+    )
+    result = common.make_result(
+        "checkpoint",
+        args,
+        rows,
+        notes,
+        config=cfg.to_dict(),
+        params=count_params(cfg),
+        state_bytes=state_bytes,
+        targets=targets,
+    )
     return common.finish(result, args)
 
 

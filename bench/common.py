@@ -40,8 +40,15 @@ if str(ROOT) not in sys.path:
 
 from flm._io import atomic_write_text
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,7 +174,14 @@ def summarize(times: Sequence[float]) -> dict[str, Any]:
         iqr = q[2] - q[0]
     else:
         iqr = ts[-1] - ts[0]
-    return {"median": statistics.median(ts), "min": ts[0], "max": ts[-1], "iqr": iqr, "n": len(ts), "times": list(times)}
+    return {
+        "median": statistics.median(ts),
+        "min": ts[0],
+        "max": ts[-1],
+        "iqr": iqr,
+        "n": len(ts),
+        "times": list(times),
+    }
 
 
 def measure(
@@ -235,8 +249,16 @@ def measure_first_call(fn: Callable[[], object], device: torch.device | str = "c
     row of its own, never inside a timed row.
     """
     t = time_once(fn, device)
-    return {"median": t, "min": t, "max": t, "iqr": 0.0, "n": 1, "times": [t],
-            "load_avg_1m": (load_average() or [None])[0], "compile_row": True}
+    return {
+        "median": t,
+        "min": t,
+        "max": t,
+        "iqr": 0.0,
+        "n": 1,
+        "times": [t],
+        "load_avg_1m": (load_average() or [None])[0],
+        "compile_row": True,
+    }
 
 
 def matmul_peak_flops(
@@ -253,8 +275,13 @@ def matmul_peak_flops(
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     stats = measure(lambda: torch.mm(a, b, out=out), device=device, repeats=repeats, warmup=2)
-    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "seconds": stats["min"],
-            "flops_per_s": 2 * n**3 / stats["min"], "load_avg_1m": stats["load_avg_1m"]}
+    return {
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": stats["min"],
+        "flops_per_s": 2 * n**3 / stats["min"],
+        "load_avg_1m": stats["load_avg_1m"],
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,7 +327,7 @@ def fmt(x: Any, digits: int = 3) -> str:
             return "0"
         if abs(x) >= 1e5 or abs(x) < 1e-3:
             return f"{x:.{digits - 1}e}"
-        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
     if isinstance(x, (list, tuple)):
         return "×".join(str(v) for v in x)
     return str(x)
@@ -369,8 +396,14 @@ def format_target(name: str, entry: Mapping[str, Any]) -> str:
 
 def make_result(bench: str, args: argparse.Namespace, rows: list[dict], notes: list[str], **extra: Any) -> dict:
     """The dict every bench returns: ``{"bench", "machine", "args", "rows", "notes", ...}``."""
-    return {"bench": bench, "machine": machine_info(getattr(args, "device", "cpu")), "args": vars(args),
-            "rows": rows, "notes": notes, **extra}
+    return {
+        "bench": bench,
+        "machine": machine_info(getattr(args, "device", "cpu")),
+        "args": vars(args),
+        "rows": rows,
+        "notes": notes,
+        **extra,
+    }
 
 
 def finish(result: dict, args: argparse.Namespace) -> dict:
@@ -380,8 +413,10 @@ def finish(result: dict, args: argparse.Namespace) -> dict:
     for n in result["notes"]:
         print("note:", n)
     m = result["machine"]
-    print(f"machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), torch {m['torch']}, "
-          f"{m['date']}, load avg {m['load_avg']}")
+    print(
+        f"machine: {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} torch threads), torch {m['torch']}, "
+        f"{m['date']}, load avg {m['load_avg']}"
+    )
     if args.json:
         write_json(args.json, result)
     return result

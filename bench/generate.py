@@ -84,8 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
 
     rows = []
-    print(f"device={device} threads={torch.get_num_threads()} new_tokens={new_tokens} repeats={repeats} (median)",
-          flush=True)
+    print(
+        f"device={device} threads={torch.get_num_threads()} new_tokens={new_tokens} repeats={repeats} (median)",
+        flush=True,
+    )
     for plen in prompt_lengths:
         prompt = torch.randint(0, config.vocab_size, (1, plen), generator=g).to(device)
         outs: dict[str, list[int]] = {}  # the last run's tokens of each side (compared, not timed)
@@ -98,28 +100,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         for _ in range(args.warmup):  # short warm-up runs (allocator, kernels): 8 tokens each
             cached(8), naive(8)
-        st = common.measure_interleaved({"cached": cached, "recompute": naive}, device=device, repeats=repeats,
-                                        warmup=0)
+        st = common.measure_interleaved(
+            {"cached": cached, "recompute": naive}, device=device, repeats=repeats, warmup=0
+        )
         c, r = st["cached"], st["recompute"]
         print(f"prompt {plen}: cached {c['median']:.3f} s, recompute {r['median']:.3f} s", flush=True)
-        rows.append({
-            "prompt_len": plen, "new_tokens": new_tokens,
-            "cached_s": c["median"], "cached_min_s": c["min"], "cached_max_s": c["max"],
-            "cached_tok_s": new_tokens / c["median"],
-            "recompute_s": r["median"], "recompute_min_s": r["min"], "recompute_max_s": r["max"],
-            "recompute_tok_s": new_tokens / r["median"],
-            "speedup": r["median"] / c["median"],
-            "tokens_match": outs["cached"] == outs["recompute"],
-            "load_avg_1m": c["load_avg_1m"],
-        })
-    common.print_table(rows, [("prompt_len", "prompt"), ("cached_s", "cached s"), ("cached_tok_s", "cached tok/s"),
-                              ("recompute_s", "recompute s"), ("recompute_tok_s", "recompute tok/s"),
-                              ("speedup", "speedup"), ("tokens_match", "match"), ("load_avg_1m", "load")])
+        rows.append(
+            {
+                "prompt_len": plen,
+                "new_tokens": new_tokens,
+                "cached_s": c["median"],
+                "cached_min_s": c["min"],
+                "cached_max_s": c["max"],
+                "cached_tok_s": new_tokens / c["median"],
+                "recompute_s": r["median"],
+                "recompute_min_s": r["min"],
+                "recompute_max_s": r["max"],
+                "recompute_tok_s": new_tokens / r["median"],
+                "speedup": r["median"] / c["median"],
+                "tokens_match": outs["cached"] == outs["recompute"],
+                "load_avg_1m": c["load_avg_1m"],
+            }
+        )
+    common.print_table(
+        rows,
+        [
+            ("prompt_len", "prompt"),
+            ("cached_s", "cached s"),
+            ("cached_tok_s", "cached tok/s"),
+            ("recompute_s", "recompute s"),
+            ("recompute_tok_s", "recompute tok/s"),
+            ("speedup", "speedup"),
+            ("tokens_match", "match"),
+            ("load_avg_1m", "load"),
+        ],
+    )
     notes = []
     if not all(r["tokens_match"] for r in rows):
         notes.append("WARNING: the cached and recomputing decoders produced different tokens")
-    result = common.make_result("generate", args, rows, notes, config=config.to_dict(), new_tokens=new_tokens,
-                                repeats=repeats)
+    result = common.make_result(
+        "generate", args, rows, notes, config=config.to_dict(), new_tokens=new_tokens, repeats=repeats
+    )
     return common.finish(result, args)
 
 

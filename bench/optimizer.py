@@ -59,8 +59,11 @@ def flm_step_fn(params, grads, *, inplace: bool = False, compile: bool = False, 
     ``composed``: the unfused chain ``adamw`` is defined as, instead of ``adamw`` itself.
     """
     if composed:
-        tx = optim.chain(optim.scale_by_adam(*BETAS, EPS, inplace=inplace), optim.add_decayed_weights(WD),
-                         optim.scale_by_learning_rate(LR))
+        tx = optim.chain(
+            optim.scale_by_adam(*BETAS, EPS, inplace=inplace),
+            optim.add_decayed_weights(WD),
+            optim.scale_by_learning_rate(LR),
+        )
     else:
         tx = optim.adamw(LR, BETAS, EPS, WD, inplace=inplace)
     state = {"p": params, "s": tx.init(params)}
@@ -90,9 +93,24 @@ def _malloc_child(args) -> list[dict]:
     """Run this bench again in a child process with glibc's malloc env set; return its rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
-        cmd = [sys.executable, __file__, "--no-malloc-compare", "--no-compile", "--json", str(out),
-               "--device", args.device, "--dtype", args.dtype, "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--no-malloc-compare",
+            "--no-compile",
+            "--json",
+            str(out),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--repeats",
+            str(args.repeats),
+            "--warmup",
+            str(args.warmup),
+            "--threads",
+            str(args.threads),
+        ]
         print("re-running in a child with " + " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()), flush=True)
         subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, check=True, stdout=subprocess.DEVNULL)
         rows = json.loads(out.read_text())["rows"]
@@ -134,8 +152,11 @@ def _run(args) -> dict:
     param_bytes = sum(p.numel() * p.element_size() for p in leaves)
     adam_state = optim.adamw(LR).init(params)[0]  # (ScaleByAdamState, EmptyState, ScaleByLearningRateState)
     state_bytes = sum(t.numel() * t.element_size() for t in tree_leaves(adam_state.m) + tree_leaves(adam_state.v))
-    print(f"{n_params / 1e6:.1f}M params in {len(leaves)} tensors ({param_bytes / 2**20:.1f} MiB); "
-          f"AdamW m+v {state_bytes / 2**20:.1f} MiB = {state_bytes / param_bytes:.1f}× params", flush=True)
+    print(
+        f"{n_params / 1e6:.1f}M params in {len(leaves)} tensors ({param_bytes / 2**20:.1f} MiB); "
+        f"AdamW m+v {state_bytes / 2**20:.1f} MiB = {state_bytes / param_bytes:.1f}× params",
+        flush=True,
+    )
 
     def copy(tree):
         return tree_map(lambda t: t.clone(), tree)
@@ -168,26 +189,55 @@ def _run(args) -> dict:
     rows = []
     for name, s in stats.items():
         timed = not s.get("compile_row")
-        rows.append({
-            "row": name, "params": n_params, "median_s": s["median"], "min_s": s["min"], "max_s": s["max"],
-            "iqr_s": s["iqr"], "n": s["n"],
-            "GB_per_s_params": param_bytes / s["median"] / 1e9 if timed else None,
-            "peer": "torch foreach" if timed and name != "torch foreach" else None,
-            "peer_s": peer if timed and name != "torch foreach" else None,
-            "ratio": s["median"] / peer if timed and name != "torch foreach" else None,
-            "load_1m": s["load_avg_1m"],
-        })
+        rows.append(
+            {
+                "row": name,
+                "params": n_params,
+                "median_s": s["median"],
+                "min_s": s["min"],
+                "max_s": s["max"],
+                "iqr_s": s["iqr"],
+                "n": s["n"],
+                "GB_per_s_params": param_bytes / s["median"] / 1e9 if timed else None,
+                "peer": "torch foreach" if timed and name != "torch foreach" else None,
+                "peer_s": peer if timed and name != "torch foreach" else None,
+                "ratio": s["median"] / peer if timed and name != "torch foreach" else None,
+                "load_1m": s["load_avg_1m"],
+            }
+        )
     if not args.quick and not args.no_malloc_compare and not any(k in os.environ for k in MALLOC_ENV):
         rows += _malloc_child(args)
-    common.print_table(rows, [("row", "row"), ("median_s", "median s"), ("min_s", "min"), ("max_s", "max"),
-                              ("iqr_s", "IQR"), ("peer_s", "foreach s"), ("ratio", "ratio"), ("load_1m", "load")])
-    targets = {name: common.target(name, stats[row]["median"] / peer) for name, row in
-               (("flm inplace / torch foreach ≤ 1.15", "flm inplace"), ("flm pure / torch foreach (info)", "flm pure"))}
-    memory = {"param_bytes": param_bytes, "adamw_state_bytes": state_bytes, "state_over_params": state_bytes / param_bytes,
-              "pure_step_new_bytes": 4 * param_bytes}
-    notes.append(f"memory: params {param_bytes / 2**20:.1f} MiB, m+v {state_bytes / 2**20:.1f} MiB "
-                 f"({state_bytes / param_bytes:.1f}× params, same for torch.optim.AdamW); "
-                 f"the pure step allocates ~{4 * param_bytes / 2**20:.0f} MiB of new tensors per step")
+    common.print_table(
+        rows,
+        [
+            ("row", "row"),
+            ("median_s", "median s"),
+            ("min_s", "min"),
+            ("max_s", "max"),
+            ("iqr_s", "IQR"),
+            ("peer_s", "foreach s"),
+            ("ratio", "ratio"),
+            ("load_1m", "load"),
+        ],
+    )
+    targets = {
+        name: common.target(name, stats[row]["median"] / peer)
+        for name, row in (
+            ("flm inplace / torch foreach ≤ 1.15", "flm inplace"),
+            ("flm pure / torch foreach (info)", "flm pure"),
+        )
+    }
+    memory = {
+        "param_bytes": param_bytes,
+        "adamw_state_bytes": state_bytes,
+        "state_over_params": state_bytes / param_bytes,
+        "pure_step_new_bytes": 4 * param_bytes,
+    }
+    notes.append(
+        f"memory: params {param_bytes / 2**20:.1f} MiB, m+v {state_bytes / 2**20:.1f} MiB "
+        f"({state_bytes / param_bytes:.1f}× params, same for torch.optim.AdamW); "
+        f"the pure step allocates ~{4 * param_bytes / 2**20:.0f} MiB of new tensors per step"
+    )
     result = common.make_result("optimizer", args, rows, notes, memory=memory, targets=targets)
     return common.finish(result, args)
 

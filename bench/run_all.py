@@ -31,43 +31,104 @@ DEVICE_AWARE = {"generate", "train_step", "attention", "optimizer", "vmap"}
 # Benches with torch.compile rows (they take --no-compile).
 COMPILING = {"train_step", "optimizer"}
 # Default repetitions, chosen so the full run stays under ~15 min on 2 CPU cores.
-FULL_ARGS = {"tokenizer": ["--repeats", "3"], "generate": ["--repeats", "3"], "train_step": ["--repeats", "5"],
-             "attention": ["--repeats", "5"], "optimizer": ["--repeats", "20"], "vmap": [],
-             "checkpoint": ["--repeats", "5"]}
+FULL_ARGS = {
+    "tokenizer": ["--repeats", "3"],
+    "generate": ["--repeats", "3"],
+    "train_step": ["--repeats", "5"],
+    "attention": ["--repeats", "5"],
+    "optimizer": ["--repeats", "20"],
+    "vmap": [],
+    "checkpoint": ["--repeats", "5"],
+}
 
 # Columns shown in RESULTS.md per bench: (key, header). Benches not listed get every scalar column.
 COLUMNS = {
-    "tokenizer": [("task", "task"), ("size_MB", "MB"), ("flm_s", "flm s"), ("flm_min_s", "min"), ("flm_max_s", "max"),
-                  ("flm_cpu_s", "flm cpu s"), ("flm_MBps", "flm MB/s"), ("peer", "peer"), ("peer_s", "peer s"),
-                  ("peer_MBps", "peer MB/s"), ("ratio", "ratio"), ("ratio_cpu", "cpu ratio"), ("load", "load 1m")],
-    "generate": [("prompt_len", "prompt"), ("new_tokens", "new tokens"), ("cached_s", "cached s"),
-                 ("cached_tok_s", "cached tok/s"), ("recompute_s", "recompute s"), ("recompute_tok_s", "recompute tok/s"),
-                 ("speedup", "speedup"), ("tokens_match", "tokens_match"), ("load_avg_1m", "load 1m")],
-    "train_step": [("row", "row"), ("shape", "batch×seq"), ("median_s", "median s"), ("min_s", "min s"),
-                   ("max_s", "max s"), ("tokens_per_s", "tokens/s"), ("mfu", "MFU"), ("peer_s", "HF s"),
-                   ("speed_vs_peer", "speed vs HF"), ("load_1m", "load 1m")],
-    "attention": [("shape", "b×h×s×d"), ("flm_s", "flm s"), ("flm_min_s", "min"), ("flm_max_s", "max"),
-                  ("peer_s", "SDPA s"), ("ratio", "ratio"), ("flm_gflops", "flm GFLOP/s"),
-                  ("peer_gflops", "SDPA GFLOP/s"), ("load_1m", "load 1m")],
-    "optimizer": [("row", "row"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
-                  ("iqr_s", "IQR s"), ("peer_s", "torch foreach s"), ("ratio", "ratio"), ("load_1m", "load 1m")],
-    "checkpoint": [("row", "row"), ("MB", "file MB"), ("median_s", "median s"), ("min_s", "min s"), ("max_s", "max s"),
-                   ("MB_per_s", "MB/s"), ("torch_s", "torch s"), ("ratio_torch", "ratio vs torch"),
-                   ("safetensors_s", "safetensors s"), ("ratio_safetensors", "ratio vs safetensors"),
-                   ("verify_overhead", "verify overhead"), ("load_1m", "load 1m")],
+    "tokenizer": [
+        ("task", "task"),
+        ("size_MB", "MB"),
+        ("flm_s", "flm s"),
+        ("flm_min_s", "min"),
+        ("flm_max_s", "max"),
+        ("flm_cpu_s", "flm cpu s"),
+        ("flm_MBps", "flm MB/s"),
+        ("peer", "peer"),
+        ("peer_s", "peer s"),
+        ("peer_MBps", "peer MB/s"),
+        ("ratio", "ratio"),
+        ("ratio_cpu", "cpu ratio"),
+        ("load", "load 1m"),
+    ],
+    "generate": [
+        ("prompt_len", "prompt"),
+        ("new_tokens", "new tokens"),
+        ("cached_s", "cached s"),
+        ("cached_tok_s", "cached tok/s"),
+        ("recompute_s", "recompute s"),
+        ("recompute_tok_s", "recompute tok/s"),
+        ("speedup", "speedup"),
+        ("tokens_match", "tokens_match"),
+        ("load_avg_1m", "load 1m"),
+    ],
+    "train_step": [
+        ("row", "row"),
+        ("shape", "batch×seq"),
+        ("median_s", "median s"),
+        ("min_s", "min s"),
+        ("max_s", "max s"),
+        ("tokens_per_s", "tokens/s"),
+        ("mfu", "MFU"),
+        ("peer_s", "HF s"),
+        ("speed_vs_peer", "speed vs HF"),
+        ("load_1m", "load 1m"),
+    ],
+    "attention": [
+        ("shape", "b×h×s×d"),
+        ("flm_s", "flm s"),
+        ("flm_min_s", "min"),
+        ("flm_max_s", "max"),
+        ("peer_s", "SDPA s"),
+        ("ratio", "ratio"),
+        ("flm_gflops", "flm GFLOP/s"),
+        ("peer_gflops", "SDPA GFLOP/s"),
+        ("load_1m", "load 1m"),
+    ],
+    "optimizer": [
+        ("row", "row"),
+        ("median_s", "median s"),
+        ("min_s", "min s"),
+        ("max_s", "max s"),
+        ("iqr_s", "IQR s"),
+        ("peer_s", "torch foreach s"),
+        ("ratio", "ratio"),
+        ("load_1m", "load 1m"),
+    ],
+    "checkpoint": [
+        ("row", "row"),
+        ("MB", "file MB"),
+        ("median_s", "median s"),
+        ("min_s", "min s"),
+        ("max_s", "max s"),
+        ("MB_per_s", "MB/s"),
+        ("torch_s", "torch s"),
+        ("ratio_torch", "ratio vs torch"),
+        ("safetensors_s", "safetensors s"),
+        ("ratio_safetensors", "ratio vs safetensors"),
+        ("verify_overhead", "verify overhead"),
+        ("load_1m", "load 1m"),
+    ],
 }
 # How each bench compares with its peer, for RESULTS.md (benches not listed: see their columns).
 READING = {
     "tokenizer": "`ratio` = flm time / peer time (lower is better); `cpu ratio` the same in CPU seconds.",
     "generate": "`speedup` = recompute time / KV-cached time (higher is better); `tokens_match`: both decoders "
-                "produced the same tokens.",
+    "produced the same tokens.",
     "train_step": "`speed vs HF` = HF LlamaForCausalLM's time / the row's time, timed in the same round "
-                  "(higher is better; > 1: flm is faster).",
+    "(higher is better; > 1: flm is faster).",
     "attention": "`ratio` = flm time / SDPA time (lower is better).",
     "optimizer": "`ratio` = row time / torch.optim.AdamW(foreach=True) time (lower is better).",
     "vmap": "`speedup` = K sequential steps' time / the row's time (higher is better).",
     "checkpoint": "`ratio vs …` = flm time / the peer's time (lower is better); `verify overhead` = extra time of "
-                  "verify=True / the verify=False load time.",
+    "verify=True / the verify=False load time.",
 }
 
 
@@ -111,15 +172,19 @@ def render_markdown(results: dict[str, Any], machine: dict, total_s: float, quic
         f"Generated by `python bench/run_all.py{' --quick' if quick else ''}` — do not edit by hand.",
         "",
         f"- date: {machine['date']}",
-        (f"- machine: {machine['machine']}, {machine['cpu']}, {machine['cpu_count']} CPUs, "
-         f"{machine['torch_threads']} torch threads"),
+        (
+            f"- machine: {machine['machine']}, {machine['cpu']}, {machine['cpu_count']} CPUs, "
+            f"{machine['torch_threads']} torch threads"
+        ),
         f"- torch {machine['torch']}, Python {machine['python']}, device {machine['device']}",
         f"- load average (1/5/15 min) at start: {machine['load_avg']}; at end: {common.load_average()}",
         f"- total wall time: {total_s / 60:.1f} min",
         "",
-        ("Times are medians after warm-up, the rows of a comparison timed in turn in the same process; "
-         "`load 1m` is the 1-minute load average when the row was timed (above the CPU count means other "
-         "processes shared the cores). How to read each table's comparison column is given under it."),
+        (
+            "Times are medians after warm-up, the rows of a comparison timed in turn in the same process; "
+            "`load 1m` is the 1-minute load average when the row was timed (above the CPU count means other "
+            "processes shared the cores). How to read each table's comparison column is given under it."
+        ),
     ]
     for name, res in results.items():
         out += ["", f"## {name}", ""]
@@ -163,14 +228,19 @@ def main(argv: list[str] | None = None) -> dict:
             res = run_bench(name, args)
         except SystemExit as e:  # a bench that cannot run here (e.g. missing shared data)
             res = {"error": f"SystemExit: {e}"}
-        except Exception as e:  # noqa: BLE001 -- record it and go on with the other benches
+        except Exception as e:
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
         res["_seconds"] = time.perf_counter() - t0
         results[name] = res
     total = time.perf_counter() - t_start
-    out = {"machine": machine, "load_avg_end": common.load_average(), "total_seconds": total, "quick": args.quick,
-           "benches": results}
+    out = {
+        "machine": machine,
+        "load_avg_end": common.load_average(),
+        "total_seconds": total,
+        "quick": args.quick,
+        "benches": results,
+    }
     out_dir = Path(args.out_dir)
     common.write_json(out_dir / "results.json", out)
     md = render_markdown(results, machine, total, args.quick)

@@ -60,9 +60,21 @@ from flm.tokenizer.merge import merge_long, merge_short
 from flm.tokenizer.pretokenize import count_file
 
 EOT = "<|endoftext|>"
-COLUMNS = [("task", "task"), ("size_MB", "size MB"), ("flm_s", "flm s"), ("flm_min_s", "min"), ("flm_max_s", "max"),
-           ("flm_cpu_s", "cpu s"), ("flm_MBps", "MB/s"), ("peer", "peer"), ("peer_s", "peer s"),
-           ("peer_MBps", "peer MB/s"), ("ratio", "ratio"), ("ratio_cpu", "cpu ratio"), ("load", "load")]
+COLUMNS = [
+    ("task", "task"),
+    ("size_MB", "size MB"),
+    ("flm_s", "flm s"),
+    ("flm_min_s", "min"),
+    ("flm_max_s", "max"),
+    ("flm_cpu_s", "cpu s"),
+    ("flm_MBps", "MB/s"),
+    ("peer", "peer"),
+    ("peer_s", "peer s"),
+    ("peer_MBps", "peer MB/s"),
+    ("ratio", "ratio"),
+    ("ratio_cpu", "cpu ratio"),
+    ("load", "load"),
+]
 
 
 def hf_train_fn(path: Path, vocab_size: int) -> Callable[[], object] | None:
@@ -96,7 +108,9 @@ def tiktoken_encoding(tok: Tokenizer):
         return None
     eot = tok.eos_id
     ranks = {b: i for i, b in tok.vocab.items() if i != eot}
-    return tiktoken.Encoding(name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot})
+    return tiktoken.Encoding(
+        name="gpt2-offline", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot}
+    )
 
 
 def row(task: str, size: int, flm: dict, peer: str | None, peer_t: dict | None, **extra) -> dict:
@@ -138,9 +152,12 @@ def bench_train(name: str, path: Path, vocab_size: int, repeats: int, warmup: in
         st = common.measure_interleaved(fns, repeats=repeats, warmup=warmup, cpu=True)
         pre = common.measure(lambda: count_file(path, [EOT]), repeats=repeats, warmup=warmup, cpu=True)
         counts = count_file(path, [EOT])
-        merge = common.measure(lambda: train_bpe_from_counts(counts, vocab_size, [EOT]), repeats=repeats, warmup=warmup,
-                               cpu=True)
-    rows.append(row(f"train {name} vocab={vocab_size}", size, st["flm"], "tokenizers" if hf else None, st.get("tokenizers")))
+        merge = common.measure(
+            lambda: train_bpe_from_counts(counts, vocab_size, [EOT]), repeats=repeats, warmup=warmup, cpu=True
+        )
+    rows.append(
+        row(f"train {name} vocab={vocab_size}", size, st["flm"], "tokenizers" if hf else None, st.get("tokenizers"))
+    )
     rows.append(row("  pre-tokenization (count_file)", size, pre, None, None))
     rows.append(row("  merging (train_bpe_from_counts)", size, merge, None, None))
 
@@ -152,7 +169,11 @@ def scaling_summary(rows: list[dict]) -> dict:
     for i, r in enumerate(rows):
         if r["task"].startswith("train tinystories x"):
             k = r["task"].split()[2]
-            parts = {"flm total": r["flm_s"], "flm pre-tokenization": rows[i + 1]["flm_s"], "flm merging": rows[i + 2]["flm_s"]}
+            parts = {
+                "flm total": r["flm_s"],
+                "flm pre-tokenization": rows[i + 1]["flm_s"],
+                "flm merging": rows[i + 2]["flm_s"],
+            }
             if r["peer_s"] is not None:
                 parts["tokenizers"] = r["peer_s"]
             if k == "x1":
@@ -172,12 +193,17 @@ def _cold_copy(tok: Tokenizer) -> Tokenizer:
 
 def whitespace_free_line(kind: str, n: int) -> str:
     """``n`` random characters without whitespace: ``letters``, ``punctuation`` or ``mixed``."""
-    alphabet = {"letters": string.ascii_letters, "punctuation": string.punctuation,
-                "mixed": string.ascii_letters + string.digits + string.punctuation + "éß世"}[kind]
+    alphabet = {
+        "letters": string.ascii_letters,
+        "punctuation": string.punctuation,
+        "mixed": string.ascii_letters + string.digits + string.punctuation + "éß世",
+    }[kind]
     return "".join(random.Random(kind).choices(alphabet, k=n))
 
 
-def bench_encode(data: Path, excerpt: Path, repeats: int, warmup: int, quick: bool, rows: list, notes: list) -> Tokenizer:
+def bench_encode(
+    data: Path, excerpt: Path, repeats: int, warmup: int, quick: bool, rows: list, notes: list
+) -> Tokenizer:
     """Rows for GPT-2 encoding: construction, encode cold / warm, 1 MB lines; returns the tokenizer."""
     bpe = data / "bpe"
     vocab, merges = read_vocab(bpe / "gpt2_vocab.json"), read_merges(bpe / "gpt2_merges.txt")
@@ -215,7 +241,9 @@ def bench_encode(data: Path, excerpt: Path, repeats: int, warmup: int, quick: bo
             fns["tiktoken"] = lambda line=line: enc.encode(line)
         st = common.measure_interleaved(fns, repeats=repeats, warmup=warmup, cpu=True)
         nbytes = len(line.encode("utf-8"))
-        rows.append(row(f"{nbytes / 1e6:.1f} MB line, no whitespace: {kind}", nbytes, st["flm"], peer, st.get("tiktoken")))
+        rows.append(
+            row(f"{nbytes / 1e6:.1f} MB line, no whitespace: {kind}", nbytes, st["flm"], peer, st.get("tiktoken"))
+        )
     return tok
 
 
@@ -227,10 +255,15 @@ def bench_crossover(tok: Tokenizer, excerpt: Path, repeats: int, warmup: int) ->
     for length in (4, 8, 16, 32, 48, 64, 96, 128, 256, 512):
         starts = [rng.randrange(len(letters) - length) for _ in range(max(20, 4000 // length))]
         pieces = [[tok._byte_ids[b] for b in letters[s : s + length]] for s in starts]
-        st = common.measure_interleaved({
-            "short": lambda pieces=pieces: [merge_short(list(p), tok._ranks, tok._merged) for p in pieces],
-            "long": lambda pieces=pieces: [merge_long(p, tok._ranks, tok._merged) for p in pieces],
-        }, repeats=repeats, warmup=warmup, cpu=True)
+        st = common.measure_interleaved(
+            {
+                "short": lambda pieces=pieces: [merge_short(list(p), tok._ranks, tok._merged) for p in pieces],
+                "long": lambda pieces=pieces: [merge_long(p, tok._ranks, tok._merged) for p in pieces],
+            },
+            repeats=repeats,
+            warmup=warmup,
+            cpu=True,
+        )
         # CPU seconds: less disturbed than wall time by other jobs on a shared machine.
         short_us, long_us = (st[k]["cpu"] / len(pieces) * 1e6 for k in ("short", "long"))
         out.append({"bytes": length, "short_us": short_us, "long_us": long_us, "ratio": short_us / long_us})
@@ -290,8 +323,12 @@ def main(argv: list[str] | None = None) -> dict:
             workers = [1] if args.quick else sorted({1, 2, os.cpu_count() or 1})
             for w in workers:
                 out = tmp / f"tokens_{w}.bin"
-                t = common.measure(lambda out=out, w=w: encode_file(tok, big, out, num_workers=w, progress=False),
-                                   repeats=repeats if args.quick else min(repeats, 3), warmup=warmup, cpu=True)
+                t = common.measure(
+                    lambda out=out, w=w: encode_file(tok, big, out, num_workers=w, progress=False),
+                    repeats=repeats if args.quick else min(repeats, 3),
+                    warmup=warmup,
+                    cpu=True,
+                )
                 rows.append(row(f"encode_file gpt2 workers={w}", big.stat().st_size, t, None, None))
 
     return report(rows, notes, args, crossover)
@@ -306,7 +343,9 @@ def report(rows: list[dict], notes: list[str], args: argparse.Namespace, crossov
     if crossover:
         print("merge_short vs merge_long, CPU microseconds per pre-token of that length (median of --repeats):")
         for c in crossover:
-            print(f"  {c['bytes']:5d} bytes  short {c['short_us']:9.1f}  long {c['long_us']:9.1f}  short/long {c['ratio']:.2f}")
+            print(
+                f"  {c['bytes']:5d} bytes  short {c['short_us']:9.1f}  long {c['long_us']:9.1f}  short/long {c['ratio']:.2f}"
+            )
     result = common.make_result("tokenizer", args, rows, notes, scaling=scaling, crossover=crossover, quick=args.quick)
     return common.finish(result, args)
 

@@ -86,7 +86,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
-        q, k, v = (p(x).view(b, s, self.h, d // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(b, s, self.h, d // self.h).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k = self.rope(q), self.rope(k)
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -101,7 +103,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, d: int, d_ff: int) -> None:
         super().__init__()
-        self.w1, self.w2, self.w3 = nn.Linear(d, d_ff, bias=False), nn.Linear(d_ff, d, bias=False), nn.Linear(d, d_ff, bias=False)
+        self.w1, self.w2, self.w3 = (
+            nn.Linear(d, d_ff, bias=False),
+            nn.Linear(d_ff, d, bias=False),
+            nn.Linear(d, d_ff, bias=False),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.w1(x)
@@ -159,11 +165,22 @@ def hf_llama(cfg: TransformerConfig, device: torch.device, dtype: torch.dtype, a
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
         return None
-    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                     num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.context_length,
-                     rms_norm_eps=cfg.eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
-                     attention_bias=False, mlp_bias=False, use_cache=False, attn_implementation=attn)
+    hc = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.context_length,
+        rms_norm_eps=cfg.eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(hc).to(device=device, dtype=dtype)
     model.train()
@@ -233,9 +250,13 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
         notes.append("transformers not installed: HF rows skipped (pip install -e '.[bench]')")
     # Same weights, same batch: the first losses must agree (a like-for-like check, not timed).
     l_flm, l_ref = float(fns["flm attention=flm"]()), float(fns["torch nn.Module (flm's math)"]())
-    notes.append(f"{batch}x{seq}: first-step loss flm {l_flm:.6f} vs nn.Module {l_ref:.6f} (|diff| {abs(l_flm - l_ref):.1e})")
-    print(f"{batch}x{seq}: timing {len(fns)} eager rows alternately, {repeats} steps each after {args.warmup} warm-up",
-          flush=True)
+    notes.append(
+        f"{batch}x{seq}: first-step loss flm {l_flm:.6f} vs nn.Module {l_ref:.6f} (|diff| {abs(l_flm - l_ref):.1e})"
+    )
+    print(
+        f"{batch}x{seq}: timing {len(fns)} eager rows alternately, {repeats} steps each after {args.warmup} warm-up",
+        flush=True,
+    )
     stats = common.measure_interleaved(fns, device=device, repeats=repeats, warmup=args.warmup)
     if not args.no_compile and (args.compile or not args.quick):
         fn = flm_step_fn(cfg, fresh_params(cfg), x, y, donate=True, compile=True)
@@ -251,19 +272,30 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
     rows = []
     for name, s in stats.items():
         is_compile = s.get("compile_row", False)
-        peer_name = f"{PEER} (timed with compile)" if name == "flm compile=True" and f"{PEER} (timed with compile)" in stats else PEER
+        peer_name = (
+            f"{PEER} (timed with compile)"
+            if name == "flm compile=True" and f"{PEER} (timed with compile)" in stats
+            else PEER
+        )
         peer = stats.get(peer_name, {}).get("median")
         is_peer = name.startswith(PEER)
-        rows.append({
-            "row": name, "shape": [batch, seq], "median_s": s["median"], "min_s": s["min"], "max_s": s["max"],
-            "iqr_s": s["iqr"], "n": s["n"],
-            "tokens_per_s": None if is_compile else batch * seq / s["median"],
-            "mfu": None if is_compile else flops / s["median"] / peak["flops_per_s"],
-            "peer": None if is_compile or is_peer or peer is None else peer_name,
-            "peer_s": None if is_compile or is_peer else peer,
-            "speed_vs_peer": None if is_compile or is_peer or peer is None else peer / s["median"],
-            "load_1m": s["load_avg_1m"],
-        })
+        rows.append(
+            {
+                "row": name,
+                "shape": [batch, seq],
+                "median_s": s["median"],
+                "min_s": s["min"],
+                "max_s": s["max"],
+                "iqr_s": s["iqr"],
+                "n": s["n"],
+                "tokens_per_s": None if is_compile else batch * seq / s["median"],
+                "mfu": None if is_compile else flops / s["median"] / peak["flops_per_s"],
+                "peer": None if is_compile or is_peer or peer is None else peer_name,
+                "peer_s": None if is_compile or is_peer else peer,
+                "speed_vs_peer": None if is_compile or is_peer or peer is None else peer / s["median"],
+                "load_1m": s["load_avg_1m"],
+            }
+        )
     return rows
 
 
@@ -280,12 +312,27 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = [(2, 16)] if args.quick else [_shape(t) for t in args.shapes]
     notes: list[str] = []
     peak = common.matmul_peak_flops(device, dtype, n=512 if args.quick else 2048)
-    print(f"model: {count_params(cfg) / 1e6:.1f}M params; matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s "
-          f"({peak['n']}² {peak['dtype']})", flush=True)
+    print(
+        f"model: {count_params(cfg) / 1e6:.1f}M params; matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s "
+        f"({peak['n']}² {peak['dtype']})",
+        flush=True,
+    )
     rows = [r for b, s in shapes for r in run_shape(cfg, b, s, device, dtype, args, peak, notes)]
-    common.print_table(rows, [("row", "row"), ("shape", "batch×seq"), ("median_s", "median s"), ("min_s", "min"),
-                              ("max_s", "max"), ("tokens_per_s", "tok/s"), ("mfu", "MFU"), ("peer_s", "HF s"),
-                              ("speed_vs_peer", "speed vs HF"), ("load_1m", "load")])
+    common.print_table(
+        rows,
+        [
+            ("row", "row"),
+            ("shape", "batch×seq"),
+            ("median_s", "median s"),
+            ("min_s", "min"),
+            ("max_s", "max"),
+            ("tokens_per_s", "tok/s"),
+            ("mfu", "MFU"),
+            ("peer_s", "HF s"),
+            ("speed_vs_peer", "speed vs HF"),
+            ("load_1m", "load"),
+        ],
+    )
     targets = {}  # speed = HF time / flm time: higher is better
     for r in rows:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
@@ -295,8 +342,16 @@ def main(argv: list[str] | None = None) -> dict:
         if r["row"] == "flm compile=True" and r["speed_vs_peer"] is not None:
             name = f"{shape} speed of flm compile=True vs HF eager ≥ 1.3"
             targets[name] = common.target(name, r["speed_vs_peer"])
-    result = common.make_result("train_step", args, rows, notes, config=cfg.to_dict(), params=count_params(cfg),
-                                matmul_peak=peak, targets=targets)
+    result = common.make_result(
+        "train_step",
+        args,
+        rows,
+        notes,
+        config=cfg.to_dict(),
+        params=count_params(cfg),
+        matmul_peak=peak,
+        targets=targets,
+    )
     return common.finish(result, args)
 
 

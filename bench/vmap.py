@@ -44,8 +44,10 @@ def make_tx(h):
 
 def _setup(cfg: TransformerConfig, k: int, batch: int, device: torch.device, dtype: torch.dtype):
     lrs = [1e-3 * 2**i for i in range(k)]
-    hp = {"lr": torch.tensor(lrs, dtype=torch.float64, device=device),
-          "weight_decay": torch.full((k,), 0.1, dtype=torch.float64, device=device)}
+    hp = {
+        "lr": torch.tensor(lrs, dtype=torch.float64, device=device),
+        "weight_decay": torch.full((k,), 0.1, dtype=torch.float64, device=device),
+    }
     g = torch.Generator().manual_seed(0)
     w = torch.randint(0, cfg.vocab_size, (k, batch, cfg.context_length + 1), generator=g).to(device)
     x, y = w[..., :-1].contiguous(), w[..., 1:].contiguous()
@@ -54,7 +56,9 @@ def _setup(cfg: TransformerConfig, k: int, batch: int, device: torch.device, dty
         tx = make_tx({"lr": lrs[i], "weight_decay": 0.1})
         p = init_params(cfg, torch.Generator().manual_seed(i), device=device, dtype=dtype)
         seq.append((tx, p, tx.init(p)))
-    vparams, vstate = init_vmapped(cfg, make_tx, {n: v.cpu() for n, v in hp.items()}, list(range(k)), device=device, dtype=dtype)
+    vparams, vstate = init_vmapped(
+        cfg, make_tx, {n: v.cpu() for n, v in hp.items()}, list(range(k)), device=device, dtype=dtype
+    )
     return seq, (vparams, vstate, hp), x, y
 
 
@@ -92,8 +96,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     repeats = 1 if args.quick else args.repeats
     rows: list[dict] = []
     notes = [
-        (f"model: {count_params(cfg):,} params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
-         f"ctx {cfg.context_length}), batch {batch} per model, {dtype}, torch threads {torch.get_num_threads()}"),
+        (
+            f"model: {count_params(cfg):,} params (d_model {cfg.d_model}, {cfg.num_layers} layers, "
+            f"ctx {cfg.context_length}), batch {batch} per model, {dtype}, torch threads {torch.get_num_threads()}"
+        ),
     ]
     for k in ks:
         tokens = k * batch * cfg.context_length
@@ -104,22 +110,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if compile:  # the first calls compile: report them as their own rows
                 for name, fn in (("sequential", sequential), ("vmapped", vmapped)):
                     first = common.measure_first_call(fn, device)
-                    rows.append({"name": f"{name} compile (first call)", "K": k, "median_s": first["median"],
-                                 "load_avg_1m": first["load_avg_1m"]})
+                    rows.append(
+                        {
+                            "name": f"{name} compile (first call)",
+                            "K": k,
+                            "median_s": first["median"],
+                            "load_avg_1m": first["load_avg_1m"],
+                        }
+                    )
             stats = common.measure_interleaved(
                 {"sequential": sequential, "vmapped": vmapped}, device=device, repeats=repeats, warmup=args.warmup
             )
             base = stats["sequential"]["median"]
             for name, st in stats.items():
-                rows.append({
-                    "name": name + suffix, "K": k, "median_s": st["median"], "iqr_s": st["iqr"], "min_s": st["min"],
-                    "max_s": st["max"], "tokens_per_s": tokens / st["median"], "speedup": base / st["median"],
-                    "load_avg_1m": st["load_avg_1m"],
-                })
+                rows.append(
+                    {
+                        "name": name + suffix,
+                        "K": k,
+                        "median_s": st["median"],
+                        "iqr_s": st["iqr"],
+                        "min_s": st["min"],
+                        "max_s": st["max"],
+                        "tokens_per_s": tokens / st["median"],
+                        "speedup": base / st["median"],
+                        "load_avg_1m": st["load_avg_1m"],
+                    }
+                )
         del seq, vec
-    common.print_table(rows, [("name", "step"), ("K", "K"), ("median_s", "median s"), ("iqr_s", "IQR s"),
-                              ("min_s", "min s"), ("max_s", "max s"), ("tokens_per_s", "tok/s"), ("speedup", "speedup"),
-                              ("load_avg_1m", "load 1m")])
+    common.print_table(
+        rows,
+        [
+            ("name", "step"),
+            ("K", "K"),
+            ("median_s", "median s"),
+            ("iqr_s", "IQR s"),
+            ("min_s", "min s"),
+            ("max_s", "max s"),
+            ("tokens_per_s", "tok/s"),
+            ("speedup", "speedup"),
+            ("load_avg_1m", "load 1m"),
+        ],
+    )
     return common.finish(common.make_result("vmap", args, rows, notes), args)
 
 

@@ -34,8 +34,9 @@ def test_common_summary_and_tables(tmp_path):
     st = common.measure(lambda: None, repeats=3, warmup=1)
     assert st["n"] == 3 and st["median"] >= 0 and "cpu" not in st
     calls = []
-    both = common.measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                      repeats=2, warmup=1, cpu=True)
+    both = common.measure_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=2, warmup=1, cpu=True
+    )
     assert calls == ["a", "b"] * 3  # warm-up round, then the timed rounds in turn
     assert all(len(s["times"]) == len(s["cpu_times"]) == 2 and s["cpu"] >= 0 for s in both.values())
 
@@ -58,14 +59,33 @@ def test_common_targets_and_parser():
 def test_run_all_renders_both_target_directions():
     import run_all
 
-    results = {"train_step": {"rows": [{"row": "flm default (train loop)", "speed_vs_peer": 1.2}],
-                              "targets": {"4x128 speed of flm default eager vs HF eager ≥ 1.0": {"value": 1.2},
-                                          "8x256 speed of flm compile=True vs HF eager ≥ 1.3": {"value": 1.2}}},
-               "optimizer": {"rows": [{"row": "flm inplace", "ratio": 1.2}],
-                             "targets": {"flm inplace / torch foreach ≤ 1.15": {"value": 1.2, "met": False},
-                                         "flm pure / torch foreach (info)": {"value": 2.0, "met": None}}}}
-    machine = {"date": "d", "machine": "m", "cpu": "c", "cpu_count": 2, "torch_threads": 2, "torch": "t",
-               "python": "p", "device": "cpu", "load_avg": [1.0, 1.0, 1.0]}
+    results = {
+        "train_step": {
+            "rows": [{"row": "flm default (train loop)", "speed_vs_peer": 1.2}],
+            "targets": {
+                "4x128 speed of flm default eager vs HF eager ≥ 1.0": {"value": 1.2},
+                "8x256 speed of flm compile=True vs HF eager ≥ 1.3": {"value": 1.2},
+            },
+        },
+        "optimizer": {
+            "rows": [{"row": "flm inplace", "ratio": 1.2}],
+            "targets": {
+                "flm inplace / torch foreach ≤ 1.15": {"value": 1.2, "met": False},
+                "flm pure / torch foreach (info)": {"value": 2.0, "met": None},
+            },
+        },
+    }
+    machine = {
+        "date": "d",
+        "machine": "m",
+        "cpu": "c",
+        "cpu_count": 2,
+        "torch_threads": 2,
+        "torch": "t",
+        "python": "p",
+        "device": "cpu",
+        "load_avg": [1.0, 1.0, 1.0],
+    }
     md = run_all.render_markdown(results, machine, 60.0, quick=True)
     assert "≥ 1.0: **1.200** — met" in md and "≥ 1.3: **1.200** — MISSED" in md
     assert "≤ 1.15: **1.200** — MISSED" in md and "(info): **2.000**\n" in md
@@ -89,7 +109,12 @@ def test_run_all_quick(tmp_path):
     train = {r["row"]: r for r in benches["train_step"]["rows"]}
     import train_step
 
-    assert {train_step.DEFAULT, "flm make_train_step (pure)", "flm attention=flm", "torch nn.Module (flm's math)"} <= set(train)
+    assert {
+        train_step.DEFAULT,
+        "flm make_train_step (pure)",
+        "flm attention=flm",
+        "torch nn.Module (flm's math)",
+    } <= set(train)
     assert train[train_step.DEFAULT]["tokens_per_s"] > 0
     assert any("first-step loss" in n and "WARNING" not in n for n in benches["train_step"]["notes"])
     if importlib.util.find_spec("transformers") is not None:  # the peer of every train_step row
@@ -106,8 +131,16 @@ def test_run_all_quick(tmp_path):
     import checkpoint
 
     ckpt = {r["row"]: r for r in benches["checkpoint"]["rows"]}
-    assert set(ckpt) == {checkpoint.FLM_SAVE, checkpoint.TORCH_SAVE, checkpoint.ST_SAVE, checkpoint.ST_ATOMIC,
-                         checkpoint.FLM_LOAD, checkpoint.FLM_VERIFY, checkpoint.TORCH_LOAD, checkpoint.ST_LOAD}
+    assert set(ckpt) == {
+        checkpoint.FLM_SAVE,
+        checkpoint.TORCH_SAVE,
+        checkpoint.ST_SAVE,
+        checkpoint.ST_ATOMIC,
+        checkpoint.FLM_LOAD,
+        checkpoint.FLM_VERIFY,
+        checkpoint.TORCH_LOAD,
+        checkpoint.ST_LOAD,
+    }
     assert ckpt[checkpoint.FLM_VERIFY]["verify_overhead"] is not None and ckpt[checkpoint.FLM_LOAD]["ratio_torch"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["benches"].keys() == benches.keys()
     md = (tmp_path / "RESULTS.md").read_text()
