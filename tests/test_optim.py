@@ -358,13 +358,16 @@ def test_global_norm_empty_tree_is_zero():
 @given(shapes, st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3), st.floats(1e-2, 1e2))
 def test_clip_matches_torch_clip_grad_norm(shape_list, seed, scale, max_norm):
     grads = _random_tree(shape_list, seed, scale)
-    clipped, state = optim.clip_by_global_norm(max_norm).update(grads, optim.EmptyState())
-    assert state == optim.EmptyState()
+    clip = optim.clip_by_global_norm(max_norm)
+    clipped, state = clip.update(grads, clip.init(grads))
+    assert isinstance(state, optim.ClipState)
     ts = [torch.zeros_like(t, requires_grad=True) for t in tree_leaves(grads)]
     for t, g in zip(ts, tree_leaves(grads)):
         t.grad = g.clone()
     norm_before = torch.nn.utils.clip_grad_norm_(ts, max_norm)
     torch.testing.assert_close(optim.global_norm(grads), norm_before, rtol=1e-14, atol=0)
+    torch.testing.assert_close(state.grad_norm, norm_before, rtol=1e-14, atol=0)  # the norm before clipping
+    assert optim.recorded_grad_norm((optim.EmptyState(), (state,))) is state.grad_norm
     if float(norm_before) < max_norm:  # torch scales by min(1, M/(‖g‖+ε)); flm leaves g alone: same below M − ε
         assert all(torch.equal(a, b) for a, b in zip(tree_leaves(clipped), tree_leaves(grads)))
     for a, t in zip(tree_leaves(clipped), ts):
@@ -395,7 +398,8 @@ def test_clip_large_gradient_float32_and_validation():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError):
             optim.clip_by_global_norm(bad)
-    assert optim.clip_by_global_norm(1.0).update({}, optim.EmptyState()) == ({}, optim.EmptyState())
+    out, state = optim.clip_by_global_norm(1.0).update({}, optim.clip_by_global_norm(1.0).init({}))
+    assert out == {} and float(state.grad_norm) == 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -876,7 +880,7 @@ def test_step_count_and_learning_rate_at_in_nested_chains():
     p = {"w": torch.ones(3)}
     tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(sched))
     state = tx.init(p)
-    assert state[0] == optim.EmptyState() and [type(s) for s in state[1]] == [
+    assert isinstance(state[0], optim.ClipState) and [type(s) for s in state[1]] == [
         optim.ScaleByAdamState,
         optim.EmptyState,
         optim.ScaleByLearningRateState,

@@ -212,3 +212,25 @@ def test_evaluate_rejects_bad_inputs():
             evaluate(p, CFG, np.zeros(100, dtype=np.int64), **args)
     with pytest.raises(ValueError):
         evaluate(p, CFG, np.full(100, CFG.vocab_size, dtype=np.int64), batch_size=1, context_length=8)
+
+
+def test_eager_autograd_path_equals_torch_func_grad_and_value():
+    """flm.train.step.grad_and_value: torch.autograd.grad on plain eager tensors, torch.func inside
+    transforms; the gradients and losses agree, and the caller's tensors are not marked or changed."""
+    from flm.train.step import grad_and_value
+
+    p = _params()
+    x, y = _batch()
+    loss_fn = make_loss_fn(CFG)
+    snap = _clone(p)
+    g_eager, l_eager = grad_and_value(loss_fn)(p, x, y)
+    g_func, l_func = torch.func.grad_and_value(loss_fn)(p, x, y)
+    assert _equal(p, snap) and not any(t.requires_grad for t in tree_leaves(p))
+    assert not l_eager.requires_grad and torch.equal(l_eager, l_func)
+    for a, b in zip(tree_leaves(g_eager), tree_leaves(g_func), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-16)
+    # inside vmap (wrapped tensors) it is torch.func.grad_and_value
+    stacked = tree_map(lambda t: torch.stack([t, t]), p)
+    g_vmap, _ = torch.func.vmap(grad_and_value(loss_fn), in_dims=(0, None, None))(stacked, x, y)
+    for a, b in zip(tree_leaves(g_vmap), tree_leaves(g_func), strict=True):
+        torch.testing.assert_close(a[1], b, rtol=1e-12, atol=1e-14)

@@ -25,7 +25,7 @@ design (Babuschkin et al., 2020: optimisers as chains of gradient transformation
 """
 
 from flm.optim.base import EmptyState, GradientTransformation, Schedule, apply_updates, chain, identity
-from flm.optim.clip import clip_by_global_norm, global_norm
+from flm.optim.clip import ClipState, clip_by_global_norm, global_norm, recorded_grad_norm
 from flm.optim.optimizers import adamw, sgd
 from flm.optim.schedules import constant_schedule, cosine_schedule
 from flm.optim.transforms import (
@@ -42,6 +42,8 @@ from flm.optim.transforms import (
 )
 
 __all__ = [
+    "ClipState",
+    "recorded_grad_norm",
     "AdamWState",
     "EmptyState",
     "GradientTransformation",

@@ -5,14 +5,16 @@ Source: CS336 assignment 1 handout §4.5 (gradient_clipping).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import optree
 import torch
 
 from flm.optim import base
-from flm.optim.base import EmptyState, GradientTransformation, PyTree
+from flm.optim.base import GradientTransformation, PyTree
 from flm.tree import tree_leaves
 
-__all__ = ["global_norm", "clip_by_global_norm"]
+__all__ = ["global_norm", "clip_by_global_norm", "ClipState", "recorded_grad_norm"]
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
@@ -34,6 +36,25 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
+class ClipState(NamedTuple):
+    """State of :func:`clip_by_global_norm`: the global norm of the gradients it last saw (before
+    clipping), so a train step can report it without computing it a second time."""
+
+    grad_norm: torch.Tensor
+
+
+def recorded_grad_norm(state: Any) -> torch.Tensor | None:
+    """The gradient norm a :class:`ClipState` in ``state`` (e.g. a ``chain``'s tuple) recorded, or ``None``."""
+    if isinstance(state, ClipState):
+        return state.grad_norm
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        for part in state:
+            found = recorded_grad_norm(part)
+            if found is not None:
+                return found
+    return None
+
+
 def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = False) -> GradientTransformation:
     """Scale the gradients down when their global ℓ2 norm exceeds ``max_norm``.
 
@@ -47,7 +68,8 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
             owns its freshly computed gradients saves one allocation and pass over them).
 
     Returns:
-        A stateless :class:`GradientTransformation`.
+        A :class:`GradientTransformation` whose state, a :class:`ClipState`, records the global
+        norm of the last gradients (before clipping; a 0-d float tensor).
 
     Raises:
         ValueError: if ``max_norm`` is not positive.
@@ -57,22 +79,22 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
     if not max_norm > 0:
         raise ValueError(f"clip_by_global_norm: max_norm must be positive, got {max_norm!r}")
 
-    def init(params: PyTree) -> EmptyState:
-        return EmptyState()
+    def init(params: PyTree) -> ClipState:
+        return ClipState(torch.zeros((), device=base._first_device(params)))
 
-    def update(grads: PyTree, state: EmptyState, params: PyTree = None) -> tuple[PyTree, EmptyState]:
+    def update(grads: PyTree, state: Any, params: PyTree = None) -> tuple[PyTree, ClipState]:
         leaves, spec = optree.tree_flatten(grads, namespace="")
         if not leaves:
-            return grads, state
+            return grads, ClipState(torch.zeros(()))
         norm = global_norm(grads)
         scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
         if base._use_foreach(leaves):
             if inplace:
                 torch._foreach_mul_(leaves, scale.to(leaves[0].dtype))
-                return grads, state
+                return grads, ClipState(norm)
             scaled = torch._foreach_mul(leaves, scale.to(leaves[0].dtype))
         else:
             scaled = [g * scale.to(g.dtype) for g in leaves]
-        return optree.tree_unflatten(spec, scaled), state
+        return optree.tree_unflatten(spec, scaled), ClipState(norm)
 
     return GradientTransformation(init, update)
