@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_writer",
+    "atomic_path",
     "fsync_dir",
     "remove_orphan_temps",
     "run_lock",
@@ -80,6 +81,34 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (not a file object);
+    when the ``with`` block ends without an error the file is fsynced, given ordinary permissions
+    and renamed over ``path``; on an error it is removed and ``path`` is left as it was.
+
+    Raises:
+        OSError: as :func:`atomic_writer`.
+    """
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:

@@ -206,26 +206,15 @@ def test_failed_write_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, params={"w": torch.ones(3)}, step=1)
     before = path.read_bytes()
-    real_fdopen = os.fdopen
+    real_save_file = ckpt_mod.st_save_file
 
-    class HalfWriter:
-        def __init__(self, f):
-            self.f = f
+    def half_then_interrupt(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt  # interrupted midway (BaseException, not just OSError)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise KeyboardInterrupt  # interrupted midway (BaseException, not just OSError)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(ckpt_mod.os, "fdopen", lambda fd, mode: HalfWriter(real_fdopen(fd, mode)))
+    monkeypatch.setattr(ckpt_mod, "st_save_file", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, params={"w": torch.zeros(3)}, step=2)
     assert path.read_bytes() == before
