@@ -55,7 +55,7 @@ __all__ = ["add_parser", "run", "Plan", "make_plan", "describe", "execute", "che
 
 # Rough fractions of the peak FLOP/s a step reaches, for the time estimate only (measured on a
 # 2-core CPU for the cpu-small and handout models; GPU values are conservative guesses).
-_EFFICIENCY = {("cpu", False): 0.45, ("cpu", True): 0.6, ("cuda", False): 0.25, ("cuda", True): 0.4}
+_EFFICIENCY = {("cpu", False): 0.6, ("cpu", True): 0.65, ("cuda", False): 0.25, ("cuda", True): 0.4}
 
 
 def add_parser(sub: Any, argv: list[str]) -> None:
