@@ -3,6 +3,7 @@
 Every layer is a function ``f(params, x, ...)`` of a nested dict of tensors (its parameters) and
 its inputs; nothing is stored between calls. Weights are kept ``(d_out, d_in)`` as in the handout
 (§3.3.1: ``y = x Wᵀ``). Norms and softmax compute in float32 (float64 for float64 inputs) and cast back to the input dtype.
+RoPE lives in :mod:`flm.rope` and is re-exported here.
 
 Source: CS336 assignment 1 handout §3.4–3.5 (Linear, Embedding, RMSNorm, SwiGLU, RoPE, softmax,
 scaled dot-product attention, causal multi-head self-attention, the pre-norm block).
@@ -28,6 +29,7 @@ from flm.init import (
     init_transformer_block,
     truncated_normal,
 )
+from flm.rope import apply_rope, check_rope, rope, rope_tables
 
 __all__ = [
     "linear",
@@ -311,83 +313,6 @@ def causal_mask(
     return k_pos[None, :] <= q_pos[:, None]
 
 
-def rope_tables(
-    token_positions: torch.Tensor, d_k: int, theta: float, *, dtype: torch.dtype, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation angles of RoPE as ``cos`` and ``sin`` tables: ``θ_{i,k} = i / Θ^{2k/d_k}`` for
-    position ``i`` and pair ``k``.
-
-    Args:
-        token_positions: ``(..., seq_len)`` integer (or float) positions.
-        d_k: the (even) feature dimension.
-        theta: the RoPE base Θ.
-        dtype: the compute dtype (float32 or float64).
-        device: where to build them (default: the positions' device).
-
-    Returns:
-        ``(cos, sin)``, each ``(..., seq_len, d_k / 2)`` of ``dtype``.
-
-    Source: handout §3.5.3, eqs. (8)–(9); Su et al. (2021).
-    """
-    device = token_positions.device if device is None else device
-    inv_freq = theta ** (-torch.arange(0, d_k, 2, device=device, dtype=dtype) / d_k)  # (d_k/2,)
-    angles = token_positions.to(device=device, dtype=dtype)[..., None] * inv_freq  # (..., seq_len, d_k/2)
-    return angles.cos(), angles.sin()
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair ``(x_{2k}, x_{2k+1})`` by the tables' angle, computed in their dtype.
-
-    The rotation of a pair is the product of complex numbers ``(x_{2k} + i·x_{2k+1})·(cos + i·sin)``.
-    Eager PyTorch computes it as one complex multiply (~7× faster than the separate real
-    multiplies, adds and the stack that re-interleaves them); under ``torch.compile`` the real
-    form is used, which inductor fuses (it generates no code for complex numbers). Both are the
-    same four products and two sums.
-    """
-    x_c = x.to(cos.dtype)
-    if torch.compiler.is_compiling():
-        pairs = rearrange(x_c, "... (half two) -> ... half two", two=2)
-        x_even, x_odd = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-        return rearrange(rotated, "... half two -> ... (half two)").to(x.dtype)
-    as_complex = torch.view_as_complex(x_c.contiguous().unflatten(-1, (-1, 2)))  # (..., d_k/2) complex
-    return torch.view_as_real(as_complex * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
-
-
-def rope(x: torch.Tensor, token_positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary position embedding: rotate each pair ``(x_{2k}, x_{2k+1})`` by ``pos / θ^{2k/d_k}``.
-
-    Args:
-        x: ``(..., seq_len, d_k)`` with even ``d_k``.
-        token_positions: ``(..., seq_len)`` integer (or float) absolute positions; its leading
-            dimensions broadcast against ``x``'s (right-aligned, e.g. ``(batch, 1, seq_len)``
-            for ``x`` of ``(batch, heads, seq_len, d_k)``).
-        theta: the RoPE base Θ (e.g. 10000.0).
-
-    Returns:
-        ``(..., seq_len, d_k)`` in ``x``'s dtype; angles and rotation computed in float32 (float64 for float64 input).
-
-    Raises:
-        ValueError: if ``d_k`` is odd, ``theta`` is not positive, or the positions' last
-            dimension is not ``seq_len``.
-
-    Source: handout §3.5.3, eqs. (8)–(9); Su et al. (2021).
-    """
-    d_k = x.shape[-1]
-    _check_rope(d_k, theta, token_positions.shape[-1], x.shape[-2])
-    cos, sin = rope_tables(token_positions, d_k, theta, dtype=_compute_dtype(x.dtype), device=x.device)
-    return _apply_rope(x, cos, sin)
-
-
-def _check_rope(d_k: int, theta: float, num_positions: int, seq_len: int) -> None:
-    if d_k % 2:
-        raise ValueError(f"rope: head dimension d_k={d_k} must be even")
-    if theta <= 0:
-        raise ValueError(f"rope: theta must be positive, got {theta}")
-    if num_positions != seq_len:
-        raise ValueError(f"rope: token_positions has {num_positions} positions but x has seq_len={seq_len}")
-
-
 def attention_qkv(
     params: Params,
     x: torch.Tensor,
@@ -424,10 +349,10 @@ def attention_qkv(
         if token_positions is None:
             token_positions = torch.arange(seq_len, device=x.device)
         d_head = d_model // num_heads
-        _check_rope(d_head, rope_theta, token_positions.shape[-1], seq_len)
+        check_rope(d_head, rope_theta, token_positions.shape[-1], seq_len)
         positions = token_positions.unsqueeze(-2)  # (..., 1, seq_len): same rotation for every head
         cos, sin = rope_tables(positions, d_head, rope_theta, dtype=_compute_dtype(q.dtype), device=x.device)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)  # one set of tables for q and k
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # one set of tables for q and k
     return q, k, v
 
 
