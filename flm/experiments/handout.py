@@ -345,12 +345,22 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ §2.7
 
 
+_HANDOUT_TS_VOCAB = 10_000
+_SAMPLE_BYTES = 16 << 20
+
+
 def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
-    """Compression (bytes/token) of the run's BPE and of GPT-2's on both splits, the longest
-    token, single-process encoding throughput and the time to encode 825 GB (handout §2.7)."""
+    """Compression (bytes/token) of the run's BPE, a 10K TinyStories BPE (the handout's) and
+    GPT-2's on both splits, the longest token, single-process encoding throughput and the time to
+    encode 825 GB (handout §2.7). Each split is sampled by its first 16 MiB."""
+    from flm.runs import train_tokenizer
     from flm.tokenizer import EOS_TOKEN
 
     toks = {f"run BPE ({ctx.tokenizer.vocab_size:,})": ctx.tokenizer}
+    if ctx.tokenizer.vocab_size != _HANDOUT_TS_VOCAB and "train" in ctx.data:
+        # The handout's TinyStories tokenizer has 10K tokens; train it in memory (seconds on the excerpt).
+        ts = train_tokenizer(ctx.data["train"], _HANDOUT_TS_VOCAB, train_bytes=ctx.cfg.data.train_bytes, progress=False)
+        toks[f"TinyStories BPE ({ts.vocab_size:,})"] = ts  # fewer than 10K if the text runs out of pairs
     gpt2 = Path(gpt2_dir) if gpt2_dir else None
     if gpt2 and (gpt2 / "gpt2_vocab.json").exists():
         toks["GPT-2 (50,257)"] = Tokenizer.from_files(gpt2 / "gpt2_vocab.json", gpt2 / "gpt2_merges.txt", [EOS_TOKEN])
@@ -358,7 +368,8 @@ def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
     for name, tok in toks.items():
         longest = max((b for b in tok.vocab.values() if b.decode("utf-8", "replace") != EOS_TOKEN), key=len)
         for split, path in ctx.data.items():
-            text = Path(path).read_text(encoding="utf-8")
+            with open(path, "rb") as f:  # a sample: the first few MB of each split are plenty
+                text = f.read(_SAMPLE_BYTES).decode("utf-8", errors="ignore")
             raw = len(text.encode("utf-8"))
             tok.encode(text[:1000])
             t0 = time.perf_counter()
