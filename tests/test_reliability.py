@@ -499,3 +499,20 @@ def test_save_checkpoint_refuses_nothing_but_checkpointer_refuses_nan(tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         c.save(1, {"w": torch.tensor([float("nan")])}, ())
     assert not list_checkpoints(tmp_path)
+
+
+def test_the_printed_resume_hint_continues_the_run_as_configured(texts, tmp_path, monkeypatch, capsys):
+    """Regression: ``flm train --resume --out-dir RUN`` (the hint Ctrl-C prints) rebuilt the settings
+    from the default preset, so it refused the run or silently cut it short; it now starts from
+    RUN/config.json, and flags still override it."""
+    out = tmp_path / "run"
+    real = _interrupt_at(monkeypatch, 6)
+    assert main(train_argv(texts, out, "--max-iters", "30", "--lr", "0.004", "--eval-interval", "10")) == 130
+    hint = next(line for line in capsys.readouterr().out.splitlines() if "continue with:" in line)
+    argv = hint.split("continue with: flm ", 1)[1].split()
+    assert argv == ["train", "--resume", "--out-dir", str(out)]
+    monkeypatch.setattr(flm.train.loop, "get_batch", real)
+    assert main(argv + ["--num-workers", "1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "tiny" and cfg["train"]["max_iters"] == 30 and cfg["train"]["lr"] == 0.004
+    assert json.loads((out / "results.json").read_text())["steps"] == 30

@@ -31,7 +31,7 @@ from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, r
 from flm.checkpoint import read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import UsageError, log, pick_device
-from flm.config import RunConfig
+from flm.config import RunConfig, default_preset
 from flm.download import DATASETS, download
 from flm.model import count_params, train_step_flops
 from flm.progress import format_count, format_duration
@@ -433,6 +433,12 @@ def run(args: argparse.Namespace) -> int:
     """``flm train``: resolve the config, plan, print the plan, execute."""
     from flm.cli.common import set_threads
 
+    if args.resume and args.config is None:
+        # Continue the run as it was configured: its own config.json is the base, flags still win.
+        preset = args.preset or default_preset()
+        saved = Path(args.out_dir or f"runs/{preset}") / "config.json"
+        if saved.is_file():
+            args.config = str(saved)
     try:
         cfg = config_from_args(args)
     except ValueError as err:
