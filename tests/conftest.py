@@ -85,3 +85,13 @@ def tiny_run(texts, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
     assert main(train_argv(texts, out)) == 0
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with ``FLM_SLOW=1`` (their bounded forms always run)."""
+    if os.environ.get("FLM_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set FLM_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -28,7 +28,7 @@ from flm.checkpoint import list_checkpoints, load_checkpoint, read_header, save_
 from flm.cli import main
 from flm.model import TransformerConfig
 from flm.train import NonFiniteLossError, TrainConfig, plot_metrics, read_metrics, train_loop
-from flm.tree import all_finite
+from flm.tree import all_finite, tree_leaves
 from tests.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -516,3 +516,52 @@ def test_the_printed_resume_hint_continues_the_run_as_configured(texts, tmp_path
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["preset"] == "tiny" and cfg["train"]["max_iters"] == 30 and cfg["train"]["lr"] == 0.004
     assert json.loads((out / "results.json").read_text())["steps"] == 30
+
+
+_KILLER = """
+import os, random, signal, sys, threading
+import flm.train.loop as L
+from flm.cli import main
+real, calls, at = L.get_batch, {"n": 0}, int(sys.argv[1])
+def batch(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == at:  # then die a random moment later: mid-step, mid-checkpoint-write, anywhere
+        delay = random.Random(at * 7919 + len(sys.argv)).uniform(0.0, 0.05)
+        threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    return real(*a, **k)
+L.get_batch = batch
+sys.exit(main(sys.argv[2:]))
+"""
+
+_KEYS = ("step", "tokens", "train_loss", "lr", "grad_norm", "val_loss")
+
+
+def _metrics(run):
+    return [{k: r.get(k) for k in _KEYS} for r in read_metrics(run / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("kills", [3, pytest.param(12, marks=pytest.mark.slow)])
+def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(texts, tmp_path, kills):
+    """The kill -9 loop: checkpoints every step, SIGKILL at random points (including mid-write),
+    ``--resume`` after each; the finished run's parameters, optimizer state and metrics equal an
+    uninterrupted run's bitwise. Bounded to 3 kills; ``FLM_SLOW=1`` runs 12."""
+    flags = ("--max-iters", "24", "--checkpoint-interval", "1", "--keep-checkpoints", "2", "--eval-interval", "8")
+    ref = tmp_path / "ref"
+    assert main(train_argv(texts, ref, "--log-interval", "1", *flags)) == 0
+    run, rng, killed = tmp_path / "run", np.random.default_rng(kills), 0
+    for i in range(kills):
+        argv = train_argv(texts, run, "--log-interval", "1", *flags, *(["--resume"] if i else []))
+        at = int(rng.integers(2, 9))
+        r = subprocess.run([sys.executable, "-c", _KILLER, str(at), *argv], cwd=ROOT, capture_output=True, timeout=120)
+        assert r.returncode in (-9, 0), r.stderr.decode()[-2000:]
+        if r.returncode == 0:
+            break
+        killed += 1
+    assert killed >= min(kills, 2)
+    assert main(train_argv(texts, run, "--log-interval", "1", *flags, "--resume")) == 0
+    a, b = load_checkpoint(list_checkpoints(ref)[-1]), load_checkpoint(list_checkpoints(run)[-1])
+    assert a.step == b.step == 24
+    for x, y in zip(tree_leaves((a.params, a.opt_state)), tree_leaves((b.params, b.opt_state)), strict=True):
+        assert torch.equal(x, y)
+    assert _metrics(run) == _metrics(ref)
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
