@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,9 +153,10 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files a killed atomic write left in ``directory`` (``.<name>.*.tmp``).
+    """Delete the temporaries a killed write left in ``directory``: ``.<name>.*.tmp`` files
+    (atomic writes) and directories (a token file's parts while it is encoded).
 
-    Only hidden files ending in ``.tmp`` are touched, so nothing a user made is removed. Call it
+    Only hidden entries ending in ``.tmp`` are touched, so nothing a user made is removed. Call it
     when a run starts, while holding the run directory's lock.
 
     Returns:
@@ -165,10 +167,14 @@ def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
     if not d.is_dir():
         return removed
     for p in d.iterdir():
-        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
-            with contextlib.suppress(FileNotFoundError):
+        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) or p.is_symlink():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
                 p.unlink()
-                removed.append(p)
+            removed.append(p)
     return removed
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flm._io import atomic_write_json
+from flm._io import TEMP_SUFFIX, atomic_write_json, fsync_dir
 from flm.progress import progress_bar, want_progress
 from flm.tokenizer.pretokenize import chunk_boundaries, prefix_end, safe_split_token
 from flm.tokenizer.tokenizer import Tokenizer
@@ -118,7 +118,8 @@ def encode_file(
     cuts = chunk_boundaries(input_path, n_ranges, split, end=size)
     out = Path(output_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.parts.")
+    # A hidden ``….tmp`` directory: ``remove_orphan_temps`` cleans it up if this process is killed.
+    workdir = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.parts.", suffix=TEMP_SUFFIX)
     tasks = [
         (input_path, a, b, os.path.join(workdir, f"{k:06d}.bin"), dtype.str)
         for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
@@ -146,8 +147,11 @@ def encode_file(
                 with pool_context().Pool(min(num_workers, len(tasks)), _init_worker, (tokenizer,)) as pool:
                     for t, count in zip(tasks, pool.imap(_worker, tasks)):
                         collect(t, count)
+            dst.flush()
+            os.fsync(dst.fileno())
         bar.close()
         os.replace(tmp_out, output_path)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     files = tokenizer_files if tokenizer_files is not None else getattr(tokenizer, "source_files", None)
