@@ -38,6 +38,7 @@ __all__ = [
     "read_header",
     "list_checkpoints",
     "checkpoint_name",
+    "is_checkpoint_name",
     "FORMAT_VERSION",
 ]
 
@@ -52,6 +53,11 @@ PathOrFile = str | os.PathLike | BinaryIO
 def checkpoint_name(step: int) -> str:
     """The file name of the periodic checkpoint at ``step``: ``ckpt_<step, 7 digits>.safetensors``."""
     return f"ckpt_{int(step):07d}.safetensors"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is a periodic checkpoint's file name (``ckpt_<step>.safetensors``)."""
+    return _CKPT.match(name) is not None
 
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:

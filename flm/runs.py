@@ -23,15 +23,15 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from flm._io import atomic_write_json
-from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
+from flm._io import LOCK_NAME, TEMP_SUFFIX, atomic_write_json
+from flm.checkpoint import is_checkpoint_name, list_checkpoints, load_checkpoint, read_header
 from flm.model import TransformerConfig, check_params
 from flm.progress import info
 from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
@@ -68,11 +68,14 @@ class RunState:
         checkpoints: the periodic checkpoints, oldest first.
         outputs: the other files a run writes (metrics, best model, results, config).
         last_step: the step of the newest checkpoint (``None`` without one).
+        foreign: entries flm did not write (a tokenizer without flm's stamp counts): a new run
+            refuses to start among them without ``--overwrite``, and never removes them.
     """
 
     checkpoints: list[Path]
     outputs: list[Path]
     last_step: int | None
+    foreign: list[Path] = field(default_factory=list)
 
     @property
     def has_run(self) -> bool:
@@ -105,7 +108,26 @@ def run_state(out_dir: str | os.PathLike) -> RunState:
             last = int(read_header(ckpts[-1]).get("step", 0))
         except ValueError:
             last = int(ckpts[-1].stem.split("_")[1])
-    return RunState(ckpts, outputs, last)
+    return RunState(ckpts, outputs, last, _foreign(d))
+
+
+def _is_flm_entry(name: str, stamped_tokenizer: bool) -> bool:
+    if name in ("vocab.json", "merges.txt"):
+        return stamped_tokenizer
+    return (
+        name in _RUN_OUTPUTS
+        or name in (_TOKENIZER_STAMP, LOCK_NAME, "tensorboard")
+        or is_checkpoint_name(name)
+        or name.endswith((".stamp.json", ".tokens", ".tokens.json"))
+        or (name.startswith(".") and name.endswith(TEMP_SUFFIX))
+    )
+
+
+def _foreign(d: Path) -> list[Path]:
+    if not d.is_dir():
+        return []
+    stamped = (d / _TOKENIZER_STAMP).is_file()
+    return sorted(p for p in d.iterdir() if not _is_flm_entry(p.name, stamped))
 
 
 def _file_stamp(path: str | os.PathLike) -> dict[str, Any]:

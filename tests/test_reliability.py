@@ -191,6 +191,48 @@ def test_overwrite_says_what_it_removes(tiny_run, texts, tmp_path, capsys):
     assert "not both" in one_line_error(capsys)
 
 
+def test_a_new_run_refuses_files_it_did_not_write(texts, tmp_path, capsys):
+    """Regression: a directory with the user's own vocab.json/config.json (no checkpoints yet) was
+    silently overwritten; with --overwrite the run starts and keeps the user's other files."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "vocab.json").write_text('{"mine": 0}')
+    (run / "notes.txt").write_text("keep me")
+    before = snapshot(run)
+    assert main(train_argv(texts, run, "--max-iters", "2")) == 2
+    assert "files flm did not write (notes.txt, vocab.json)" in one_line_error(capsys) and snapshot(run) == before
+    assert main(train_argv(texts, run, "--max-iters", "2", "--overwrite")) == 0
+    assert (run / "notes.txt").read_text() == "keep me" and (run / "tokenizer.stamp.json").exists()
+    assert main(train_argv(texts, run, "--max-iters", "4", "--overwrite")) == 0  # flm's own files: fine
+
+
+def test_tokenize_train_never_replaces_a_runs_tokenizer(tiny_run, texts, tmp_path, capsys):
+    """Regression: ``flm tokenize train … --out-dir RUN`` overwrote a trained run's vocab.json and
+    merges.txt, and every later command refused the run."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = snapshot(run)
+    argv = ["tokenize", "train", str(texts[0]), "--vocab-size", "300", "--out-dir", str(run)]
+    assert main(argv) == 2
+    assert "holds a trained run" in one_line_error(capsys) and snapshot(run) == before
+    assert main([*argv, "--overwrite"]) == 2 and snapshot(run) == before
+    capsys.readouterr()
+    fresh = tmp_path / "tok"
+    argv[-1] = str(fresh)
+    assert main(argv) == 0
+    assert main(argv) == 2 and "pass --overwrite" in one_line_error(capsys)
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_an_experiment_refuses_a_training_runs_directory(tiny_run, texts, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = snapshot(run)
+    argv = ["experiment", "generate", "--preset", "tiny", "--train-text", str(texts[0])]
+    assert main([*argv, "--valid-text", str(texts[1]), "--out-dir", str(run)]) == 2
+    assert "holds a training run" in one_line_error(capsys) and snapshot(run) == before
+
+
 @pytest.mark.parametrize("change", [["--vocab-size", "320"], ["--num-heads", "4"], ["--d-ff", "96"]])
 def test_a_failed_resume_writes_nothing(tiny_run, texts, tmp_path, capsys, change):
     """Regression: a resume with another --vocab-size overwrote vocab.json, merges.txt, the token
@@ -330,7 +372,10 @@ def test_a_checkpoint_whose_config_does_not_match_its_tensors_is_refused(tiny_ru
 def test_another_runs_tokenizer_is_refused(tiny_run, texts, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    assert main(["tokenize", "train", str(texts[1]), "--vocab-size", "300", "--out-dir", str(run)]) == 0
+    other = tmp_path / "other"
+    assert main(["tokenize", "train", str(texts[1]), "--vocab-size", "300", "--out-dir", str(other)]) == 0
+    for name in ("vocab.json", "merges.txt"):  # copied over by hand: same size, other merges
+        shutil.copy(other / name, run / name)
     capsys.readouterr()
     assert main(["generate", str(run), "--max-new-tokens", "3"]) == 1
     assert "not the one best.safetensors was trained with" in one_line_error(capsys)

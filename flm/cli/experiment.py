@@ -20,6 +20,7 @@ from flm._io import run_lock
 from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
 from flm.cli.common import UsageError, log, set_threads
 from flm.cli.train import add_run_arguments, check_data, describe, make_plan, write_data
+from flm.runs import run_state
 
 __all__ = ["add_parser", "run"]
 
@@ -75,6 +76,12 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = Path(args.out_dir or "runs/experiments")
     # The experiments directory holds many runs of its own: only the shared data is planned here.
+    try:
+        state = run_state(out)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if state.has_run:  # an experiments directory keeps its runs in subdirectories
+        raise UsageError(f"--out-dir {out} holds a training run; experiments need their own directory")
     plan = make_plan(cfg, out, resume=False, overwrite=True)
     plan.remove = []
     for line in describe(plan)[:3]:

@@ -34,6 +34,7 @@ def add_parsers(sub: Any, argv: list[str]) -> None:
     tr.add_argument("--vocab-size", type=int, required=True, help="final vocabulary size (≥ 256 + special tokens)")
     tr.add_argument("--out-dir", required=True, help="where vocab.json and merges.txt go")
     tr.add_argument("--max-bytes", type=int, help="train on the first N bytes only (cut at a document boundary)")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing vocab.json/merges.txt in --out-dir")
     en = tsub.add_parser("encode", help="encode a UTF-8 text file to a uint16/uint32 token file + .json sidecar")
     en.add_argument("input", help="the text file")
     en.add_argument("output", help="the token file to write")
@@ -86,10 +87,11 @@ def run_tokenize(args: argparse.Namespace) -> int:
     if args.action == "train":
         if args.max_bytes is not None and args.max_bytes < 1:
             raise UsageError(f"--max-bytes must be ≥ 1, got {args.max_bytes}")
+        out = Path(args.out_dir)
+        _check_tokenizer_dir(out, args.overwrite)
         vocab, merges = train_bpe(
             args.input, args.vocab_size, specials, num_workers=args.workers, progress=None, max_bytes=args.max_bytes
         )
-        out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         Tokenizer(vocab, merges, specials).save(out / "vocab.json", out / "merges.txt")
         log(f"{len(vocab):,} tokens, {len(merges):,} merges -> {out} ({time.perf_counter() - t0:.2f} s)")
@@ -107,6 +109,22 @@ def run_tokenize(args: argparse.Namespace) -> int:
         n = encode_file(tok, args.input, args.output, num_workers=args.workers, progress=None)
         log(f"{n:,} tokens -> {args.output} ({time.perf_counter() - t0:.2f} s)")
     return 0
+
+
+def _check_tokenizer_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to replace a trained run's tokenizer (its checkpoints need it), or any existing
+    tokenizer without ``--overwrite``."""
+    from flm.runs import run_state
+
+    try:
+        state = run_state(out)
+    except ValueError as err:
+        raise UsageError(str(err).replace("--out-dir ", "")) from None
+    if state.has_run:
+        raise UsageError(f"{out} holds a trained run whose checkpoints need its tokenizer; write to another --out-dir")
+    existing = [n for n in ("vocab.json", "merges.txt") if (out / n).exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{out} already holds {' and '.join(existing)}; pass --overwrite to replace them")
 
 
 def run_download(args: argparse.Namespace) -> int:

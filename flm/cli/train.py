@@ -177,6 +177,12 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         raise UsageError(
             f"--out-dir {out_dir} already holds a run{where}; pass --resume to continue it or --overwrite to start over"
         )
+    if state.foreign and not (resume or overwrite):
+        names = ", ".join(p.name for p in state.foreign[:3]) + (" …" if len(state.foreign) > 3 else "")
+        raise UsageError(
+            f"--out-dir {out_dir} holds files flm did not write ({names}); use another --out-dir, "
+            "or pass --overwrite to start a run beside them (they are kept)"
+        )
     if overwrite:
         plan.remove = state.removable
     if resume and state.checkpoints:
