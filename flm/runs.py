@@ -45,6 +45,7 @@ __all__ = [
     "cached_tokenizer",
     "train_tokenizer",
     "save_tokenizer",
+    "encode_prompt",
     "prepare_tokens",
     "count_tokens",
     "unigram_entropy",
@@ -182,6 +183,20 @@ def train_tokenizer(
         train_text, vocab_size, [EOS_TOKEN], num_workers=num_workers, progress=progress, max_bytes=train_bytes
     )
     return Tokenizer(vocab, merges, [EOS_TOKEN])
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A prompt's token ids for sampling; an empty prompt starts from ``<|endoftext|>`` (a new document).
+
+    Raises:
+        ValueError: an empty prompt and a tokenizer without ``<|endoftext|>``.
+    """
+    ids = tokenizer.encode(prompt)
+    if ids:
+        return ids
+    if tokenizer.eos_id is None:
+        raise ValueError("an empty prompt needs an <|endoftext|> token to start from")
+    return [tokenizer.eos_id]
 
 
 def save_tokenizer(out_dir: str | os.PathLike, tokenizer: Tokenizer, stamp: dict[str, Any]) -> None:

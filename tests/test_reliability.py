@@ -9,6 +9,7 @@ good checkpoint, and the command prints ``error: …`` on one line with exit cod
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -616,3 +617,23 @@ def test_kill_9_at_random_points_then_resume_equals_the_uninterrupted_run(texts,
         assert torch.equal(x, y)
     assert _metrics(run) == _metrics(ref)
     assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+
+
+@pytest.mark.parametrize("flag", [["--tensorboard"], ["--wandb", "proj"]])
+def test_a_missing_metrics_package_fails_before_anything_is_written(texts, tmp_path, capsys, flag):
+    """Regression: a missing tensorboard/wandb failed after the tokenizer, token files, config.json
+    and an empty metrics.jsonl were written, and that empty file then blocked a plain restart."""
+    package = flag[0].lstrip("-")
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run, *flag)) == 2
+    assert f"needs the {package} package" in one_line_error(capsys) and not run.exists()
+
+
+def test_an_empty_prompt_starts_a_new_document_instead_of_failing_after_training(texts, tmp_path):
+    """Regression: ``--prompts ""`` failed after all training and evaluation, with no results.json."""
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run, "--max-iters", "3", "--prompts", "", "Once")) == 0
+    samples = json.loads((run / "results.json").read_text())["samples"]
+    assert len(samples) == 2 and samples[1].startswith("Once")

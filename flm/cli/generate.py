@@ -67,7 +67,7 @@ def sample_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> S
 def run(args: argparse.Namespace) -> int:
     """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout."""
     from flm.generate import generate_stream
-    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+    from flm.runs import encode_prompt, find_checkpoint, load_model, load_tokenizer_beside
 
     args.run = args.checkpoint or args.run
     if args.run is None:
@@ -79,11 +79,10 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer_beside(find_checkpoint(args.run), header)
     s = sample_settings(args, (header.get("config") or {}).get("sample"))
     prompt = args.prompt or ""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        if tokenizer.eos_id is None:
-            raise UsageError("empty --prompt and no <|endoftext|> token to start from")
-        ids = [tokenizer.eos_id]
+    try:
+        ids = encode_prompt(tokenizer, prompt)
+    except ValueError as err:
+        raise UsageError(f"--prompt: {err}") from None
     if max(ids) >= config.vocab_size:
         raise UsageError(
             f"the prompt encodes to token {max(ids)}, outside the model's vocabulary of {config.vocab_size}"

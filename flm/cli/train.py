@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -154,6 +155,12 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
     cfg = cfg.replace(train={"device": device})
     if cfg.train.compile and device.startswith("mps"):
         raise UsageError("--compile on MPS needs the aot_eager backend; run without --compile on MPS")
+    for flag, package, wanted in (
+        ("--tensorboard", "tensorboard", cfg.train.tensorboard),
+        ("--wandb", "wandb", cfg.train.wandb),
+    ):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise UsageError(f"{flag} needs the {package} package: pip install {package}")
     plan = Plan(cfg, out_dir, resume)
     need = cfg.model.context_length + 1
     d = cfg.data
@@ -388,7 +395,7 @@ def _finish(
 ) -> dict[str, Any]:
     """Evaluate the best checkpoint on every validation token; write results.json and samples.txt."""
     from flm.generate import generate
-    from flm.runs import load_model
+    from flm.runs import encode_prompt, load_model
 
     params, model, header = load_model(out / BEST if (out / BEST).exists() else out, device=cfg.train.device)
     final = evaluate(params, model, tokens["valid"], cfg.train.batch_size, model.context_length, progress=True)
@@ -413,11 +420,12 @@ def _finish(
     }
     s = cfg.sample
     if s.max_new_tokens and s.prompts:
+        atomic_write_json(out / "results.json", results)  # kept if sampling fails
         gen = torch.Generator(device=cfg.train.device).manual_seed(s.seed)
         ids = generate(
             params,
             model,
-            [tokenizer.encode(p) for p in s.prompts],
+            [encode_prompt(tokenizer, p) for p in s.prompts],
             s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,

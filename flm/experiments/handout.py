@@ -309,7 +309,7 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
     handout allows) from the baseline's best model with the run's sampling settings, plus greedy
     decoding and a hot temperature for contrast (handout §7.2 generate)."""
     from flm.generate import generate
-    from flm.runs import load_model
+    from flm.runs import encode_prompt, load_model
 
     baseline(ctx)
     params, config, header = load_model(ctx.out / "baseline")
@@ -320,7 +320,14 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
     for label, temp, top_p in settings:
         g = torch.Generator().manual_seed(s.seed)
         ids = generate(
-            params, config, [tok.encode(s.prompts[0])], n, temperature=temp, top_p=top_p, eos_id=tok.eos_id, generator=g
+            params,
+            config,
+            [encode_prompt(tok, s.prompts[0])],
+            n,
+            temperature=temp,
+            top_p=top_p,
+            eos_id=tok.eos_id,
+            generator=g,
         )[0]
         samples.append(
             {

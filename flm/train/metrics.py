@@ -206,11 +206,12 @@ class MetricsLogger:
             self.path.unlink(missing_ok=True)
         else:
             truncate_metrics(self.path, resume_step)
-        self.sinks.append(JsonlSink(self.path))
+        # The optional sinks first: a missing package fails before metrics.jsonl exists.
         if tensorboard:
             self.sinks.append(_TensorBoardSink(Path(out_dir) / "tensorboard"))
         if wandb:
             self.sinks.append(_WandbSink(wandb, run_config, Path(out_dir)))
+        self.sinks.insert(0, JsonlSink(self.path))
 
     def write(self, record: dict[str, Any]) -> None:
         """Send one record to every sink."""
