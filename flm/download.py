@@ -31,7 +31,7 @@ from typing import NamedTuple
 from flm._io import atomic_writer
 from flm.progress import progress_bar
 
-__all__ = ["DATASETS", "DatasetInfo", "FilePin", "download"]
+__all__ = ["DATASETS", "DatasetInfo", "FilePin", "check_local_size", "download"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -388,6 +388,29 @@ def _gunzip(src: Path, dest: Path, *, progress: bool, pin: FilePin) -> None:
         raise ValueError(f"{src.name} is not a valid gzip file ({e}); it was removed, run again to re-download") from e
 
 
+def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = False) -> None:
+    """Compare a data file already on disk with its pinned size (a ``stat``, no hashing).
+
+    Catches a file left by older versions or other tools: an HTML error page or a partial copy
+    saved under the data set's name.
+
+    Args:
+        path: the local (decompressed, for gzip data sets) file.
+        pin: its pin; a pin without a size checks nothing.
+        gzip: whether the data set is served gzipped (then ``pin.local_size`` applies).
+
+    Raises:
+        ValueError: naming the file, its size and the expected one.
+    """
+    want = pin.local_size if gzip else pin.size
+    have = Path(path).stat().st_size
+    if want is not None and have != want:
+        raise ValueError(
+            f"{path} is {have:,} bytes, not the expected {want:,}: a partial or wrong file (an HTML page?); "
+            "delete it to download again"
+        )
+
+
 def _resolve_pins(name: str, info: DatasetInfo, pins: Mapping[str, FilePin] | None) -> Mapping[str, FilePin]:
     if pins is None:
         return info.pins
@@ -472,11 +495,12 @@ def download(
         remote = info.files[split]
         final = dest / info.local_name(split)
         out[split] = final
-        if final.is_file():  # only ever created by an atomic rename of a complete, verified file
+        pin = table.get(split, _NO_PIN)
+        if final.is_file():  # flm creates it only by an atomic rename of a verified file; check the size anyway
+            check_local_size(final, pin, gzip=info.gzip)
             continue
         url = f"{base}/{remote}"
         part = dest / f"{remote}.part"
-        pin = table.get(split, _NO_PIN)
         got = _fetch(url, part, timeout=timeout, progress=progress, desc=remote, expected_size=pin.size)
         checks = [(pin.size, pin.sha256, "pinned"), (got.server_size, got.server_sha256, "the server's checksum")]
         _verify(part, f"{remote} from {url}", got.size, got.sha256, checks)

@@ -576,3 +576,22 @@ def test_progress_bar_throttles_and_can_be_disabled():
 def test_progress_bar_resumed_initial_is_shown_but_not_in_rate():
     bar = ProgressBar(100, "r", initial=40, file=io.StringIO())
     assert "40 B/100 B" in bar.render() and "0 B/s" in bar.render()
+
+
+def test_a_wrong_size_file_already_on_disk_is_refused_not_used(tmp_path, capsys):
+    """Regression: an HTML page saved as the data set by an older version was used as-is forever;
+    a file on disk is now checked against the pinned size (a stat) by download and by flm train."""
+    info = DATASETS["tinystories"]
+    page = tmp_path / info.local_name("train")
+    page.write_bytes(b"<!doctype html><html>login</html>")
+    pin = info.pins["train"]
+    with pytest.raises(ValueError, match=r"is 33 bytes, not the expected 2,227,753,162"):
+        download("tinystories", tmp_path, splits=("train",), base_url="http://127.0.0.1:9/")
+    assert page.read_bytes().startswith(b"<!doctype")  # never deleted: the user decides
+    assert download("tinystories", tmp_path, splits=("train",), pins={"train": FilePin()}) == {"train": page}
+    assert pin.size == 2_227_753_162
+    argv = ["train", "--preset", "tiny", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run")]
+    assert flm_cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not the expected 2,227,753,162" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()

@@ -637,3 +637,10 @@ def test_an_empty_prompt_starts_a_new_document_instead_of_failing_after_training
     assert main(train_argv(texts, run, "--max-iters", "3", "--prompts", "", "Once")) == 0
     samples = json.loads((run / "results.json").read_text())["samples"]
     assert len(samples) == 2 and samples[1].startswith("Once")
+
+
+def test_a_text_that_is_not_a_regular_file_is_named_as_such(texts, tmp_path, capsys):
+    argv = train_argv(texts, tmp_path / "run")
+    argv[argv.index("--valid-text") + 1] = str(tmp_path)
+    assert main(argv) == 2
+    assert "--valid-text" in (err := one_line_error(capsys)) and "not a regular file" in err

@@ -33,7 +33,7 @@ from flm.checkpoint import read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import UsageError, log, pick_device
 from flm.config import RunConfig, default_preset
-from flm.download import DATASETS, download
+from flm.download import DATASETS, check_local_size, download
 from flm.model import count_params, train_step_flops
 from flm.progress import format_count, format_duration
 from flm.runs import (
@@ -130,8 +130,10 @@ class Plan:
 
 def _check_text(path: str, role: str, min_bytes: int) -> None:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UsageError(f"--{role}-text {path}: no such file")
+    if not p.is_file():
+        raise UsageError(f"--{role}-text {path}: not a regular file")
     if not os.access(p, os.R_OK):
         raise UsageError(f"--{role}-text {path}: not readable (permission denied)")
     size = p.stat().st_size
@@ -172,9 +174,14 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         info = DATASETS[d.dataset]
         for split in info.files:
             local = Path(d.data_dir) / info.local_name(split)
+            pin = info.pins.get(split)
             if not local.is_file():
-                pin = info.pins.get(split)
                 plan.downloads.append((d.dataset, info.files[split], pin.size if pin else None))
+            elif pin is not None:
+                try:
+                    check_local_size(local, pin, gzip=info.gzip)
+                except ValueError as err:
+                    raise UsageError(str(err)) from None
     try:
         state = run_state(out_dir)
     except ValueError as err:
