@@ -7,7 +7,7 @@ Model components are pure functions over nested parameter dicts (pytrees), diffe
 import importlib
 from typing import Any
 
-from flm import checkpoint, loss, model, nn, optim, train, tree
+from flm import checkpoint, loss, model, nn, optim, tree
 from flm._version import __version__
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import flatten, unflatten
@@ -34,6 +34,7 @@ __all__ = [
 
 _LAZY = (
     "data",
+    "train",
     "generate",
     "distributed",
     "tokenizer",

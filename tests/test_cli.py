@@ -264,3 +264,10 @@ def test_examples_script_is_flm_train(texts, tmp_path):
         timeout=120,
     )
     assert r.returncode == 0 and json.loads(r.stdout)["preset"] == "tiny"
+
+
+@pytest.mark.parametrize("module", ["flm.data", "flm.generate", "flm.tokenizer", "flm.download"])
+def test_python_dash_m_entry_points_run_without_a_runpy_warning(module):
+    """Regression: ``import flm`` imported flm.data, so ``python -m flm.data`` warned from runpy."""
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True)
+    assert r.returncode == 0 and b"RuntimeWarning" not in r.stderr, r.stderr.decode()[-500:]
