@@ -271,3 +271,12 @@ def test_python_dash_m_entry_points_run_without_a_runpy_warning(module):
     """Regression: ``import flm`` imported flm.data, so ``python -m flm.data`` warned from runpy."""
     r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True)
     assert r.returncode == 0 and b"RuntimeWarning" not in r.stderr, r.stderr.decode()[-500:]
+
+
+@pytest.mark.parametrize("command", [["generate"], ["eval", "--text", "README.md"], ["export-hf", "--out", "x"]])
+def test_a_missing_run_is_a_usage_error_in_every_command(command, tmp_path, capsys):
+    """Regression: a missing RUN_OR_CHECKPOINT exited 1 in flm generate but 2 in flm eval."""
+    missing = str(tmp_path / "nope")
+    assert main([command[0], missing, *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {missing} does not exist"

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -82,6 +83,20 @@ def pick_device(device: str | None) -> str:
         build = "" if torch.cuda.is_available() or torch.version.cuda else " (this PyTorch is a CPU-only build)"
         raise UsageError(f"--device {device}: {err}{build}") from None
     return device
+
+
+def checkpoint_arg(path: str) -> Path:
+    """The checkpoint a ``RUN_OR_CHECKPOINT`` argument names (a missing path is a usage error, exit 2).
+
+    Raises:
+        UsageError: the path does not exist, or is a directory without checkpoints.
+    """
+    from flm.runs import find_checkpoint
+
+    try:
+        return find_checkpoint(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def set_threads(threads: int | None) -> None:

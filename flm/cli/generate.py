@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flm.cli.common import UsageError, pick_device
+from flm.cli.common import UsageError, checkpoint_arg, pick_device
 from flm.config import SampleConfig
 
 __all__ = ["add_parser", "run"]
@@ -67,16 +67,17 @@ def sample_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> S
 def run(args: argparse.Namespace) -> int:
     """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout."""
     from flm.generate import generate_stream
-    from flm.runs import encode_prompt, find_checkpoint, load_model, load_tokenizer_beside
+    from flm.runs import encode_prompt, load_model, load_tokenizer_beside
 
     args.run = args.checkpoint or args.run
     if args.run is None:
         raise UsageError("give a run directory or a checkpoint file")
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be ≥ 1, got {args.num_samples}")
+    ckpt = checkpoint_arg(args.run)
     device = pick_device(args.device)
-    params, config, header = load_model(args.run, device=device)
-    tokenizer = load_tokenizer_beside(find_checkpoint(args.run), header)
+    params, config, header = load_model(ckpt, device=device)
+    tokenizer = load_tokenizer_beside(ckpt, header)
     s = sample_settings(args, (header.get("config") or {}).get("sample"))
     prompt = args.prompt or ""
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flm.cli.common import UsageError, log, pick_device
+from flm.cli.common import UsageError, checkpoint_arg, log, pick_device
 
 __all__ = ["add_parsers"]
 
@@ -146,7 +146,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """``flm eval``: encode ``--text`` with the run's tokenizer and evaluate every window."""
-    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+    from flm.runs import load_model, load_tokenizer_beside
     from flm.train import evaluate
 
     if args.batch_size < 1:
@@ -155,14 +155,16 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batches must be ≥ 1, got {args.max_batches}")
     if not Path(args.text).is_file():
         raise UsageError(f"--text {args.text}: no such file")
+    ckpt = checkpoint_arg(args.run)
     device = pick_device(args.device)
-    params, config, header = load_model(args.run, device=device)
-    tokenizer = load_tokenizer_beside(find_checkpoint(args.run), header)
+    params, config, header = load_model(ckpt, device=device)
+    tokenizer = load_tokenizer_beside(ckpt, header)
     try:
         with open(args.text, encoding="utf-8") as f:
             ids = [i for chunk in tokenizer.encode_batches(iter(lambda: f.read(1 << 20), "")) for i in chunk]
     except UnicodeDecodeError as err:
-        raise UsageError(f"--text {args.text} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        # A file's content, not the command line: a runtime error (exit 1), as in flm train.
+        raise ValueError(f"--text {args.text} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if len(ids) < config.context_length + 1:
         raise UsageError(
             f"--text {args.text} encodes to {len(ids)} tokens; need context_length + 1 = {config.context_length + 1}"
@@ -176,7 +178,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.max_batches,
         progress=True,
     )
-    res["checkpoint"] = str(find_checkpoint(args.run))
+    res["checkpoint"] = str(ckpt)
     res["text"] = args.text
     if args.json:
         print(json.dumps(res))
@@ -193,7 +195,7 @@ def run_export(args: argparse.Namespace) -> int:
     import torch
 
     from flm.interop import hf_config, save_hf
-    from flm.runs import find_checkpoint, load_model, load_tokenizer_beside
+    from flm.runs import load_model, load_tokenizer_beside
 
     src = args.checkpoint or args.run
     if src is None:
@@ -201,8 +203,9 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not an empty directory")
-    params, config, header = load_model(src)
-    tokenizer = load_tokenizer_beside(find_checkpoint(src), header)
+    ckpt = checkpoint_arg(src)
+    params, config, header = load_model(ckpt)
+    tokenizer = load_tokenizer_beside(ckpt, header)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         hf_config(config)  # a variant HF Llama cannot express (post-norm, SiLU FFN, NoPE) is a usage error
