@@ -26,7 +26,7 @@ import torch
 from flm._io import atomic_write_json, atomic_write_text
 from flm.config import RunConfig
 from flm.experiments.report import load_curves, markdown_table, plot_curves, plot_loss_vs_lr
-from flm.experiments.vmapped import vmapped_train
+from flm.experiments.vmapped import diverged, vmapped_train
 from flm.model import count_params, max_batch_size
 from flm.tokenizer import Tokenizer
 from flm.train import train_loop
@@ -97,7 +97,7 @@ def _train(ctx: Context, name: str, cfg: RunConfig, *, reuse: bool = False) -> d
         "lr": cfg.train.lr,
         "final_val_loss": s["final_val_loss"],
         "best_val_loss": s["best_val_loss"],
-        "diverged": s["final_val_loss"] is None or not math.isfinite(s["final_val_loss"]),
+        "diverged": diverged(s["final_val_loss"], cfg.model.vocab_size),
         "wall_time": s["wall_time"],
         "tokens_per_sec": s["tokens_per_sec"],
         "params": count_params(cfg.model),

@@ -42,6 +42,14 @@ def _finite_or_none(values: torch.Tensor) -> list[float | None]:
     return [float(v) if math.isfinite(float(v)) else None for v in values.double().cpu()]
 
 
+def diverged(final_val_loss: float | None, vocab_size: int) -> bool:
+    """Whether a run diverged: its final validation loss is missing or non-finite (NaN weights), or
+    no better than guessing uniformly (``≥ ln vocab_size`` nats, where training starts): it blew up
+    and never recovered.
+    """
+    return final_val_loss is None or not math.isfinite(final_val_loss) or final_val_loss >= math.log(vocab_size)
+
+
 def vmapped_train(
     cfg: RunConfig,
     train_tokens: np.ndarray,
@@ -180,7 +188,7 @@ def vmapped_train(
             "weight_decay": float(hparams["weight_decay"][i]),
             "final_val_loss": last_val[i],
             "best_val_loss": best[i] if math.isfinite(best[i]) else None,
-            "diverged": last_val[i] is None,
+            "diverged": diverged(last_val[i], cfg.model.vocab_size),
             "wall_time": wall,
             "tokens_per_sec": clock.rate / k if clock.rate else None,
         }
