@@ -286,7 +286,17 @@ class RunConfig:
         return cls.from_dict({"preset": preset, **merged})
 
     def replace(self, **sections: dict[str, Any]) -> RunConfig:
-        """A copy with some fields changed: ``cfg.replace(train={"lr": 1e-3}, model={"norm": "post"})``."""
+        """A copy with some fields changed: ``cfg.replace(train={"lr": 1e-3}, model={"norm": "post"})``.
+
+        Args:
+            **sections: section name (``model``, ``train``, ``data``, ``sample``) -> field changes.
+
+        Returns:
+            A new :class:`RunConfig`; each changed section is validated again.
+
+        Raises:
+            ValueError: an unknown section or a rejected value; ``TypeError``: an unknown field.
+        """
         parts = {}
         for name, changes in sections.items():
             if name not in SECTIONS:
@@ -302,6 +312,12 @@ class RunConfig:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a run config file (``.json`` or ``.toml``) into a partial ``{section: {field: value}}`` dict.
+
+    Args:
+        path: the file; a run directory's own ``config.json`` loads back.
+
+    Returns:
+        The settings it holds (with an optional top-level ``"preset"``).
 
     Raises:
         ValueError: a missing/unreadable file, bad syntax (naming the file), or another suffix.

@@ -43,7 +43,18 @@ __all__ = [
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """Parse ``device`` and check it exists here, raising ``ValueError`` naming it otherwise."""
+    """Parse ``device`` and check that it exists on this machine.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, … or a :class:`torch.device`.
+
+    Returns:
+        The :class:`torch.device`.
+
+    Raises:
+        ValueError: naming the device, if it cannot be parsed or is not available here (no CUDA
+            build or device, a CUDA index beyond the visible devices, no MPS).
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:

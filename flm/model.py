@@ -138,7 +138,17 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TransformerConfig:
-        """Build a config from :meth:`to_dict`'s output (unknown keys raise ``ValueError``)."""
+        """Build a config from :meth:`to_dict`'s output (e.g. a checkpoint's or ``config.json``'s).
+
+        Args:
+            d: field name -> value; missing fields take their defaults.
+
+        Returns:
+            The validated :class:`TransformerConfig`.
+
+        Raises:
+            ValueError: unknown keys, or values the config's validation rejects.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -146,7 +156,17 @@ class TransformerConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> TransformerConfig:
-        """Return a copy with ``changes`` applied (validated again)."""
+        """Return a copy with ``changes`` applied (validated again).
+
+        Args:
+            **changes: field name -> new value.
+
+        Returns:
+            A new :class:`TransformerConfig`.
+
+        Raises:
+            ValueError: a value the validation rejects; ``TypeError``: an unknown field.
+        """
         return dataclasses.replace(self, **changes)
 
 
@@ -328,6 +348,12 @@ def count_params(config: TransformerConfig) -> int:
     Embedding ``V·d`` + per block (4 attention projections ``4d²``, FFN ``3·d·d_ff`` (SwiGLU) or
     ``2·d·d_ff`` (SiLU), two gains ``2d``) + final gain ``d`` + LM head ``V·d`` (0 when tied).
     Equals ``flm.tree.num_elements(init_params(config))``.
+
+    Args:
+        config: the model.
+
+    Returns:
+        The parameter count.
 
     Source: handout §3.6, transformer_accounting (a).
     """

@@ -273,6 +273,12 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file from a path: the file itself, or a run directory's ``best.safetensors``
     (else its newest ``ckpt_*``).
 
+    Args:
+        path: a checkpoint file or a run directory.
+
+    Returns:
+        The checkpoint's path.
+
     Raises:
         ValueError: nothing there, or a directory without checkpoints.
     """

@@ -242,6 +242,10 @@ def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
     assert result[1]["final_val_loss"] < result[0]["final_val_loss"]  # the higher lr learns faster in 10 steps
     assert (out / "sweep.png").stat().st_size > 0
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results there: refuse to clobber
+    (out / result[0]["label"] / "metrics.jsonl").unlink(missing_ok=True)
+    (out / result[0]["label"] / "notes.txt").write_text("mine")  # a variant directory without results
+    assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / result[0]["label"] / "notes.txt").read_text() == "mine"
 
 
 def test_python_dash_m_entry_points_are_the_same_command(tiny_run):

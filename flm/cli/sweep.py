@@ -88,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = Path(args.out_dir or f"runs/sweep-{cfg.preset}")
     plan = make_plan(cfg, out, resume=False, overwrite=args.overwrite)
-    plan.remove += [out / v["label"] for v in vs if (out / v["label"]).exists()]
-    if not args.overwrite and any((out / v["label"] / "metrics.jsonl").exists() for v in vs):
-        raise UsageError(f"--out-dir {out} already holds this sweep's results; pass --overwrite to replace them")
+    existing = [out / v["label"] for v in vs if (out / v["label"]).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"--out-dir {out} already holds this sweep's {existing[0].name}/; pass --overwrite to replace it"
+        )
+    plan.remove += existing
     for line in describe(plan):
         log(line)
     log(f"  sweep: {len(vs)} models in one vmapped step: {', '.join(v['label'] for v in vs)}")

@@ -204,7 +204,16 @@ class Checkpointer:
         return None
 
     def check_compatible(self, header: dict[str, Any], model_config: TransformerConfig, path: Path) -> None:
-        """Raise ``ValueError`` when a checkpoint header's model or tokenizer differs from this run's."""
+        """Check that a checkpoint belongs to this run before resuming from it.
+
+        Args:
+            header: the checkpoint's header (:func:`flm.checkpoint.read_header`).
+            model_config: this run's model.
+            path: the checkpoint (for the message).
+
+        Raises:
+            ValueError: the checkpoint's model settings or tokenizer fingerprint differ from this run's.
+        """
         saved = header.get("config") or {}
         saved_model = saved.get("model", saved) if isinstance(saved, dict) else {}
         changes = model_config_changes(saved_model, model_config)

@@ -59,7 +59,7 @@ class TrainConfig:
         compile: torch.compile the whole train step.
         dtype: compute dtype, float32 or bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss).
         grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and average their gradients.
-        time_budget: stop training after this many minutes of wall time (resumes included) and evaluate the best model, leaving time for that final evaluation (None: no limit).
+        time_budget: stop training after this many minutes of wall time (resumes included), keeping the longest evaluation/checkpoint pause seen in reserve so the last evaluation and checkpoint also fit (None: no limit). flm train's report afterwards (the best model on every validation token, samples) is not counted.
         peak_flops: the device's peak FLOP/s for the MFU column (None: a known GPU's datasheet value, or a short matmul measurement on the CPU).
         tensorboard: also write the metrics to RUN/tensorboard (needs the tensorboard package).
         wandb: also log the metrics to this Weights & Biases project (needs the wandb package).
@@ -148,7 +148,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build a config from :meth:`to_dict`'s output (unknown keys raise ``ValueError``)."""
+        """Build a config from :meth:`to_dict`'s output (e.g. a checkpoint's or ``config.json``'s).
+
+        Args:
+            d: field name -> value; missing fields take their defaults.
+
+        Returns:
+            The validated :class:`TrainConfig`.
+
+        Raises:
+            ValueError: unknown keys, or values the config's validation rejects.
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -159,7 +169,17 @@ class TrainConfig:
         return cls(**d)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """Return a copy with ``changes`` applied (validated again)."""
+        """Return a copy with ``changes`` applied (validated again).
+
+        Args:
+            **changes: field name -> new value.
+
+        Returns:
+            A new :class:`TrainConfig`.
+
+        Raises:
+            ValueError: a value the validation rejects; ``TypeError``: an unknown field.
+        """
         return dataclasses.replace(self, **changes)
 
 

@@ -120,9 +120,13 @@ class Throughput:
 class Sink(Protocol):
     """Where metric records go: ``write(record)`` for every logged step, ``close()`` at the end."""
 
-    def write(self, record: dict[str, Any]) -> None: ...
+    def write(self, record: dict[str, Any]) -> None:
+        """Record one logged step (``step``, ``train_loss``, ``lr``, ``val_loss``, … as in ``metrics.jsonl``)."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release the sink; called once when training ends."""
+        ...
 
 
 class JsonlSink:
@@ -133,10 +137,12 @@ class JsonlSink:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line and flush it."""
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
 
     def close(self) -> None:
+        """Close the file (idempotent)."""
         self._f.close()
 
 
