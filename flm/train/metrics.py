@@ -53,7 +53,11 @@ _GPU_PEAKS = (
 
 def device_peak_flops(device: str | torch.device, dtype: torch.dtype | None = None) -> float | None:
     """Peak matmul FLOP/s of ``device`` for MFU: a datasheet value for known GPUs, a short
-    measurement (a few 1024² float32/bf16 matmuls, ~0.2 s) on the CPU, ``None`` otherwise.
+    measurement (the best of five 2048² float32/bf16 matmuls, ~0.6 s) on the CPU, ``None`` otherwise.
+
+    The CPU measurement is only as good as the moment it is taken: if other processes share the
+    cores then, the peak reads low and MFU high (above 100 % is possible); pass ``peak_flops``
+    (``--peak-flops``) for a stable reference.
 
     Args:
         device: where the model runs.
@@ -72,13 +76,15 @@ def device_peak_flops(device: str | torch.device, dtype: torch.dtype | None = No
         return None
     if dev.type != "cpu":
         return None
-    a = torch.randn(1024, 1024, dtype=dtype or torch.float32)
+    n = 2048
+    a = torch.randn(n, n, dtype=dtype or torch.float32)
+    a @ a  # warm-up (thread pool, packing buffers)
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         a @ a
         best = min(best, time.perf_counter() - t0)
-    return 2 * 1024**3 / best
+    return 2 * n**3 / best
 
 
 class Throughput:
