@@ -128,11 +128,11 @@ def test_time_budget_stops_early_and_keeps_the_best_model(tmp_path):
     assert (tmp_path / "best.safetensors").exists() and (tmp_path / f"ckpt_{s['step']:07d}.safetensors").exists()
 
 
-def test_diverged_means_no_finite_loss_or_no_better_than_uniform():
+def test_diverged_means_no_finite_loss_or_clearly_worse_than_uniform():
     import math
 
     from flm.experiments.vmapped import diverged
 
     assert diverged(None, 100) and diverged(float("nan"), 100) and diverged(float("inf"), 100)
-    assert diverged(math.log(100), 100) and diverged(9.0, 100)
-    assert not diverged(math.log(100) - 1e-3, 100) and not diverged(2.0, 100)
+    assert diverged(1.11 * math.log(100), 100) and diverged(9.0, 100)
+    assert not diverged(math.log(100), 100) and not diverged(2.0, 100)  # learned little, or well
