@@ -407,7 +407,7 @@ def test_user_errors_in_every_subcommand_are_one_line(tiny_run, tmp_path, capsys
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 100)
     cases = [
-        (["generate", str(tmp_path / "missing")], 1, "does not exist"),
+        (["generate", str(tmp_path / "missing")], 2, "does not exist"),
         (["generate", str(garbage)], 1, "not a valid safetensors"),
         (["generate", str(bad_vocab)], 1, "vocab.json"),
         (["generate", str(tiny_run), "--top-p", "2"], 2, "top-p"),
