@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ __all__ = [
     "atomic_path",
     "fsync_dir",
     "remove_orphan_temps",
+    "is_temp_name",
     "run_lock",
     "RunLockedError",
     "TEMP_SUFFIX",
@@ -74,21 +76,9 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_writer: mode must be 'wb' or 'w', got {mode!r}")
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
-    try:
-        kw = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
+    kw = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+    with atomic_path(path) as tmp, open(tmp, mode, **kw) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -152,12 +142,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+_RUST_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary a write in progress makes: ``.<name>.<random>.tmp`` (flm)
+    or ``.tmp<6 random>`` (safetensors' writer)."""
+    return (name.startswith(".") and name.endswith(TEMP_SUFFIX)) or _RUST_TEMP.fullmatch(name) is not None
+
+
 def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporaries a killed write left in ``directory``: ``.<name>.*.tmp`` files
-    (atomic writes) and directories (a token file's parts while it is encoded).
+    (atomic writes) and directories (a token file's parts while it is encoded), and the
+    ``.tmpXXXXXX`` file safetensors' own writer (Rust ``tempfile``) makes beside a checkpoint.
 
-    Only hidden entries ending in ``.tmp`` are touched, so nothing a user made is removed. Call it
-    when a run starts, while holding the run directory's lock.
+    Only hidden entries with these names are touched (:func:`is_temp_name`), so nothing a user
+    made is removed. Call it when a run starts, while holding the run directory's lock.
 
     Returns:
         The removed paths.
@@ -167,7 +167,7 @@ def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
     if not d.is_dir():
         return removed
     for p in d.iterdir():
-        if not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)) or p.is_symlink():
+        if not is_temp_name(p.name) or p.is_symlink():
             continue
         with contextlib.suppress(FileNotFoundError):
             if p.is_dir():

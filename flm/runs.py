@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flm._io import LOCK_NAME, TEMP_SUFFIX, atomic_write_json
+from flm._io import LOCK_NAME, atomic_write_json, is_temp_name
 from flm.checkpoint import is_checkpoint_name, list_checkpoints, load_checkpoint, read_header
 from flm.model import TransformerConfig, check_params
 from flm.progress import info
@@ -120,7 +120,7 @@ def _is_flm_entry(name: str, stamped_tokenizer: bool) -> bool:
         or name in (_TOKENIZER_STAMP, LOCK_NAME, "tensorboard")
         or is_checkpoint_name(name)
         or name.endswith((".stamp.json", ".tokens", ".tokens.json"))
-        or (name.startswith(".") and name.endswith(TEMP_SUFFIX))
+        or is_temp_name(name)
     )
 
 

@@ -501,6 +501,8 @@ def test_orphan_temp_files_are_removed_and_files_get_ordinary_permissions(tiny_r
     shutil.copytree(tiny_run, run)
     orphan = run / ".ckpt_0000060.safetensors.abc123.tmp"
     orphan.write_bytes(b"half a checkpoint")
+    rust_tmp = run / ".tmpHAOWn2"  # safetensors' writer (Rust tempfile) killed mid-checkpoint
+    rust_tmp.write_bytes(b"half a checkpoint")
     parts = run / ".train.tokens.parts.x1y2.tmp"  # a killed encode_file's work directory
     parts.mkdir()
     (parts / "000000.bin").write_bytes(b"\0" * 64)
@@ -508,7 +510,7 @@ def test_orphan_temp_files_are_removed_and_files_get_ordinary_permissions(tiny_r
     keep.write_text("mine")
     assert main(train_argv(texts, run, "--resume")) == 0
     assert not orphan.exists() and "removed .ckpt_0000060" in capsys.readouterr().out
-    assert not parts.exists() and keep.read_text() == "mine"
+    assert not parts.exists() and not rust_tmp.exists() and keep.read_text() == "mine"
     fresh = tmp_path / "fresh"
     old = os.umask(0o022)
     try:
