@@ -154,7 +154,7 @@ def is_temp_name(name: str) -> bool:
 def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporaries a killed write left in ``directory``: ``.<name>.*.tmp`` files
     (atomic writes) and directories (a token file's parts while it is encoded), and the
-    ``.tmpXXXXXX`` file safetensors' own writer (Rust ``tempfile``) makes beside a checkpoint.
+    ``.tmp`` + 6 random characters file safetensors' own writer (Rust ``tempfile``) makes beside a checkpoint.
 
     Only hidden entries with these names are touched (:func:`is_temp_name`), so nothing a user
     made is removed. Call it when a run starts, while holding the run directory's lock.
