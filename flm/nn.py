@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
+from flm._compat import is_compiling, is_vmapped
 from flm.init import (
     init_embedding,
     init_linear,
@@ -356,16 +357,6 @@ def attention_qkv(
     return q, k, v
 
 
-def _is_vmapped(x: torch.Tensor) -> bool:
-    """Whether ``x`` is (or wraps) a ``torch.func.vmap`` batched tensor."""
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(x):
-        if functorch.is_batchedtensor(x):
-            return True
-        x = functorch.get_unwrapped(x)
-    return False
-
-
 def _use_fused(implementation: str, q: torch.Tensor) -> bool:
     if implementation == "flm":
         return False
@@ -374,7 +365,7 @@ def _use_fused(implementation: str, q: torch.Tensor) -> bool:
     if implementation == "auto":
         # PyTorch's fused CPU kernels have no vmap batching rule (torch 2.13 falls back to a slow
         # per-example loop with a warning), so under vmap the reference attention is the fast one.
-        return torch.compiler.is_compiling() or not _is_vmapped(q)
+        return is_compiling() or not is_vmapped(q)
     raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
 
 

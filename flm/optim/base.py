@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from flm._compat import is_compiling, is_transformed
 from flm.tree import tree_leaves, tree_structure
 
 __all__ = ["GradientTransformation", "EmptyState", "Schedule", "PyTree", "identity", "chain", "apply_updates"]
@@ -51,10 +52,9 @@ def _use_foreach(leaves: Sequence[torch.Tensor]) -> bool:
     """Eager, untransformed leaves get ``_foreach`` kernels; inside ``vmap``/``grad`` (which have
     no batching rules for them) and under ``torch.compile`` (which fuses per-leaf ops itself)
     the same math runs leaf by leaf."""
-    if not leaves or torch.compiler.is_compiling():
+    if len(leaves) == 0 or is_compiling():
         return False
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return not any(is_wrapped(t) for t in leaves)
+    return not is_transformed(leaves)
 
 
 def _host_scalars(leaves: Sequence[torch.Tensor], *scalars: float | torch.Tensor) -> bool:
@@ -142,12 +142,17 @@ def apply_updates(params: PyTree, updates: PyTree, *, inplace: bool = False) -> 
         The new parameter tree (same structure and dtypes as ``params``).
 
     Raises:
-        ValueError: if the structures differ.
+        ValueError: if the structures differ (compared in eager calls; under ``torch.compile``,
+            whose dynamo cannot trace a ``PyTreeSpec`` comparison on torch 2.11, only the leaf
+            counts are compared).
     """
-    if tree_structure(params) != tree_structure(updates):
+    if not is_compiling() and tree_structure(params) != tree_structure(updates):
         raise ValueError("apply_updates: params and updates have different tree structures")
     p_leaves, spec = optree.tree_flatten(params, namespace="")
-    u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, tree_leaves(updates))]
+    update_leaves = tree_leaves(updates)
+    if len(update_leaves) != len(p_leaves):
+        raise ValueError(f"apply_updates: {len(p_leaves)} parameter leaves but {len(update_leaves)} update leaves")
+    u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, update_leaves)]
     if inplace:
         if _use_foreach(p_leaves):
             torch._foreach_add_(p_leaves, u_leaves)

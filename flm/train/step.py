@@ -19,6 +19,7 @@ import optree
 import torch
 
 from flm import optim
+from flm._compat import is_compiling, is_transformed
 from flm.loss import cross_entropy
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import stack, tree_map
@@ -77,11 +78,10 @@ def grad_and_value(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[
     Source: ``torch.func.grad_and_value``; ``torch.autograd.grad``.
     """
     functional = torch.func.grad_and_value(loss_fn)
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
     def value_and_grad(params: PyTree, *args: Any) -> tuple[PyTree, torch.Tensor]:
         leaves, spec = optree.tree_flatten(params, namespace="")
-        if torch.compiler.is_compiling() or any(is_wrapped(t) for t in leaves[:1]) or not torch.is_grad_enabled():
+        if is_compiling() or is_transformed(leaves, args) or not torch.is_grad_enabled():
             return functional(params, *args)
         leaf_vars = [t.detach().requires_grad_() for t in leaves]
         loss = loss_fn(optree.tree_unflatten(spec, leaf_vars), *args)

@@ -1,0 +1,98 @@
+"""The one place flm asks torch questions that have no public, version-stable answer.
+
+Every use of a private or version-dependent torch API lives here, so a new torch release is
+checked in one file (``tests/test_compat.py`` runs on every torch that ``pyproject.toml``
+allows). The questions:
+
+- :func:`is_compiling`: is this code being traced by ``torch.compile`` (dynamo)?
+- :func:`is_transformed`: is any of these tensors wrapped by a ``torch.func`` transform
+  (``vmap``, ``grad``, ``jvp``, ``jacrev``, …)? There is no public API for it; the probe is
+  ``torch._C._functorch.is_functorch_wrapped_tensor``.
+- :func:`is_vmapped`: is a tensor (or what it wraps) a ``vmap`` batched tensor?
+- :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
+  host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["checks_enabled", "is_compiling", "is_transformed", "is_vmapped"]
+
+_functorch = torch._C._functorch
+
+
+def is_compiling() -> bool:
+    """Whether the caller is being traced by ``torch.compile`` (dynamo).
+
+    Returns:
+        ``True`` while dynamo traces the code, ``False`` in eager calls.
+
+    Source: ``torch.compiler.is_compiling`` (public since torch 2.3).
+    """
+    return torch.compiler.is_compiling()
+
+
+def _tensors(values: Iterable[Any]) -> Iterable[torch.Tensor]:
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from _tensors(value)
+        elif isinstance(value, dict):
+            yield from _tensors(value.values())
+
+
+def is_transformed(*values: Any) -> bool:
+    """Whether any tensor among ``values`` is wrapped by a ``torch.func`` transform.
+
+    Args:
+        *values: tensors, or (nested) lists, tuples and dicts of them; other values are ignored.
+            Look at every input that a transform may have wrapped (parameters *and* batched
+            inputs): under ``vmap(grad(f), in_dims=(None, 0))`` only the inputs are batched.
+
+    Returns:
+        ``True`` if any of them is a functorch-wrapped tensor (inside ``vmap``, ``grad``,
+        ``jvp``, ``jacrev``, ``jacfwd``, …).
+
+    Source: ``torch._C._functorch.is_functorch_wrapped_tensor`` (private; no public equivalent).
+    """
+    wrapped = _functorch.is_functorch_wrapped_tensor
+    return any(wrapped(t) for t in _tensors(values))
+
+
+def is_vmapped(x: torch.Tensor) -> bool:
+    """Whether ``x`` is, or wraps, a ``torch.func.vmap`` batched tensor.
+
+    Args:
+        x: any tensor.
+
+    Returns:
+        ``True`` inside ``vmap`` for a tensor that carries a batch dimension.
+
+    Source: ``torch._C._functorch.is_batchedtensor`` / ``get_unwrapped`` (private).
+    """
+    while _functorch.is_functorch_wrapped_tensor(x):
+        if _functorch.is_batchedtensor(x):
+            return True
+        x = _functorch.get_unwrapped(x)
+    return False
+
+
+def checks_enabled(*values: Any) -> bool:
+    """Whether a data-dependent check on ``values`` may run: eager and untransformed only.
+
+    Such checks read tensor values back to the host (a sync), which ``torch.compile`` would break
+    the graph for and ``vmap`` cannot do at all; inside those they are skipped, so the caller's
+    docstring must say that the check is eager-only.
+
+    Args:
+        *values: the tensors the check would read (and any others a transform may wrap).
+
+    Returns:
+        ``False`` under ``torch.compile`` or inside a ``torch.func`` transform, else ``True``.
+    """
+    return not (is_compiling() or is_transformed(*values))
