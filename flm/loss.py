@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from flm._compat import checks_enabled
+
 __all__ = ["token_cross_entropy", "cross_entropy", "perplexity"]
 
 
@@ -49,7 +51,19 @@ class _CrossEntropy(torch.autograd.Function):
         return grad_x, None
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` (reads values: a host sync)."""
+    vocab_size = logits.shape[-1]
+    bad = (targets < 0) | (targets >= vocab_size)
+    if bool(bad.any()):
+        first = int(targets[bad].flatten()[0])
+        raise ValueError(
+            f"cross_entropy: targets holds the class id {first}, outside the valid range [0, {vocab_size}) "
+            f"(logits have {vocab_size} classes in their last dimension)"
+        )
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Per-position cross-entropy ``logsumexp(o) − o[target]``, without averaging.
 
     The maximum is subtracted before exponentiating and ``log``/``exp`` cancel, so logits of any
@@ -58,14 +72,20 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     equal to autograd of the formula and to ``torch.nn.functional.cross_entropy``.
 
     Args:
-        logits: ``(..., vocab_size)`` unnormalised scores, any float dtype.
+        logits: ``(..., vocab_size)`` unnormalised scores, any float dtype, ``vocab_size ≥ 1``.
         targets: ``(...)`` integer class ids in ``[0, vocab_size)`` (same leading shape).
+        check: check that every target lies in ``[0, vocab_size)``. The check reads the targets
+            back to the host (a sync), so it is eager-only: it is skipped under ``torch.compile``
+            and inside ``torch.func`` transforms (``vmap``, ``grad``), and the train step passes
+            ``False``. Shape and dtype checks always run.
 
     Returns:
         ``(...)`` float32 losses in nats (float64 for float64 logits).
 
     Raises:
-        ValueError: if the leading shapes differ or ``targets`` is not an integer tensor.
+        ValueError: if the leading shapes differ, ``logits`` has no classes, ``targets`` is not an
+            integer tensor, or (when checked) a target is outside ``[0, vocab_size)``.
+        TypeError: if ``logits`` is not a floating-point tensor.
 
     Source: handout §4.1, eq. (17) and the cross_entropy problem.
     """
@@ -73,8 +93,14 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
         raise ValueError(
             f"cross_entropy: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree on the leading dims"
         )
+    if not logits.is_floating_point():
+        raise TypeError(f"cross_entropy: logits must be a floating-point tensor, got {logits.dtype}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} have no classes in their last dimension")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    if check and targets.numel() and checks_enabled(logits, targets):
+        _check_targets(logits, targets)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     return _CrossEntropy.apply(x, targets.long())[0]
 
@@ -87,22 +113,28 @@ def _token_cross_entropy_autograd(logits: torch.Tensor, targets: torch.Tensor) -
     return lse - x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Mean cross-entropy over all leading (batch-like) dimensions.
 
     Args:
         logits: ``(..., vocab_size)``.
-        targets: ``(...)`` integer ids.
+        targets: ``(...)`` integer ids, at least one.
+        check: check the target values (eager-only; see :func:`token_cross_entropy`).
 
     Returns:
         0-d float32 tensor (float64 for float64 logits): the mean loss in nats per token.
 
     Raises:
-        ValueError: as :func:`token_cross_entropy`.
+        ValueError: as :func:`token_cross_entropy`, or empty ``targets`` (no mean to take).
+        TypeError: as :func:`token_cross_entropy`.
 
     Source: handout §4.1, eq. (16).
     """
-    return token_cross_entropy(logits, targets).mean()
+    if targets.numel() == 0:
+        raise ValueError(
+            f"cross_entropy: targets {tuple(targets.shape)} is empty; the mean over no tokens is undefined"
+        )
+    return token_cross_entropy(logits, targets, check=check).mean()
 
 
 def perplexity(losses_or_mean: torch.Tensor | float) -> torch.Tensor:

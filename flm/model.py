@@ -326,7 +326,7 @@ def transformer_lm(
     if check_ids and not torch.compiler.is_compiling():
         check_token_ids(token_ids, config.vocab_size)
     block = config.block
-    x = nn.embedding(params["token_embeddings"], token_ids)
+    x = nn.embedding(params["token_embeddings"], token_ids, check=False)  # the ids are checked above (check_ids)
     for i, layer in enumerate(params["layers"]):
         x = nn.transformer_block(layer, x, block, token_positions, attend=None if attend is None else attend[i])
     if last_only:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from flm._compat import is_compiling, is_vmapped
+from flm._compat import checks_enabled, is_compiling, is_vmapped
 from flm.init import (
     init_embedding,
     init_linear,
@@ -100,24 +100,38 @@ def linear(params: Params, x: torch.Tensor) -> torch.Tensor:
     return x @ w.mT
 
 
-def embedding(params: Params, token_ids: torch.Tensor) -> torch.Tensor:
+def embedding(params: Params, token_ids: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Look up embedding vectors for integer token ids.
 
     Args:
         params: ``{"weight": (vocab_size, d_model)}``.
         token_ids: ``(...)`` integer tensor with values in ``[0, vocab_size)``.
+        check: check that every id lies in ``[0, vocab_size)``. The check reads the ids back to
+            the host (a sync), so it is eager-only: it is skipped under ``torch.compile`` and
+            inside ``torch.func`` transforms (``vmap``, ``grad``); pass ``False`` where the ids
+            were checked already (``flm.model.transformer_lm`` does).
 
     Returns:
         ``(..., d_model)`` in the weight's dtype.
 
     Raises:
-        ValueError: if ``token_ids`` is not an integer tensor.
+        ValueError: if ``token_ids`` is not an integer tensor, or (when checked) holds an id
+            outside ``[0, vocab_size)``.
 
     Source: handout §3.4.3.
     """
     if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
         raise ValueError(f"embedding: token_ids must be an integer tensor, got {token_ids.dtype}")
     w = params["weight"]
+    if check and token_ids.numel() and checks_enabled(w, token_ids):
+        vocab_size = w.shape[0]
+        bad = (token_ids < 0) | (token_ids >= vocab_size)
+        if bool(bad.any()):
+            first = int(token_ids[bad].flatten()[0])
+            raise ValueError(
+                f"embedding: token_ids holds the id {first}, outside the valid range [0, {vocab_size}) "
+                f"(the table has {vocab_size} rows)"
+            )
     return _Embedding.apply(w, token_ids.reshape(-1)).view(*token_ids.shape, w.shape[-1])
 
 
@@ -231,8 +245,14 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     Returns:
         Same shape and dtype as ``x``; slices along ``dim`` sum to 1.
 
+    Raises:
+        TypeError: if ``x`` is not a floating-point tensor (an integer or bool tensor has no
+            probabilities to hold: convert it first, e.g. ``x.float()``).
+
     Source: handout §3.5.4, eq. (10).
     """
+    if not x.is_floating_point():
+        raise TypeError(f"softmax: x must be a floating-point tensor, got {x.dtype} (convert it, e.g. x.float())")
     in_dtype = x.dtype
     x32 = x.to(_compute_dtype(in_dtype))
     # The shift cancels in the result, so it carries no gradient: detaching it spares the

@@ -15,6 +15,7 @@ import math
 import torch
 
 from flm import nn
+from flm._compat import checks_enabled
 
 __all__ = ["top_p_mask", "top_p_filter", "top_k_mask", "sample_next_token"]
 
@@ -105,6 +106,24 @@ def top_k_mask(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, idx, True)
 
 
+def _check_logits(logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` for a row with NaN or +inf, or a row that is entirely ``-inf`` (a host sync)."""
+    bad_rows = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        values = logits[row]
+        if bool(values.isnan().any()):
+            what = "NaN"
+        elif bool(values.isposinf().any()):
+            what = "+inf"
+        else:
+            what = "only -inf (no token left to sample)"
+        raise ValueError(
+            f"sample_next_token: logits row {row} holds {what}; every row needs finite values or -inf, with at "
+            "least one finite (NaN/inf logits come from a model whose parameters or inputs are not finite)"
+        )
+
+
 def sample_next_token(
     logits: torch.Tensor,
     *,
@@ -112,6 +131,7 @@ def sample_next_token(
     top_p: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    check: bool = True,
 ) -> torch.Tensor:
     """Sample one token per row from temperature-scaled, top-k and nucleus-filtered logits.
 
@@ -122,18 +142,24 @@ def sample_next_token(
         top_p: nucleus threshold in ``(0, 1]``.
         top_k: keep only the ``top_k`` most likely tokens first (``None`` or 0: off).
         generator: the only source of randomness (sampling happens on its device).
+        check: check that no row holds NaN or +inf and that every row has a finite value. The
+            check reads the logits back to the host (a sync), so it is eager-only: it is skipped
+            under ``torch.compile`` and inside ``torch.func`` transforms.
 
     Returns:
         ``(batch,)`` int64 token ids on ``logits``' device.
 
     Raises:
-        ValueError: ``temperature < 0`` (or not finite), ``top_p`` outside ``(0, 1]``, ``top_k < 0``.
+        ValueError: ``temperature < 0`` (or not finite), ``top_p`` outside ``(0, 1]``, ``top_k < 0``;
+            (when checked) a row of logits with NaN or +inf, or with only ``-inf``.
 
     Source: handout §6, eq. (24) and the nucleus equation; Holtzman et al. (2019); Fan et al. (2018).
     """
     _check_temperature(temperature)
     _check_top_p(top_p)
     _check_top_k(top_k)
+    if check and logits.numel() and checks_enabled(logits):
+        _check_logits(logits)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature

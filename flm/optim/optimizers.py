@@ -21,6 +21,7 @@ from flm.optim.transforms import (
     _adam_coefficients,
     _adam_direction,
     _adam_moments,
+    _check_leaf_shapes,
     _decay_mask,
     add_decayed_weights,
     scale_by_adam,
@@ -145,8 +146,9 @@ def adamw(
         ScaleByLearningRateState)``; ``update`` needs ``params`` when ``weight_decay > 0``.
 
     Raises:
-        ValueError: for hyperparameters out of range, a malformed state, or missing ``params``
-            with weight decay.
+        ValueError: for hyperparameters out of range, a malformed state, missing ``params``
+            with weight decay, or a gradient leaf shaped unlike its parameter (naming the leaf,
+            its shape and the parameter's; a shape check, so it also runs under compile and vmap).
 
     Source: handout §4.3, Algorithm 1; Loshchilov & Hutter (2019), Algorithm 2; optax ``adamw``.
     """
@@ -179,6 +181,8 @@ def adamw(
                 raise ValueError("adamw: update needs params when weight_decay > 0")
             p = tree_leaves(params)
             flags = _decay_mask(mask, params, len(p))
+        if len(g) == len(m) == len(v) and len(p) in (0, len(g)):  # before any (donated) moment is written
+            _check_leaf_shapes("adamw", grads, g, m, p)
         if not (len(g) == len(m) == len(v) and len(p) in (0, len(g)) and base._use_foreach(g + m + v + p)):
             return composed.update(grads, state, params)
         step = adam_state.step + 1

@@ -16,7 +16,7 @@ import torch
 from flm.optim import base
 from flm.optim.base import EmptyState, GradientTransformation, PyTree, Schedule, identity
 from flm.optim.schedules import _as_schedule, _hyper
-from flm.tree import tree_leaves, tree_map, tree_structure
+from flm.tree import leaf_paths, tree_leaves, tree_map, tree_structure
 
 __all__ = [
     "ScaleByAdamState",
@@ -112,6 +112,22 @@ def trace(decay: float) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def _check_leaf_shapes(where: str, grads: PyTree, g: list, m: list, p: list | None = None) -> None:
+    """Raise ``ValueError`` naming the first gradient leaf whose shape differs from its moment (and
+    parameter) leaf: torch would otherwise fail deep in a kernel, or silently broadcast."""
+    for i, (gi, mi) in enumerate(zip(g, m)):
+        pi = p[i] if p else None
+        if gi.shape == mi.shape and (pi is None or pi.shape == gi.shape):
+            continue
+        name = leaf_paths(grads)[i] or "<root>"
+        want = mi.shape if gi.shape != mi.shape else pi.shape
+        held = "the optimiser state holds" if gi.shape != mi.shape else "the parameter has"
+        raise ValueError(
+            f"{where}: gradient leaf {name!r} has shape {tuple(gi.shape)}, but {held} shape {tuple(want)}; "
+            "each gradient leaf must have its parameter's shape"
+        )
+
+
 def _adam_moments(m: list, v: list, g: list, b1: float, b2: float, inplace: bool) -> tuple[list, list]:
     """``m ← lerp(m, g, 1 − β1)``, ``v ← β2 v + (1 − β2) g²`` (into ``m``, ``v`` when ``inplace``)."""
     if base._use_foreach(g + m + v):
@@ -186,7 +202,8 @@ def scale_by_adam(
 
     Raises:
         ValueError: for β outside [0, 1) or ε ≤ 0; from ``update``, when the gradients and the
-            state have different numbers of leaves.
+            state have different numbers of leaves, or a gradient leaf's shape differs from its
+            state leaf's (naming the leaf and both shapes).
 
     Source: handout §4.3, Algorithm 1; Kingma & Ba (2015), Algorithm 1; Loshchilov & Hutter (2019),
     Algorithm 2; optax ``scale_by_adam``.
@@ -209,6 +226,7 @@ def scale_by_adam(
         m, v = tree_leaves(state.m), tree_leaves(state.v)
         if not (len(g) == len(m) == len(v)):
             raise ValueError(f"scale_by_adam: {len(g)} gradient leaves but state has {len(m)} m / {len(v)} v leaves")
+        _check_leaf_shapes("scale_by_adam", grads, g, m)
         step = state.step + 1
         if not g:
             return grads, state._replace(step=step)

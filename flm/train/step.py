@@ -53,7 +53,7 @@ def make_loss_fn(
     def loss_fn(params: PyTree, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if compute_dtype is not None:
             params = tree_map(lambda p: p.to(compute_dtype), params)
-        return cross_entropy(transformer_lm(params, inputs, config, check_ids=False), targets)
+        return cross_entropy(transformer_lm(params, inputs, config, check_ids=False), targets, check=False)
 
     return loss_fn
 
