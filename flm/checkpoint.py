@@ -134,13 +134,19 @@ def _config_to_json(config: Any) -> Any:
     )
 
 
-def _tensor_dict(prefix: str, tree: Any) -> dict[str, torch.Tensor]:
+def _tensor_dict(prefix: str, tree: Any, *, allow_nonfinite: bool = True, target: str = "") -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for key, leaf in flatten(tree).items():
         if not isinstance(leaf, torch.Tensor):
             raise ValueError(f"save_checkpoint: {prefix}.{key} is a {type(leaf).__name__}, not a tensor")
         t = leaf.detach().to("cpu").contiguous()
+        if not allow_nonfinite and (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            what = "NaN" if bool(t.isnan().any()) else "inf"
+            raise ValueError(
+                f"save_checkpoint: {prefix}.{key} holds {what} values; refusing to write {target} (a model with "
+                "non-finite parameters cannot be trained on or sampled from; pass allow_nonfinite=True to save it anyway)"
+            )
         if t.data_ptr() in seen and t.numel() > 0:  # safetensors refuses shared storage: store a copy
             t = t.clone()
         seen[t.data_ptr()] = key
@@ -157,8 +163,12 @@ def save_checkpoint(
     config: Any = None,
     metadata: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Write a checkpoint to a path (atomically) or a binary file object.
+
+    Parameters and optimiser state holding NaN or inf are refused (nothing is written) unless
+    ``allow_nonfinite=True``: such a checkpoint cannot be resumed or sampled from.
 
     Args:
         out: destination path, or a writable binary file object.
@@ -168,16 +178,20 @@ def save_checkpoint(
         config: a ``TransformerConfig`` or a JSON-serialisable dict (e.g. the whole run config).
         metadata: extra JSON-serialisable information (e.g. metrics, data positions).
         generator: a ``torch.Generator`` whose state (e.g. the data sampler's) is saved too.
+        allow_nonfinite: write tensors that hold NaN/inf too (e.g. to keep a diverged run for
+            inspection). Off by default.
 
     Raises:
-        ValueError: for non-tensor leaves or metadata that is not JSON-serialisable.
+        ValueError: for non-tensor leaves, metadata that is not JSON-serialisable, or (unless
+            ``allow_nonfinite``) a floating-point tensor holding NaN/inf (naming it).
         OSError: if the file cannot be written (a previous checkpoint at ``out`` is kept).
 
     Source: handout §5.2.
     """
-    tensors = _tensor_dict("params", params)
+    check = {"allow_nonfinite": allow_nonfinite, "target": _name(out)}
+    tensors = _tensor_dict("params", params, **check)
     if opt_state is not None:
-        tensors.update(_tensor_dict("opt_state", opt_state))
+        tensors.update(_tensor_dict("opt_state", opt_state, **check))
     header = {
         "format_version": FORMAT_VERSION,
         "flm_version": _flm_version(),

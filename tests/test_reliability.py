@@ -544,11 +544,12 @@ def test_a_killed_train_leaves_a_resumable_run(texts, tmp_path):
     assert load_checkpoint(list_checkpoints(run)[-1]).step == 40
 
 
-def test_save_checkpoint_refuses_nothing_but_checkpointer_refuses_nan(tmp_path):
-    """The low-level save writes what it is given; the training loop's Checkpointer is the guard."""
+def test_save_checkpoint_writes_nan_only_when_asked_and_checkpointer_refuses_nan(tmp_path):
+    """The low-level save writes NaN only with allow_nonfinite=True; the training loop's Checkpointer
+    refuses it with the step's own message."""
     from flm.train.checkpointer import Checkpointer
 
-    save_checkpoint(tmp_path / "raw.safetensors", params={"w": torch.tensor([float("nan")])})
+    save_checkpoint(tmp_path / "raw.safetensors", params={"w": torch.tensor([float("nan")])}, allow_nonfinite=True)
     c = Checkpointer(tmp_path, interval=1, keep=1, run_config={})
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         c.save(1, {"w": torch.tensor([float("nan")])}, ())

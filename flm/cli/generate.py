@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout."""
     from flm.generate import generate_stream
     from flm.runs import encode_prompt, load_model, load_tokenizer_beside
+    from flm.tree import all_finite
 
     args.run = args.checkpoint or args.run
     if args.run is None:
@@ -77,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     ckpt = checkpoint_arg(args.run)
     device = pick_device(args.device)
     params, config, header = load_model(ckpt, device=device)
+    if not all_finite(params):
+        raise ValueError(
+            f"{ckpt} holds NaN/inf parameters (step {header.get('step', '?')}), so it cannot generate text; "
+            "generate from an earlier checkpoint of the run, or retrain (e.g. with a lower --lr)"
+        )
     tokenizer = load_tokenizer_beside(ckpt, header)
     s = sample_settings(args, (header.get("config") or {}).get("sample"))
     prompt = args.prompt or ""

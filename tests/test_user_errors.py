@@ -1,0 +1,59 @@
+"""What a user can get wrong is refused with one clear line (issue 18): NaN checkpoints are not
+written unless asked and ``flm generate`` says a checkpoint holds NaN; a directory named where a
+file is expected is called a directory; a named ``--gpt2-dir`` that does not exist is an error,
+not a comparison silently dropped."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from flm.checkpoint import load_checkpoint, save_checkpoint
+from flm.cli import main
+from flm.tree import tree_map
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "internal error" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+# ----------------------------------------------------------------------- NaN checkpoints
+def test_save_checkpoint_refuses_non_finite_parameters_unless_asked(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    params = {"layers": [{"w": torch.ones(3)}, {"w": torch.tensor([1.0, float("nan")])}]}
+    with pytest.raises(ValueError, match=r"params\.layers\.1\.w holds NaN values; refusing to write .*allow_nonfinite"):
+        save_checkpoint(path, params=params)
+    assert not path.exists() and not list(tmp_path.iterdir())  # nothing written, no temporary left
+    with pytest.raises(ValueError, match=r"opt_state\.m holds inf values"):
+        save_checkpoint(path, params={"w": torch.ones(2)}, opt_state={"m": torch.tensor([float("inf")])})
+    assert not path.exists()
+    save_checkpoint(path, params=params, allow_nonfinite=True)
+    assert load_checkpoint(path).params["layers"][1]["w"].isnan().any()
+    save_checkpoint(path, params={"w": torch.ones(2)}, opt_state={"step": torch.tensor(3)})  # finite and ints: fine
+
+
+def test_generate_says_the_checkpoint_holds_nan(tiny_run, tmp_path, capsys):
+    """Regression: ``flm generate`` on NaN parameters printed ``internal error: RuntimeError:
+    probability tensor contains either inf, nan…``."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    best = run / "best.safetensors"
+    ckpt = load_checkpoint(best)
+    save_checkpoint(
+        best,
+        params=tree_map(lambda p: p * float("nan"), ckpt.params),
+        step=ckpt.step,
+        config=ckpt.config,
+        metadata=ckpt.metadata,
+        allow_nonfinite=True,
+    )
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Once", "--max-new-tokens", "3", "--device", "cpu"]) == 1
+    _one_line_error(capsys, str(best), "holds NaN/inf parameters")
