@@ -57,3 +57,43 @@ def test_generate_says_the_checkpoint_holds_nan(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "Once", "--max-new-tokens", "3", "--device", "cpu"]) == 1
     _one_line_error(capsys, str(best), "holds NaN/inf parameters")
+
+
+# ------------------------------------------------------------ a directory where a file goes
+@pytest.mark.parametrize("command", ["eval", "tokenize train", "tokenize encode", "tokenize encode --vocab"])
+def test_a_directory_given_as_an_input_file_is_called_a_directory(command, tiny_run, texts, tmp_path, capsys):
+    """Regression: ``flm eval RUN --text DIR``, ``flm tokenize train DIR`` and ``flm tokenize encode
+    DIR …`` said "no such file" for a directory that exists."""
+    folder = tmp_path / "some dir"
+    folder.mkdir()
+    argv = {
+        "eval": ["eval", str(tiny_run), "--text", str(folder)],
+        "tokenize train": ["tokenize", "train", str(folder), "--vocab-size", "300", "--out-dir", str(tmp_path / "t")],
+        "tokenize encode": [
+            "tokenize",
+            "encode",
+            str(folder),
+            str(tmp_path / "o.tokens"),
+            "--tokenizer",
+            str(tiny_run),
+        ],
+        "tokenize encode --vocab": [
+            "tokenize",
+            "encode",
+            str(texts[1]),
+            str(tmp_path / "o.tokens"),
+            "--vocab",
+            str(folder),
+            "--merges",
+            str(tiny_run / "merges.txt"),
+        ],
+    }[command]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = _one_line_error(capsys, str(folder), "is a directory")
+    assert "no such file" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some dir"]  # nothing written
+    # A path that really is missing is still "no such file".
+    argv[argv.index(str(folder))] = str(tmp_path / "missing.txt")
+    assert main(argv) == 2
+    _one_line_error(capsys, "missing.txt", "no such file")

@@ -22,6 +22,26 @@ from flm.cli.common import UsageError, checkpoint_arg, log, pick_device
 __all__ = ["add_parsers"]
 
 
+def _input_file(path: str | Path, what: str) -> Path:
+    """``path`` as an existing regular file, or a :class:`UsageError` saying what it is instead.
+
+    Args:
+        path: the file a flag or argument names.
+        what: how to call it in the message (e.g. ``"--text x.txt"`` or the path itself).
+
+    Raises:
+        UsageError: it does not exist, is a directory, or is not a regular file.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what}: is a directory, not a file")
+    if not p.exists():
+        raise UsageError(f"{what}: no such file")
+    if not p.is_file():
+        raise UsageError(f"{what}: not a regular file")
+    return p
+
+
 def add_parsers(sub: Any, argv: list[str]) -> None:
     """Register ``tokenize``, ``download``, ``eval`` and ``export-hf``."""
     from flm.download import DATASETS
@@ -79,8 +99,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
 
     specials = args.special if args.special is not None else [EOS_TOKEN]
-    if not Path(args.input).is_file():
-        raise UsageError(f"{args.input}: no such file")
+    _input_file(args.input, args.input)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be ≥ 1, got {args.workers}")
     t0 = time.perf_counter()
@@ -103,8 +122,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         else:
             raise UsageError("give --tokenizer DIR, or --vocab and --merges")
         for f in (vocab, merges):
-            if not f.is_file():
-                raise UsageError(f"{f}: no such file")
+            _input_file(f, str(f))
         tok = Tokenizer.from_files(vocab, merges, specials)
         n = encode_file(tok, args.input, args.output, num_workers=args.workers, progress=None)
         log(f"{n:,} tokens -> {args.output} ({time.perf_counter() - t0:.2f} s)")
@@ -153,8 +171,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be ≥ 1, got {args.max_batches}")
-    if not Path(args.text).is_file():
-        raise UsageError(f"--text {args.text}: no such file")
+    _input_file(args.text, f"--text {args.text}")
     ckpt = checkpoint_arg(args.run)
     device = pick_device(args.device)
     params, config, header = load_model(ckpt, device=device)
