@@ -97,3 +97,37 @@ def test_a_directory_given_as_an_input_file_is_called_a_directory(command, tiny_
     argv[argv.index(str(folder))] = str(tmp_path / "missing.txt")
     assert main(argv) == 2
     _one_line_error(capsys, "missing.txt", "no such file")
+
+
+# ---------------------------------------------------------------------------- --gpt2-dir
+@pytest.mark.parametrize("kind", ["missing", "file", "empty dir", "no merges"])
+def test_experiment_tokenizer_refuses_a_gpt2_dir_it_cannot_use(kind, texts, tmp_path, capsys):
+    """Regression: ``flm experiment tokenizer --gpt2-dir /nonexistent`` exited 0 and silently
+    dropped the GPT-2 comparison."""
+    gpt2 = tmp_path / "gpt2"
+    if kind == "file":
+        gpt2.write_text("not a directory")
+    elif kind != "missing":
+        gpt2.mkdir()
+        if kind == "no merges":
+            (gpt2 / "gpt2_vocab.json").write_text("{}")
+    out = tmp_path / "exp"
+    train, valid = texts
+    argv = ["experiment", "tokenizer", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid)]
+    capsys.readouterr()
+    assert main([*argv, "--out-dir", str(out), "--gpt2-dir", str(gpt2), "--device", "cpu"]) == 2
+    want = {
+        "missing": "no such directory",
+        "file": "not a directory",
+        "empty dir": "has no gpt2_vocab.json",
+        "no merges": "has no gpt2_merges.txt",
+    }[kind]
+    _one_line_error(capsys, f"--gpt2-dir {gpt2}", want)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_exp_tokenizer_library_refuses_a_missing_gpt2_dir(tmp_path):
+    from flm.experiments.handout import exp_tokenizer
+
+    with pytest.raises(ValueError, match=r"gpt2_dir .* has no gpt2_vocab\.json or gpt2_merges\.txt"):
+        exp_tokenizer(None, gpt2_dir=str(tmp_path / "nowhere"))  # type: ignore[arg-type]

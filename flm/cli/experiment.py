@@ -24,6 +24,7 @@ from flm.runs import run_state
 
 __all__ = ["add_parser", "run"]
 
+GPT2_FILES = ("gpt2_vocab.json", "gpt2_merges.txt")
 NAMES = ("lr", "batch-size", "ablations", "tie", "generate", "tokenizer", "all")
 
 
@@ -50,6 +51,24 @@ def add_parser(sub: Any, argv: list[str]) -> None:
     p.set_defaults(handler=run)
 
 
+def _check_gpt2_dir(path: str) -> None:
+    """A named ``--gpt2-dir`` must hold both GPT-2 files: a comparison asked for is never dropped silently.
+
+    Raises:
+        UsageError: the directory is missing, is not a directory, or lacks a file (naming it).
+    """
+    d = Path(path)
+    if not d.exists():
+        raise UsageError(f"--gpt2-dir {path}: no such directory")
+    if not d.is_dir():
+        raise UsageError(
+            f"--gpt2-dir {path}: not a directory (give the folder holding gpt2_vocab.json and gpt2_merges.txt)"
+        )
+    for name in GPT2_FILES:
+        if not (d / name).is_file():
+            raise UsageError(f"--gpt2-dir {path} has no {name} (the GPT-2 comparison needs {' and '.join(GPT2_FILES)})")
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan and prepare the shared data, then run the experiment(s)."""
     from flm.experiments import Context, run_experiment
@@ -68,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     for b in args.batch_sizes or ():
         if b < 1:
             raise UsageError(f"--batch-sizes: must be ≥ 1, got {b}")
+    if args.gpt2_dir is not None:
+        _check_gpt2_dir(args.gpt2_dir)
     if args.print_config:
         import json
 
@@ -98,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                 kw["lrs"] = args.lrs
             if name == "batch-size" and args.batch_sizes:
                 kw["sizes"] = args.batch_sizes
-            if name == "tokenizer" and args.gpt2_dir:
+            if name == "tokenizer" and args.gpt2_dir is not None:
                 kw["gpt2_dir"] = args.gpt2_dir
             run_experiment(ctx, name, command, **kw)
     return 0

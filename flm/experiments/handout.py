@@ -359,17 +359,25 @@ _SAMPLE_BYTES = 16 << 20
 def exp_tokenizer(ctx: Context, gpt2_dir: str | None = None) -> dict[str, Any]:
     """Compression (bytes/token) of the run's BPE, a 10K TinyStories BPE (the handout's) and
     GPT-2's on both splits, the longest token, single-process encoding throughput and the time to
-    encode 825 GB (handout §2.7). Each split is sampled by its first 16 MiB."""
+    encode 825 GB (handout §2.7). Each split is sampled by its first 16 MiB.
+
+    Raises:
+        ValueError: ``gpt2_dir`` is given but lacks ``gpt2_vocab.json`` or ``gpt2_merges.txt``.
+    """
     from flm.runs import train_tokenizer
     from flm.tokenizer import EOS_TOKEN
 
+    gpt2 = None if gpt2_dir is None else Path(gpt2_dir)
+    if gpt2 is not None:  # a comparison asked for is never dropped silently
+        missing = [n for n in ("gpt2_vocab.json", "gpt2_merges.txt") if not (gpt2 / n).is_file()]
+        if missing:
+            raise ValueError(f"gpt2_dir {gpt2_dir} has no {' or '.join(missing)}: cannot compare with GPT-2")
     toks = {f"run BPE ({ctx.tokenizer.vocab_size:,})": ctx.tokenizer}
     if ctx.tokenizer.vocab_size != _HANDOUT_TS_VOCAB and "train" in ctx.data:
         # The handout's TinyStories tokenizer has 10K tokens; train it in memory (seconds on the excerpt).
         ts = train_tokenizer(ctx.data["train"], _HANDOUT_TS_VOCAB, train_bytes=ctx.cfg.data.train_bytes, progress=False)
         toks[f"TinyStories BPE ({ts.vocab_size:,})"] = ts  # fewer than 10K if the text runs out of pairs
-    gpt2 = Path(gpt2_dir) if gpt2_dir else None
-    if gpt2 and (gpt2 / "gpt2_vocab.json").exists():
+    if gpt2 is not None:
         toks["GPT-2 (50,257)"] = Tokenizer.from_files(gpt2 / "gpt2_vocab.json", gpt2 / "gpt2_merges.txt", [EOS_TOKEN])
     rows, results = [], []
     for name, tok in toks.items():
