@@ -5,6 +5,9 @@ streams in, checked against the pinned size and digest in :data:`DATASETS` (and 
 checksum the Hugging Face hub sends, ``X-Linked-Etag`` / ``X-Linked-Size``), and renamed to its
 final name only then, so a final file is always whole and the expected one. A reply that is an
 HTML page (a login portal, an error page, a wrong URL) is refused before anything is written.
+A file already on disk is trusted only once its SHA-256 has been checked against the pin: the
+check is recorded in ``<file>.stamp.json`` (its size, ``mtime_ns`` and digest), so it is hashed
+once, and again whenever it changes.
 ``python -m flm download tinystories DEST`` (or ``flm download``) does the same from the command line.
 
 Source: CS336 assignment 1 handout §1 (data set links), §5.1.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import os
 import re
 import sys
@@ -28,10 +32,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from flm._io import atomic_writer
+from flm._io import atomic_write_json, atomic_writer
 from flm.progress import progress_bar
 
-__all__ = ["DATASETS", "DatasetInfo", "FilePin", "check_local_size", "download"]
+__all__ = ["DATASETS", "DatasetInfo", "FilePin", "check_local_size", "download", "stamp_path"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -361,8 +365,10 @@ def _verify(
         )
 
 
-def _gunzip(src: Path, dest: Path, *, progress: bool, pin: FilePin) -> None:
-    """Decompress ``src`` (gzip) to ``dest`` atomically, streaming in 1 MiB chunks and checking ``pin.local_*``."""
+def _gunzip(src: Path, dest: Path, *, progress: bool, pin: FilePin) -> str:
+    """Decompress ``src`` (gzip) to ``dest`` atomically, streaming in 1 MiB chunks and checking ``pin.local_*``.
+
+    Returns the SHA-256 of the decompressed bytes."""
     hasher = hashlib.sha256()
     n = 0
     try:
@@ -386,28 +392,82 @@ def _gunzip(src: Path, dest: Path, *, progress: bool, pin: FilePin) -> None:
         # A verified or size-checked download that fails to decompress is corrupt; resuming it cannot help.
         src.unlink(missing_ok=True)
         raise ValueError(f"{src.name} is not a valid gzip file ({e}); it was removed, run again to re-download") from e
+    return hasher.hexdigest()
 
 
-def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = False) -> None:
-    """Compare a data file already on disk with its pinned size (a ``stat``, no hashing).
+def stamp_path(path: str | os.PathLike) -> Path:
+    """Where the verification stamp of a data file lives: ``<file>.stamp.json`` beside it."""
+    p = Path(path)
+    return p.with_name(f"{p.name}.stamp.json")
 
-    Catches a file left by older versions or other tools: an HTML error page or a partial copy
-    saved under the data set's name.
+
+def _stamped_sha256(path: Path, st: os.stat_result) -> str | None:
+    """The digest a stamp records for ``path``, if the stamp describes the file as it is now (same size, mtime_ns)."""
+    try:
+        stamp = json.loads(stamp_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict) or stamp.get("size") != st.st_size or stamp.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    sha = stamp.get("sha256")
+    return sha if isinstance(sha, str) and _SHA256_HEX.fullmatch(sha) else None
+
+
+def _write_stamp(path: Path, sha256: str) -> None:
+    """Record that ``path``, at its current size and mtime_ns, hashes to ``sha256`` (best effort: a
+    read-only directory only means the file is hashed again next time)."""
+    st = path.stat()
+    stamp = {"file": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    try:
+        atomic_write_json(stamp_path(path), stamp)
+    except OSError:
+        pass
+
+
+def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = False, progress: bool = False) -> None:
+    """Check a data file already on disk against its pin: the size (a ``stat``), then the SHA-256 once.
+
+    Catches a file left by older versions or other tools: an HTML error page, a partial copy, or
+    a file of the right size with the wrong bytes (e.g. all zeros) saved under the data set's
+    name. The digest is computed only when no stamp (``<file>.stamp.json``: size, ``mtime_ns``,
+    SHA-256) describes the file as it is now; a match is recorded in a new stamp, so an unchanged
+    file is hashed once, and a changed one (another size or mtime) again.
 
     Args:
         path: the local (decompressed, for gzip data sets) file.
-        pin: its pin; a pin without a size checks nothing.
-        gzip: whether the data set is served gzipped (then ``pin.local_size`` applies).
+        pin: its pin; a pin without a size or digest skips that check.
+        gzip: whether the data set is served gzipped (then ``pin.local_size``/``local_sha256`` apply).
+        progress: show a progress bar on stderr while hashing.
 
     Raises:
-        ValueError: naming the file, its size and the expected one.
+        ValueError: naming the file, its size or digest and the expected one (the file is kept:
+            the user decides).
     """
+    p = Path(path)
     want = pin.local_size if gzip else pin.size
-    have = Path(path).stat().st_size
-    if want is not None and have != want:
+    want_sha = pin.local_sha256 if gzip else pin.sha256
+    st = p.stat()
+    if want is not None and st.st_size != want:
         raise ValueError(
-            f"{path} is {have:,} bytes, not the expected {want:,}: a partial or wrong file (an HTML page?); "
+            f"{path} is {st.st_size:,} bytes, not the expected {want:,}: a partial or wrong file (an HTML page?); "
             "delete it to download again"
+        )
+    if want_sha is None:
+        return
+    have_sha = _stamped_sha256(p, st)
+    if have_sha is None:
+        hasher = hashlib.sha256()
+        with open(p, "rb") as f, progress_bar(st.st_size, f"{p.name} (verify)", unit="B", enabled=progress) as bar:
+            for block in iter(functools.partial(f.read, _CHUNK_BYTES), b""):
+                hasher.update(block)
+                bar.update(len(block))
+        have_sha = hasher.hexdigest()
+        if have_sha == want_sha and p.stat().st_mtime_ns == st.st_mtime_ns:  # unchanged while it was read
+            _write_stamp(p, have_sha)
+    if have_sha != want_sha:
+        raise ValueError(
+            f"{path} has sha256 {have_sha}, not the pinned {want_sha}: a corrupt or different file of the "
+            "expected size; delete it to download again"
         )
 
 
@@ -441,7 +501,7 @@ def download(
     a resumed ``.part`` is read once to continue the digest) equal the pins, and (3) they equal the
     checksum the Hugging Face hub sends (``X-Linked-Etag`` = SHA-256, ``X-Linked-Size``), when it
     sends one. A final file is therefore complete and verified, and is skipped (no network request)
-    when present. If a ``.part`` exists, the next call sends ``Range: bytes=<size>-`` and appends on
+    when present (its SHA-256 is checked once, see :func:`check_local_size`). If a ``.part`` exists, the next call sends ``Range: bytes=<size>-`` and appends on
     a 206 reply, or restarts from zero on a 200. A reply whose Content-Type is ``text/html`` or whose
     body starts like an HTML document is refused before anything is written.
 
@@ -468,7 +528,8 @@ def download(
 
     Raises:
         ValueError: an unknown ``name`` or split, or a ``pins`` key that is not a split; a downloaded
-            gzip file that does not decompress (it is removed).
+            gzip file that does not decompress (it is removed); a file already in ``dest_dir`` whose
+            size or SHA-256 differs from its pin (it is kept).
         TypeError: ``pins`` is not a mapping of :class:`FilePin`.
         OSError: a network or HTTP error or a short transfer (naming the file; the ``.part`` is kept);
             an HTML reply (naming the URL); a size or SHA-256 that differs from a pin or from the hub's
@@ -496,8 +557,8 @@ def download(
         final = dest / info.local_name(split)
         out[split] = final
         pin = table.get(split, _NO_PIN)
-        if final.is_file():  # flm creates it only by an atomic rename of a verified file; check the size anyway
-            check_local_size(final, pin, gzip=info.gzip)
+        if final.is_file():  # verified against the pin once (a stamp records it), so a bad file is never used
+            check_local_size(final, pin, gzip=info.gzip, progress=progress)
             continue
         url = f"{base}/{remote}"
         part = dest / f"{remote}.part"
@@ -505,10 +566,12 @@ def download(
         checks = [(pin.size, pin.sha256, "pinned"), (got.server_size, got.server_sha256, "the server's checksum")]
         _verify(part, f"{remote} from {url}", got.size, got.sha256, checks)
         if info.gzip:
-            _gunzip(part, final, progress=progress, pin=pin)
+            digest = _gunzip(part, final, progress=progress, pin=pin)
             part.unlink(missing_ok=True)
         else:
             os.replace(part, final)
+            digest = got.sha256
+        _write_stamp(final, digest)  # verified as it streamed in: never hashed again while unchanged
     return out
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import json
+import os
 import re
 import tempfile
 import threading
@@ -457,7 +459,8 @@ def test_gzip_dataset_is_decompressed(server, tmp_path):
     assert server.requests[1]["range"] == "bytes=500-"
     for split, blob in texts.items():
         assert paths[split].read_bytes() == blob
-    assert sorted(p.name for p in dest.iterdir()) == ["owt_train.txt", "owt_valid.txt"]
+    stamps = ["owt_train.txt.stamp.json", "owt_valid.txt.stamp.json"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["owt_train.txt", "owt_valid.txt", *stamps])
 
 
 def test_gzip_decompressed_pin_mismatch(server, tmp_path):
@@ -594,4 +597,103 @@ def test_a_wrong_size_file_already_on_disk_is_refused_not_used(tmp_path, capsys)
     assert flm_cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not the expected 2,227,753,162" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# files already on disk: the pinned digest is verified once, recorded in a stamp
+# ------------------------------------------------------------------------------------------------
+def _count_hashing(monkeypatch) -> list[str]:
+    """Record every file check_local_size hashes (it reads the file in full only to hash it)."""
+    seen: list[str] = []
+    real_open = open
+
+    def spy(file, mode="r", *a, **k):
+        if "b" in mode and "r" in mode and not str(file).endswith(".json"):
+            seen.append(Path(file).name)
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(download_mod, "open", spy, raising=False)
+    return seen
+
+
+def test_a_cached_file_of_the_pinned_size_but_other_bytes_is_refused(tmp_path):
+    """Regression (issue 18, item 7): a file of the pinned size but all zero bytes passed the
+    size-only check, download exited 0 and flm train used it. Its digest is now checked."""
+    info = DATASETS["tinystories"]
+    zeros = tmp_path / info.local_name("valid")
+    with open(zeros, "wb") as f:
+        f.truncate(info.pins["valid"].size)  # 22,502,601 zero bytes: the real pinned size
+    with pytest.raises(ValueError) as ei:
+        download("tinystories", tmp_path, splits=("valid",), base_url="http://127.0.0.1:9/", progress=False)
+    msg = str(ei.value)
+    assert str(zeros) in msg and f"not the pinned {info.pins['valid'].sha256}" in msg and "\n" not in msg
+    assert zeros.stat().st_size == info.pins["valid"].size  # kept: the user decides
+    assert not download_mod.stamp_path(zeros).exists()  # a failed check records nothing
+
+
+def test_a_verified_file_is_hashed_once_and_again_when_it_changes(server, tinystories, tmp_path, monkeypatch):
+    dest = tmp_path / "dest"
+    pins = _ts_pins(tinystories)
+    paths = _get(server, dest, pins=pins)
+    train = paths["train"]
+    stamp = json.loads(download_mod.stamp_path(train).read_text())
+    st = train.stat()
+    assert stamp == {"file": train.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": pins["train"].sha256}
+    hashed = _count_hashing(monkeypatch)
+    n = len(server.requests)
+    assert _get(server, dest, pins=pins) == paths and len(server.requests) == n
+    assert hashed == []  # the stamps written while downloading vouch for both files
+
+    # A file placed by hand (no stamp) is hashed once, then trusted through its new stamp.
+    download_mod.stamp_path(train).unlink()
+    _get(server, dest, pins=pins)
+    assert hashed == [train.name] and download_mod.stamp_path(train).exists()
+    _get(server, dest, pins=pins)
+    assert hashed == [train.name]
+
+    # The same size with other bytes (a new mtime): verified again, and refused.
+    blob = bytearray(tinystories["train"])
+    blob[100] ^= 1
+    train.write_bytes(bytes(blob))
+    os.utime(train, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(ValueError, match=rf"has sha256 {_sha(bytes(blob))}, not the pinned {pins['train'].sha256}"):
+        _get(server, dest, pins=pins)
+    assert hashed == [train.name, train.name] and len(server.requests) == n
+
+    # A garbled stamp is not trusted: the file is hashed again.
+    train.write_bytes(tinystories["train"])
+    download_mod.stamp_path(train).write_text("{not json")
+    _get(server, dest, pins=pins)
+    assert (
+        hashed[-1] == train.name and json.loads(download_mod.stamp_path(train).read_text())["sha256"] == stamp["sha256"]
+    )
+
+
+def test_download_and_train_refuse_zeros_of_the_pinned_size(texts, tmp_path, monkeypatch, capsys):
+    """The command-line view of item 7: ``flm download`` fails (it exited 0) and ``flm train
+    --data-dir`` refuses the files before writing anything (it trained on them)."""
+    import flm.cli.train
+
+    train, valid = (p.read_bytes() for p in texts)
+    ts = dataclasses.replace(
+        DATASETS["tinystories"], pins=MappingProxyType({"train": _pin(train), "valid": _pin(valid)})
+    )
+    table = MappingProxyType({**DATASETS, "tinystories": ts})
+    monkeypatch.setattr(download_mod, "DATASETS", table)
+    monkeypatch.setattr(flm.cli.train, "DATASETS", table)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ts.local_name("train")).write_bytes(train)
+    (data / ts.local_name("valid")).write_bytes(bytes(len(valid)))  # the pinned size, all zeros
+    capsys.readouterr()
+    assert (
+        flm_cli_main(["download", "tinystories", str(data), "--base-url", "http://127.0.0.1:9/", "--no-progress"]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and f"{ts.local_name('valid')} has sha256" in err
+    argv = ["train", "--preset", "tiny", "--data-dir", str(data), "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert flm_cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "not the pinned" in err
     assert not (tmp_path / "run").exists()
