@@ -9,6 +9,7 @@ allows). The questions:
   (``vmap``, ``grad``, ``jvp``, ``jacrev``, …)? There is no public API for it; the probe is
   ``torch._C._functorch.is_functorch_wrapped_tensor``.
 - :func:`is_vmapped`: is a tensor (or what it wraps) a ``vmap`` batched tensor?
+- :func:`is_compile_error`: did ``torch.compile`` itself fail (not the compiled program)?
 - :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
   host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["checks_enabled", "is_compiling", "is_transformed", "is_vmapped"]
+__all__ = ["checks_enabled", "is_compile_error", "is_compiling", "is_transformed", "is_vmapped"]
 
 _functorch = torch._C._functorch
 
@@ -96,3 +97,21 @@ def checks_enabled(*values: Any) -> bool:
         ``False`` under ``torch.compile`` or inside a ``torch.func`` transform, else ``True``.
     """
     return not (is_compiling() or is_transformed(*values))
+
+
+def is_compile_error(err: BaseException) -> bool:
+    """Whether ``err`` was raised by ``torch.compile`` itself (dynamo tracing or a backend such as
+    inductor failing), as opposed to an error of the compiled program.
+
+    Args:
+        err: an exception caught around a call of a compiled function.
+
+    Returns:
+        ``True`` for dynamo's and inductor's own exceptions.
+
+    Source: ``torch._dynamo.exc.TorchDynamoException`` (private; the base of
+    ``BackendCompilerFailed``, ``InternalTorchDynamoError``, ``Unsupported``, …).
+    """
+    from torch._dynamo import exc
+
+    return isinstance(err, exc.TorchDynamoException)

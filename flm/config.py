@@ -244,7 +244,8 @@ class RunConfig:
         Raises:
             ValueError: an unknown section or setting, or an invalid value.
         """
-        unknown = sorted(set(d) - set(SECTIONS) - {"preset"})
+        # "auto" (written beside the sections) says why a setting was chosen: informational.
+        unknown = sorted(set(d) - set(SECTIONS) - {"preset", "auto"})
         if unknown:
             raise ValueError(f"config: unknown section(s) {unknown}; known: {sorted(SECTIONS)} and 'preset'")
         for required in ("model", "train"):
@@ -271,7 +272,7 @@ class RunConfig:
         explicit: set[str] = set()
         for i, layer in enumerate((PRESETS[preset], *layers)):
             for section, values in layer.items():
-                if section == "preset":
+                if section in ("preset", "auto"):  # "auto": why settings were chosen (informational)
                     continue
                 if section not in merged:
                     raise ValueError(f"config: unknown section {section!r}; known: {sorted(SECTIONS)}")

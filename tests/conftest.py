@@ -95,3 +95,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+_WORDS = {
+    "name": ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna"],
+    "animal": ["dog", "cat", "bird", "fish", "frog", "bunny"],
+    "verb": ["saw", "found", "liked", "helped", "hugged", "followed"],
+    "thing": ["ball", "tree", "box", "kite", "cake", "boat"],
+    "adj": ["big", "red", "happy", "little", "shiny", "soft"],
+}
+
+
+def generate_stories(n: int, seed: int = 0) -> str:
+    """``n`` short stories of simple sentences, separated by ``<|endoftext|>``: English-like text
+    made here (seeded), for tests that need "some text" rather than the shared fixtures."""
+    import random
+
+    rng = random.Random(seed)
+    w = {k: (lambda v=v: rng.choice(v)) for k, v in _WORDS.items()}
+    stories = []
+    for _ in range(n):
+        name = w["name"]()
+        lines = [f"Once upon a time, there was a {w['adj']()} {w['animal']()} named {name}."]
+        for _ in range(rng.randint(2, 5)):
+            lines.append(f"{name} {w['verb']()} a {w['adj']()} {w['thing']()} near the {w['thing']()}.")
+        lines.append(f"{name} was very {w['adj']()}. The end.")
+        stories.append(" ".join(lines))
+    return "\n<|endoftext|>\n".join(stories) + "\n"
+
+
+@pytest.fixture(scope="session")
+def generated_texts(tmp_path_factory):
+    """(train, valid) files of generated stories (~60 KB and ~10 KB); needs no shared data."""
+    d = tmp_path_factory.mktemp("generated")
+    train, valid = d / "train.txt", d / "valid.txt"
+    train.write_text(generate_stories(300, seed=1), encoding="utf-8")
+    valid.write_text(generate_stories(50, seed=2), encoding="utf-8")
+    return train, valid

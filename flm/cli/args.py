@@ -30,7 +30,7 @@ __all__ = ["add_config_flags", "config_from_args", "field_docs", "presets_epilog
 _FLAG_NAMES = {("model", "eps"): "norm-eps", ("train", "eps"): "adam-eps", ("sample", "seed"): "sample-seed"}
 _CHOICES = {
     **{("model", k): v for k, v in MODEL_CHOICES.items()},
-    ("train", "dtype"): tuple(COMPUTE_DTYPES),
+    ("train", "dtype"): ("auto", *COMPUTE_DTYPES),
     ("data", "dataset"): tuple(sorted(DATASETS)),
 }
 _SKIP = {("train", "device")}  # added by hand: "auto" and a clearer help
@@ -99,8 +99,8 @@ def add_config_flags(
             shown = " ".join(map(str, current)) if isinstance(current, tuple) else current
             text = docs.get(f.name, "").replace("``", "").rstrip(".")
             kw["help"] = f"{text} (default: {shown})".replace("%", "%%")
-            if base is bool:
-                kw["action"] = argparse.BooleanOptionalAction
+            if base is bool or (isinstance(hint, types.UnionType) and set(args) == {bool, str}):
+                kw["action"] = argparse.BooleanOptionalAction  # bool | "auto": neither flag keeps auto
             elif typing.get_origin(base) is tuple:
                 inner = typing.get_args(base)
                 kw["type"] = inner[0]
@@ -162,14 +162,32 @@ _CLASS_SECTION = {cls.__name__: section for section, cls in SECTIONS.items()}
 
 
 def flag_error(err: ValueError) -> ValueError:
-    """Rewrite a config class's message (``TrainConfig: grad_clip must …``) in terms of its flag
-    (``--grad-clip must …``)."""
+    """Rewrite a config class's message in terms of its flags: ``TrainConfig: grad_clip must …``
+    → ``--grad-clip must …``, ``DataConfig: give both train_text and valid_text`` → ``give both
+    --train-text and --valid-text``, ``need min_lr ≤ lr, got min_lr=5.0`` → ``need --min-lr ≤ --lr,
+    got --min-lr=5.0``. A field name becomes its flag where it starts the message, contains an
+    underscore, precedes ``=`` or follows a comparison; other words are left alone.
 
-    def repl(m: re.Match[str]) -> str:
-        section = _CLASS_SECTION[m.group(1)]
-        return _flag(section, m.group(2)) + m.group(3)
+    Args:
+        err: the config class's error.
 
-    return ValueError(re.sub(r"\b(" + "|".join(_CLASS_SECTION) + r"): (\w+)( |=)", repl, str(err)))
+    Returns:
+        A ``ValueError`` with the rewritten message (other messages unchanged).
+    """
+    text = str(err)
+    m = re.match(r"(" + "|".join(_CLASS_SECTION) + r"): (.*)", text, re.DOTALL)
+    if m is None:
+        return ValueError(text)
+    section, body = _CLASS_SECTION[m.group(1)], m.group(2)
+    names = sorted((f.name for f in dataclasses.fields(SECTIONS[section])), key=len, reverse=True)
+
+    def repl(n: re.Match[str]) -> str:
+        name, before, after = n.group(1), body[: n.start()], body[n.end() : n.end() + 1]
+        if n.start() == 0 or "_" in name or after == "=" or re.search(r"(?:[≤≥<>]|\bby) $", before):
+            return _flag(section, name)
+        return name
+
+    return ValueError(re.sub(r"(?<![\w\-.'\"])(" + "|".join(names) + r")\b(?![-'\"])", repl, body))
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

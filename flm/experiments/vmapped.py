@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from flm import optim
+from flm import manifest, optim
 from flm.config import RunConfig
 from flm.data import get_batch
 from flm.model import train_step_flops
 from flm.progress import info
 from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
+from flm.train.config import resolve_auto
 from flm.train.metrics import Throughput, device_peak_flops
 from flm.tree import all_finite, unstack
 
@@ -78,6 +79,8 @@ def vmapped_train(
 
     Raises:
         ValueError: no variants, duplicate labels, too little validation data.
+        flm.manifest.ForeignFilesError: a ``<label>`` directory or its ``metrics.jsonl`` is a link
+            or not flm's (nothing written).
     """
     if not variants:
         raise ValueError("vmapped_train: no variants")
@@ -87,6 +90,7 @@ def vmapped_train(
         raise ValueError(f"vmapped_train: duplicate labels in {labels}")
     t = cfg.train
     ctx, k, device = cfg.model.context_length, len(variants), t.resolved_device()
+    t, _ = resolve_auto(t, device)  # "auto" dtype/compile: the same per-device defaults as flm train
     if int(valid_tokens.shape[0]) < ctx + 1:
         raise ValueError(f"the validation data has {int(valid_tokens.shape[0])} tokens; need {ctx + 1}")
     lrs = [float(v.get("lr", t.lr)) for v in variants]
@@ -113,8 +117,11 @@ def vmapped_train(
     sampler = torch.Generator().manual_seed(t.seed + 1)
     out = Path(out_dir)
     files = {}
+    # Only flm's own files are replaced, never through a link (flm.manifest): all checked first.
+    manifest.check_replace([*(out / x for x in labels), *(out / x / "metrics.jsonl" for x in labels)], where=out)
     for label in labels:
-        (out / label).mkdir(parents=True, exist_ok=True)
+        manifest.claim(out / label)
+        manifest.remove(out / label / "metrics.jsonl")
         files[label] = open(out / label / "metrics.jsonl", "w", encoding="utf-8")
     clock = Throughput(k * train_step_flops(cfg.model, 1) / ctx, device_peak_flops(device, t.compute_dtype))
     best = [math.inf] * k
@@ -181,8 +188,9 @@ def vmapped_train(
                 + f" | {rate:,.0f} tok/s"
             )
     finally:
-        for f in files.values():
+        for label, f in files.items():
             f.close()
+            manifest.record(out / label / "metrics.jsonl", append=True)
     wall = time.perf_counter() - t0
     return [
         {

@@ -5,8 +5,10 @@ Source: CS336 assignment 1 handout §4.3–4.5 (AdamW, schedule, clipping), §5.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,7 +16,16 @@ import torch
 from flm import optim
 from flm.tree import tree_map
 
-__all__ = ["TrainConfig", "make_optimizer", "decay_mask", "default_device", "COMPUTE_DTYPES"]
+__all__ = [
+    "TrainConfig",
+    "make_optimizer",
+    "decay_mask",
+    "default_device",
+    "COMPUTE_DTYPES",
+    "DeviceCapabilities",
+    "resolve_auto",
+    "tf32_matmuls",
+]
 
 PyTree = Any
 COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
@@ -56,8 +67,9 @@ class TrainConfig:
         log_interval: write a metrics line every this many steps (each one is a host sync).
         seed: seeds the parameter init and (separately) the batch sampler.
         device: cpu, cuda, cuda:1, mps, or auto (the best available).
-        compile: torch.compile the whole train step.
-        dtype: compute dtype, float32 or bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss).
+        compile: torch.compile the whole train step (auto: on with CUDA when triton is installed, off on CPU and MPS).
+        dtype: compute dtype, float32, bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss) or auto (bf16 on a CUDA GPU that supports it, else float32).
+        tf32: let float32 matmuls use TensorFloat-32 on CUDA for the run's duration (auto: on with CUDA; no effect elsewhere).
         grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and average their gradients.
         time_budget: stop training after this many minutes of wall time (resumes included), keeping the longest evaluation/checkpoint pause seen in reserve so the last evaluation and checkpoint also fit (None: no limit). flm train's report afterwards (the best model on every validation token, samples) is not counted.
         peak_flops: the device's peak FLOP/s for the MFU column (None: a known GPU's datasheet value, or a short matmul measurement on the CPU).
@@ -81,8 +93,9 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 0
     device: str = "auto"
-    compile: bool = False
-    dtype: str = "float32"
+    compile: bool | str = "auto"
+    dtype: str = "auto"
+    tf32: bool | str = "auto"
     grad_accum_steps: int = 1
     time_budget: float | None = None
     peak_flops: float | None = None
@@ -104,9 +117,9 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise bad(name, "a finite number ≥ 0")
+                raise bad(name, "a finite positive number" if name == "lr" else "a finite number ≥ 0")
         if not self.lr > 0:
-            raise bad("lr", "positive")
+            raise bad("lr", "a finite positive number")  # one wording for every bad lr
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             raise bad("eps", "a finite positive number")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
@@ -117,8 +130,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: warmup_iters={self.warmup_iters} exceeds max_iters={self.max_iters}")
         if self.min_lr > self.lr:
             raise ValueError(f"TrainConfig: need min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise bad("dtype", f"one of {sorted(COMPUTE_DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in COMPUTE_DTYPES:
+            raise bad("dtype", f"one of {sorted(COMPUTE_DTYPES)} or auto")
+        for name in ("compile", "tf32"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise bad(name, "true, false or auto")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"TrainConfig: batch_size={self.batch_size} does not split into grad_accum_steps="
@@ -133,8 +149,19 @@ class TrainConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        """The mixed-precision compute dtype (``None`` for float32)."""
+        """The mixed-precision compute dtype (``None`` for float32).
+
+        Raises:
+            ValueError: ``dtype`` is still ``"auto"`` (call :func:`resolve_auto` first).
+        """
+        if self.dtype == "auto":
+            raise ValueError("TrainConfig: dtype is 'auto'; resolve it for a device with resolve_auto(cfg) first")
         return COMPUTE_DTYPES[self.dtype]
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether ``dtype``, ``compile`` and ``tf32`` are concrete (no ``"auto"`` left)."""
+        return "auto" not in (self.dtype, self.compile, self.tf32)
 
     def resolved_device(self) -> str:
         """``device`` with ``"auto"`` replaced by :func:`default_device`."""
@@ -181,6 +208,132 @@ class TrainConfig:
             ValueError: a value the validation rejects; ``TypeError``: an unknown field.
         """
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCapabilities:
+    """What the fast defaults depend on, probed once per run (and faked in tests).
+
+    Attributes:
+        device_type: ``"cuda"``, ``"cpu"``, ``"mps"``, … (``torch.device(...).type``).
+        bf16: the device computes bfloat16 matmuls natively (CUDA compute capability ≥ 8.0).
+        triton: ``import triton`` works (inductor's GPU code generator; without it ``torch.compile``
+            cannot build CUDA kernels).
+        name: the device's name, for the plan line.
+    """
+
+    device_type: str
+    bf16: bool = False
+    triton: bool = False
+    name: str = ""
+
+    @classmethod
+    def probe(cls, device: str | torch.device) -> DeviceCapabilities:
+        """Probe ``device`` (no computation, no allocation).
+
+        Args:
+            device: a device name such as ``"cuda:0"`` or ``"cpu"`` (not ``"auto"``).
+
+        Returns:
+            The device's capabilities.
+        """
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return cls(dev.type, name=dev.type)
+        import importlib.util
+
+        bf16 = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        return cls(
+            "cuda",
+            bf16=bf16,
+            triton=importlib.util.find_spec("triton") is not None,
+            name=torch.cuda.get_device_name(dev),
+        )
+
+
+def resolve_auto(
+    cfg: TrainConfig, device: str | torch.device | None = None, *, capabilities: DeviceCapabilities | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """Replace ``"auto"`` in ``dtype``, ``compile`` and ``tf32`` by the fastest safe choice for a device.
+
+    The one place flm decides its per-device defaults (explicit values are kept as they are):
+
+    - CUDA with native bf16 (compute capability ≥ 8.0): bf16 mixed precision, ``torch.compile``
+      of the whole step if triton imports (else eager, and the reason says so), TF32 for the
+      float32 matmuls that remain (the optimiser's are elementwise; the loss and norms run in
+      float32 by design). On an H200 this is 6.7× the float32 eager step (``bench/``).
+    - CUDA without native bf16: float32, compiled if triton imports, TF32 off (pre-Ampere GPUs
+      have no TF32).
+    - CPU: float32 eager, which measured fastest at the cpu-small preset on a 2-core CPU
+      (compile there was no faster once its first call is counted; see ``bench/results``).
+    - MPS and other devices: float32 eager (not measured).
+
+    Args:
+        cfg: the settings; fields that are not ``"auto"`` are kept.
+        device: where the run trains (default: ``cfg.resolved_device()``).
+        capabilities: the device's capabilities (default: :meth:`DeviceCapabilities.probe`);
+            tests pass a fake one to check the CUDA logic on a CPU machine.
+
+    Returns:
+        ``(resolved config, reasons)``: ``reasons`` has one line per field that was ``"auto"``
+        (what was chosen and why), for the plan and ``config.json``.
+    """
+    caps = capabilities or DeviceCapabilities.probe(device if device is not None else cfg.resolved_device())
+    cuda = caps.device_type == "cuda"
+    changes: dict[str, Any] = {}
+    reasons: list[str] = []
+    if cfg.dtype == "auto":
+        changes["dtype"] = "bf16" if cuda and caps.bf16 else "float32"
+        why = (
+            "a CUDA GPU with native bf16"
+            if changes["dtype"] == "bf16"
+            else ("this GPU has no native bf16" if cuda else f"the fastest measured on {caps.device_type}")
+        )
+        if caps.device_type not in ("cuda", "cpu"):
+            why = f"{caps.device_type}: not measured"
+        reasons.append(f"dtype {changes['dtype']} ({why})")
+    if cfg.compile == "auto":
+        changes["compile"] = cuda and caps.triton
+        if cuda:
+            why = (
+                "CUDA with triton"
+                if caps.triton
+                else "triton does not import here, so inductor cannot build GPU kernels"
+            )
+        elif caps.device_type == "cpu":
+            why = "on a CPU the compile time outweighs its gain at these sizes"
+        else:
+            why = f"{caps.device_type}: not measured"
+        reasons.append(f"compile {'on' if changes['compile'] else 'off'} ({why})")
+    if cfg.tf32 == "auto":
+        changes["tf32"] = cuda and caps.bf16  # TF32 tensor cores arrived with bf16 (Ampere)
+        if cuda:
+            reasons.append(f"tf32 {'on' if changes['tf32'] else 'off'} for float32 matmuls")
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), reasons
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Let float32 matmuls use TensorFloat-32 inside the block; restore the previous setting after.
+
+    A training run switches it on for its own duration only, never at import, so a library
+    user's float32 results elsewhere do not change.
+
+    Args:
+        enabled: ``True`` selects ``torch.set_float32_matmul_precision("high")``; ``False`` leaves
+            the current setting alone.
+
+    Source: ``torch.set_float32_matmul_precision``.
+    """
+    if not enabled:
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def decay_mask(params: PyTree) -> PyTree:
