@@ -7,14 +7,20 @@ this process, and writes ``<out-dir>/results.json`` (every bench's full result) 
 targets with their verdicts). A bench that fails is recorded with its error and the others still run.
 
     python bench/run_all.py [--quick] [--device cpu] [--only train_step optimizer] [--out-dir bench/results]
+    python bench/run_all.py --device cuda        # every accelerator bench in ≤ 5 min, into bench/results/cuda/
 
-``--quick`` passes through to every bench (tiny sizes, one iteration: the smoke test).
+``--quick`` passes through to every bench (tiny sizes, one iteration: the smoke test) and writes to
+a temporary directory unless ``--out-dir`` is given. Results are written after each bench, so a
+stopped run keeps what finished; ``--timeout`` (60 s per bench on CUDA, 3x for train_step) stops a
+bench that runs long and records it as timed out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
 import time
 import traceback
@@ -215,8 +221,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", nargs="+", default=None, help="run only these benches")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
-    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument(
+        "--out-dir",
+        default=None,
+        help="where results.json and RESULTS.md go (default: bench/results on the CPU, bench/results/<device> "
+        "elsewhere; with --quick a temporary directory, so a smoke test never replaces committed results)",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=None, help="seconds per bench before it is stopped and recorded as timed out"
+    )
     args = ap.parse_args(argv)
+    device_type = args.device.split(":")[0]
+    if args.out_dir is None:
+        if args.quick:
+            import tempfile
+
+            args.out_dir = tempfile.mkdtemp(prefix="flm-bench-quick-")
+        else:
+            args.out_dir = str(HERE / "results" if device_type == "cpu" else HERE / "results" / device_type)
+    if args.timeout is None and device_type == "cuda":
+        args.timeout = 60.0  # 7 benches in ≤ 5 minutes on one GPU (the train_step bench gets 3x)
     names = [n for n in (args.only or BENCHES) if (HERE / f"{n}.py").exists()]
     machine = common.machine_info(args.device)
     t_start = time.perf_counter()
@@ -224,30 +248,64 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         print(f"\n===== {name} (load {common.load_average()}) =====", flush=True)
         t0 = time.perf_counter()
+        limit = None if args.timeout is None else args.timeout * (3 if name == "train_step" else 1)
         try:
-            res = run_bench(name, args)
+            with _time_limit(limit):
+                res = run_bench(name, args)
         except SystemExit as e:  # a bench that cannot run here (e.g. missing shared data)
             res = {"error": f"SystemExit: {e}"}
+        except BenchTimeout:
+            res = {"error": f"timed out after {limit:.0f} s (--timeout)"}
         except Exception as e:
             traceback.print_exc()
             res = {"error": f"{type(e).__name__}: {e}"}
         res["_seconds"] = time.perf_counter() - t0
         results[name] = res
+        _write(Path(args.out_dir), machine, results, time.perf_counter() - t_start, args.quick)  # row by row
     total = time.perf_counter() - t_start
+    out_dir = Path(args.out_dir)
+    out = _write(out_dir, machine, results, total, args.quick)
+    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'RESULTS.md'} ({total / 60:.1f} min)")
+    return out
+
+
+class BenchTimeout(Exception):
+    """A bench ran past ``--timeout``."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise :class:`BenchTimeout` in the main thread after ``seconds`` (SIGALRM; no limit if ``None``)."""
+    if not seconds or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BenchTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _write(out_dir: Path, machine: dict, results: dict[str, Any], total: float, quick: bool) -> dict:
+    """Write results.json and RESULTS.md (atomically) with the benches finished so far."""
     out = {
         "machine": machine,
         "load_avg_end": common.load_average(),
         "total_seconds": total,
-        "quick": args.quick,
+        "quick": quick,
         "benches": results,
     }
-    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(out_dir / "results.json", out)
-    md = render_markdown(results, machine, total, args.quick)
     tmp = out_dir / "RESULTS.md.tmp"
-    tmp.write_text(md, encoding="utf-8")
+    tmp.write_text(render_markdown(results, machine, total, quick), encoding="utf-8")
     tmp.replace(out_dir / "RESULTS.md")
-    print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'RESULTS.md'} ({total / 60:.1f} min)")
     return out
 
 

@@ -166,3 +166,40 @@ def test_checkpoint_bench_json(tmp_path):
     params_bytes = 4 * on_disk["params"]
     assert on_disk["state_bytes"] >= 3 * params_bytes  # params + AdamW m and v
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]  # the bench's files are removed
+
+
+def test_quick_writes_to_a_temporary_directory_never_over_the_committed_results():
+    import hashlib
+
+    import run_all
+
+    committed = BENCH / "results" / "results.json"
+    before = hashlib.sha256(committed.read_bytes()).hexdigest() if committed.exists() else None
+    out = run_all.main(["--quick", "--only", "checkpoint"])
+    assert "checkpoint" in out["benches"]
+    after = hashlib.sha256(committed.read_bytes()).hexdigest() if committed.exists() else None
+    assert before == after
+
+
+def test_a_bench_past_its_time_limit_is_stopped():
+    import time
+
+    import run_all
+
+    with pytest.raises(run_all.BenchTimeout), run_all._time_limit(0.2):
+        time.sleep(5)
+
+
+def test_train_step_shapes_name_the_gpu_models_and_bf16_mixed_runs_on_the_cpu():
+    """The GPU defaults' code paths, on the CPU: model-prefixed shapes, and bf16 mixed precision
+    (flm's compute_dtype beside the torch peers under autocast) in a quick run."""
+    import train_step
+
+    assert train_step._shape("gpt2-small:16x1024") == (train_step.GPT2_SMALL, 16, 1024)
+    assert train_step._shape("4x128") == (train_step.HANDOUT, 4, 128)
+    assert train_step.GPT2_SMALL.d_model == 768 and train_step.GPT2_SMALL.num_layers == 12
+    with pytest.raises(SystemExit, match="unknown model"):
+        train_step._shape("gpt5:1x1")
+    res = train_step.main(["--quick", "--dtype", "bf16-mixed", "--no-compile", "--no-hf"])
+    rows = {r["row"]: r for r in res["rows"]}
+    assert rows[train_step.DEFAULT]["tokens_per_s"] > 0

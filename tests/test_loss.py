@@ -135,6 +135,7 @@ def test_hand_written_gradient_equals_autograd_of_the_formula(lead, vocab, seed,
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.compile
 def test_hand_written_gradient_under_vmap_compile_and_backward():
     x = torch.randn(3, 4, 7, dtype=torch.float64)
     t = torch.randint(0, 7, (3, 4))

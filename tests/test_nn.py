@@ -570,6 +570,7 @@ def test_embedding_gradient_accumulates_repeated_ids_like_autograd_of_indexing()
     torch.testing.assert_close(batched[1], torch.func.grad(lambda w: nn.embedding({"weight": w}, ids).sum())(w))
 
 
+@pytest.mark.compile
 def test_rope_complex_eager_path_equals_the_real_compiled_path():
     """Eager rope multiplies complex numbers; under torch.compile the real form runs (inductor
     has no complex codegen). Both must give the same rotation and gradient."""

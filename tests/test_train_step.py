@@ -127,6 +127,7 @@ def test_tiny_model_overfits_one_batch():
 CCFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=32)
 
 
+@pytest.mark.compile
 def test_compiled_step_fullgraph_equals_eager():
     """compile=True wraps the whole step in torch.compile(fullgraph=True): any graph break (e.g.
     a host sync such as .item()) would raise. aot_eager captures forward+backward+optimiser
