@@ -493,6 +493,35 @@ def test_a_torn_metrics_line_is_dropped_on_resume_with_a_warning(tiny_run, texts
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(5, 41, 5))
 
 
+def test_garbage_bytes_in_metrics_do_not_block_resume(tiny_run, texts, tmp_path, capsys):
+    """Regression (issue 18): garbage bytes at the end of metrics.jsonl (what a crash can leave)
+    made --resume fail with "'utf-8' codec can't decode byte 0x87", naming no file; the garbled
+    tail is now dropped with a warning naming the file, since the checkpoint is the source of truth."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "ckpt_0000040.safetensors").unlink()
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 45, "tr\x87\x00\xff\n\x00\x00\x87garbage\n\xfe{"step": 5')
+    assert main(train_argv(texts, run, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'metrics.jsonl'}: dropping a garbled tail" in err and "codec" not in err
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(5, 41, 5))
+
+
+def test_corrupt_metrics_lines_name_the_file_and_resume_drops_them(tmp_path):
+    from flm.train.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\x87\x87\n{"step": 2}\n[3]\n{"step": 4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: corrupt metrics line \(not UTF-8"):
+        read_metrics(path)
+    warnings = []
+    assert [r["step"] for r in read_metrics(path, warn=warnings.append, skip_corrupt=True)] == [1, 2, 4]
+    assert len(warnings) == 2 and all(str(path) in w for w in warnings)
+    truncate_metrics(path, 2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
 # ----------------------------------------------------------------- 14. housekeeping
 
 

@@ -237,47 +237,82 @@ class MetricsLogger:
         self.sinks = []
 
 
-def read_metrics(path: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def read_metrics(
+    path: str | os.PathLike, *, warn: Callable[[str], None] | None = None, skip_corrupt: bool = False
+) -> list[dict[str, Any]]:
     """Read a ``metrics.jsonl`` file into a list of dicts.
 
-    A torn last line (a run killed mid-write) is dropped, with a warning naming the file.
+    A torn or garbled tail (a run killed mid-write; garbage a crash left at the end of the file:
+    bytes that are not UTF-8 or lines that are not JSON objects) is dropped, with a warning
+    naming the file and the lines.
 
     Args:
         path: the file.
         warn: where the warning goes (default: the ``flm`` logger).
+        skip_corrupt: also drop (with a warning) corrupt lines before the tail instead of raising;
+            for ``--resume``, where the checkpoint, not the log, is the source of truth.
 
     Returns:
         The records in file order.
 
     Raises:
-        ValueError: a line other than the last is not a JSON object (naming file and line).
+        ValueError: a corrupt line followed by good ones, unless ``skip_corrupt`` (naming file and line).
         OSError: the file cannot be read.
     """
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
+    warn = warn or logger.warning
+    lines = Path(path).read_bytes().splitlines()
+    parsed: list[tuple[int, dict[str, Any] | None, str]] = []
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
+        except UnicodeDecodeError:
+            parsed.append((i, None, "not UTF-8 text"))
+            continue
         except ValueError as err:
-            if i == len(lines):
-                (warn or logger.warning)(f"{path}: dropping a torn last line {i} ({err})")
-                break
-            raise ValueError(f"{path}:{i}: corrupt metrics line ({err})") from None
+            parsed.append((i, None, str(err)))
+            continue
+        parsed.append((i, row, ""))
+    tail = len(parsed)  # the good lines end where the garbled tail begins
+    while tail and parsed[tail - 1][1] is None:
+        tail -= 1
+    rows = []
+    for i, row, why in parsed[:tail]:
+        if row is None:
+            if not skip_corrupt:
+                raise ValueError(f"{path}:{i}: corrupt metrics line ({why})")
+            warn(f"{path}: dropping corrupt line {i} ({why})")
+            continue
         rows.append(row)
+    if tail < len(parsed):
+        first, last, why = parsed[tail][0], parsed[-1][0], parsed[tail][2]
+        if first == last == len(lines):
+            warn(f"{path}: dropping a torn last line {first} ({why})")
+        else:
+            warn(f"{path}: dropping a garbled tail, lines {first}-{len(lines)} ({why})")
     return rows
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> None:
-    """Keep only the records up to ``last_step`` (and no torn line) in ``path``, atomically."""
+    """Keep only the records up to ``last_step`` in ``path``, atomically: lines logged after that
+    checkpoint go, and so do torn or corrupt lines (each dropped with a warning naming the file).
+
+    Raises:
+        OSError: the file cannot be read or rewritten.
+    """
     path = Path(path)
     if not path.exists():
         return
-    keep = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    keep = [r for r in read_metrics(path, skip_corrupt=True) if _step_of(r) <= last_step]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _step_of(record: dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else float("inf")  # a record without a step: dropped
 
 
 def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> bool:
