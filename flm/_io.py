@@ -102,11 +102,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        named = _name_write_error(err, target)
+        if named is not None:
+            raise named from err
         raise
     fsync_dir(target.parent)
+
+
+def _name_write_error(err: BaseException, target: Path) -> OSError | None:
+    """An ``OSError`` naming ``target`` for a failed write that named no file: a plain write or
+    flush error (a full disk), or the I/O error safetensors' Rust writer reports as text
+    (``… (os error 28)``); ``None`` for anything else."""
+    if isinstance(err, OSError):
+        if err.filename is not None or err.errno is None:
+            return None
+        return OSError(err.errno, err.strerror or str(err), str(target))
+    if type(err).__name__ != "SafetensorError":
+        return None
+    m = re.search(r"\(os error (\d+)\)", str(err))
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), str(target))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], Any]) -> None:

@@ -308,7 +308,7 @@ def test_a_too_short_validation_text_fails_before_anything_is_written(texts, tmp
         (["--tokens", "-100"], "--tokens"),
         (["--tokens", "10"], "less than one step"),
         (["--tokens", "1e5", "--max-iters", "3"], "not both"),
-        (["--batch-size", "6", "--grad-accum-steps", "4"], "grad_accum_steps"),
+        (["--batch-size", "6", "--grad-accum-steps", "4"], "--grad-accum-steps"),
         (["--lr", "nan"], "--lr"),
         (["--max-new-tokens", "99999999999"], "--max-new-tokens"),
         (["--device", "cuda"], "CUDA is not available"),
@@ -417,8 +417,8 @@ def test_user_errors_in_every_subcommand_are_one_line(tiny_run, tmp_path, capsys
         (["tokenize", "encode", str(tmp_path / "none.txt"), "o", "--tokenizer", str(tiny_run)], 2, "no such file"),
         (
             ["tokenize", "train", str(tiny_run / "config.json"), "--vocab-size", "10", "--out-dir", str(tmp_path)],
-            1,
-            "vocab_size",
+            2,
+            "--vocab-size 10 is smaller than",
         ),
         (["train", "--config", str(tmp_path / "none.toml")], 2, "cannot read config file"),
         (["train", "--preset", "nope"], 2, "unknown preset"),
@@ -676,3 +676,286 @@ def test_a_text_that_is_not_a_regular_file_is_named_as_such(texts, tmp_path, cap
     argv[argv.index("--valid-text") + 1] = str(tmp_path)
     assert main(argv) == 2
     assert "--valid-text" in (err := one_line_error(capsys)) and "not a regular file" in err
+
+
+# ----------------------------------------------------------------- issue 18: SIGTERM and SIGUSR1
+
+_SIGNALLER = """
+import os, signal, sys
+import flm.train.loop as L
+from flm.cli import main
+real, calls, at, sig = L.get_batch, {"n": 0}, int(sys.argv[1]), getattr(signal, sys.argv[2])
+def batch(*a, **k):
+    calls["n"] += 1
+    if calls["n"] == at:  # a real signal, delivered while step `at` is being prepared
+        os.kill(os.getpid(), sig)
+    return real(*a, **k)
+L.get_batch = batch
+sys.exit(main(sys.argv[3:]))
+"""
+
+_SIGNAL_FLAGS = (
+    "--log-interval", "1", "--max-iters", "24", "--checkpoint-interval", "8", "--keep-checkpoints", "10",
+    "--eval-interval", "8", "--max-new-tokens", "0",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def signal_ref(texts, tmp_path_factory):
+    """An uninterrupted run with the flags the signal tests use."""
+    ref = tmp_path_factory.mktemp("sigref") / "ref"
+    assert main(train_argv(texts, ref, *_SIGNAL_FLAGS)) == 0
+    return ref
+
+
+def _assert_same_run(ref: Path, run: Path) -> None:
+    a, b = load_checkpoint(list_checkpoints(ref)[-1]), load_checkpoint(list_checkpoints(run)[-1])
+    assert a.step == b.step == 24
+    for x, y in zip(tree_leaves((a.params, a.opt_state)), tree_leaves((b.params, b.opt_state)), strict=True):
+        assert torch.equal(x, y)
+    assert _metrics(run) == _metrics(ref)
+
+
+def _signalled(texts, run: Path, at: int, sig: str) -> subprocess.CompletedProcess:
+    argv = train_argv(texts, run, *_SIGNAL_FLAGS)
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNALLER, str(at), sig, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_finishes_the_step_checkpoints_and_exits_143_then_resumes_bitwise(texts, tmp_path, signal_ref):
+    """Regression (issue 18): SIGTERM (what schedulers and container runtimes send) killed the run
+    without a checkpoint, losing up to --checkpoint-interval steps."""
+    run = tmp_path / "run"
+    r = _signalled(texts, run, 11, "SIGTERM")
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
+    assert f"continue with: flm train --resume --out-dir {run}" in r.stdout and "SIGTERM at step 11" in r.stdout
+    assert [p.name for p in list_checkpoints(run)] == ["ckpt_0000008.safetensors", "ckpt_0000011.safetensors"]
+    assert not (run / "results.json").exists()
+    assert main(train_argv(texts, run, *_SIGNAL_FLAGS, "--resume")) == 0
+    _assert_same_run(signal_ref, run)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signals")
+def test_sigusr1_checkpoints_and_continues_and_that_checkpoint_resumes_bitwise(texts, tmp_path, signal_ref):
+    """Regression (issue 18): SIGUSR1 (SLURM's warning before the time limit) killed the run."""
+    run = tmp_path / "run"
+    r = _signalled(texts, run, 11, "SIGUSR1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SIGUSR1 at step 11: saving a checkpoint and continuing" in r.stdout
+    assert "ckpt_0000011.safetensors" in [p.name for p in list_checkpoints(run)]
+    _assert_same_run(signal_ref, run)  # the extra checkpoint changed nothing
+    for p in list_checkpoints(run):  # then as if the job had been killed right after SIGUSR1
+        if read_header(p)["step"] > 11:
+            p.unlink()
+    assert main(train_argv(texts, run, *_SIGNAL_FLAGS, "--resume")) == 0
+    _assert_same_run(signal_ref, run)
+
+
+# ----------------------------------------------------------------- issue 18: out of memory
+
+
+@pytest.mark.parametrize(
+    "flags, driver",
+    [
+        (["--batch-size", "2000000"], "--batch-size 2000000 drives it: lower it, or raise --grad-accum-steps"),
+        (["--vocab-size", "40000000"], "--vocab-size 40000000 drives it: lower it"),
+        (["--d-model", "65536"], "--d-model 65536 drives it: lower it"),
+    ],
+)
+def test_a_run_that_cannot_fit_in_memory_is_refused_naming_the_setting(
+    texts, tmp_path, capsys, monkeypatch, flags, driver
+):
+    """Regression (issue 18): under a 4 GB limit these settings ended in ``internal error:
+    RuntimeError: [enforce fail at alloc_cpu.cpp:127] …`` after the tokenizer stage; the plan now
+    estimates the step's memory and refuses, naming the setting, before anything is written."""
+    import flm.cli.train
+
+    monkeypatch.setattr(flm.cli.train, "available_memory", lambda device: (4 * 10**9, "available RAM"))
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run, *flags)) == 2
+    err = one_line_error(capsys)
+    assert "this run needs about" in err and "but 4.0 GB is available (available RAM)" in err and driver in err
+    assert not run.exists()
+
+
+def test_the_plan_states_the_step_memory(texts, tmp_path, capsys):
+    assert main(train_argv(texts, tmp_path / "run", "--max-iters", "1")) == 0
+    assert "memory: about" in capsys.readouterr().out
+
+
+_ALLOC_FAILED = (
+    "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: not enough memory: "
+    "you tried to allocate 82000000000 bytes."
+)
+
+
+def test_a_memory_error_in_the_training_step_names_the_allocation(texts, tmp_path, capsys, monkeypatch):
+    def no_memory(*a, **k):
+        raise RuntimeError(_ALLOC_FAILED)
+
+    monkeypatch.setattr(flm.train.loop, "get_batch", no_memory)
+    assert main(train_argv(texts, tmp_path / "run")) == 1
+    err = one_line_error(capsys)
+    assert "out of memory in the training step: could not allocate 82.0 GB" in err and "--batch-size" in err
+    assert "internal error" not in err
+
+
+def test_a_memory_error_from_the_text_never_advises_a_smaller_batch(texts, tmp_path, capsys, monkeypatch):
+    """A pathological text (one enormous pre-token) exhausts memory in the tokenizer: the message
+    names the text, not the batch."""
+    import flm.cli.train
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(flm.cli.train, "train_tokenizer", no_memory)
+    assert main(train_argv(texts, tmp_path / "run")) == 1
+    err = one_line_error(capsys)
+    assert f"out of memory while tokenizing {texts[0]}" in err and "the text, not the batch" in err
+    assert "batch-size" not in err and "grad-accum" not in err
+
+
+def test_a_memory_error_in_tokenize_encode_is_one_line_without_batch_advice(
+    tiny_run, texts, tmp_path, capsys, monkeypatch
+):
+    import flm.tokenizer
+
+    def no_memory(*a, **k):
+        raise RuntimeError(_ALLOC_FAILED)
+
+    monkeypatch.setattr(flm.tokenizer, "encode_file", no_memory)
+    argv = ["tokenize", "encode", str(texts[1]), str(tmp_path / "v.tokens"), "--tokenizer", str(tiny_run)]
+    assert main(argv) == 1
+    err = one_line_error(capsys)
+    assert "out of memory: could not allocate 82.0 GB" in err and "batch" not in err
+
+
+# ----------------------------------------------------------------- issue 18: a full disk
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path, request):
+    """A tmpfs of ``request.param`` bytes (needs root and a kernel that allows it; else skipped)."""
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.mark.parametrize("small_tmpfs", [100_000, 1_000_000], indirect=True)  # token files; a checkpoint
+def test_a_full_disk_says_so_and_where(texts, small_tmpfs, capsys):
+    """Regression (issue 18): a full disk printed ``error: 65693 requested and 24576 written``,
+    ``no space left on device:`` with no file, or ``internal error: SafetensorError``."""
+    run = small_tmpfs / "run"
+    assert main(train_argv(texts, run)) == 1
+    err = one_line_error(capsys)
+    assert f"the disk is full: cannot write {run}/" in err and "free some space" in err
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("small_tmpfs", [60_000], indirect=True)
+def test_tokenize_encode_on_a_full_disk_says_so_and_where(tiny_run, texts, small_tmpfs, capsys):
+    out = small_tmpfs / "train.tokens"
+    assert main(["tokenize", "encode", str(texts[0]), str(out), "--tokenizer", str(tiny_run)]) == 1
+    assert f"the disk is full: cannot write {out} (no space left on device" in one_line_error(capsys)
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write reports it: no file name
+
+
+def test_a_full_disk_names_the_token_file(texts, tmp_path, capsys, monkeypatch):
+    """ENOSPC injected (for machines that cannot mount a tmpfs): the token file is named."""
+    import importlib
+
+    encode_module = importlib.import_module("flm.tokenizer.encode_file")  # the package exports the function
+    monkeypatch.setattr(encode_module.shutil, "copyfileobj", _enospc)
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run)) == 1
+    assert f"the disk is full: cannot write {run / 'train.tokens'} (" in one_line_error(capsys)
+
+
+def test_a_full_disk_names_the_checkpoint_and_the_metrics_file(texts, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    import flm.checkpoint
+    import flm.train.metrics
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(flm.checkpoint, "st_save_file", full)
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run)) == 1
+    assert f"the disk is full: cannot write {run / 'best.safetensors'} (" in one_line_error(capsys)
+    monkeypatch.undo()
+
+    class FullFile:
+        def __init__(self, *a, **k):
+            pass
+
+        write = flush = _enospc
+
+        def close(self):
+            _enospc()
+
+    monkeypatch.setattr(flm.train.metrics, "open", lambda *a, **k: FullFile(), raising=False)
+    assert main(train_argv(texts, run, "--overwrite")) == 1
+    assert f"the disk is full: cannot write {run / 'metrics.jsonl'} (" in one_line_error(capsys)
+
+
+# ----------------------------------------------------------------- issue 18: one wording, exit 2
+
+
+@pytest.mark.parametrize(
+    "extra, text",
+    [
+        (["--lr", "0"], "--lr must be a finite positive number, got 0.0"),  # was "--lr must be positive"
+        (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+        (["--lr", "-1"], "--lr must be a finite positive number, got -1.0"),  # was "a finite number ≥ 0"
+        (["--min-lr", "5"], "need --min-lr ≤ --lr, got --min-lr=5.0, --lr=0.003"),  # was "--need min_lr ≤ lr"
+        (["--d-model", "33"], "--d-model=33 is not divisible by --num-heads=2"),
+        (["--vocab-size", "100"], "--vocab-size 100 is smaller than 256 bytes + 1 special token = 257"),  # was exit 1
+        (["--train-bytes", "10"], "--train-bytes 10 is less than context_length + 1 = 33"),  # was exit 1 after work
+    ],
+)
+def test_train_usage_errors_exit_2_with_one_wording_per_flag(texts, tmp_path, capsys, extra, text):
+    """Regression (issue 18): ``--lr`` had two wordings, config messages gained a stray ``--``
+    (``--need min_lr``) or kept field names, and some usage errors exited 1 after the tokenizer stage."""
+    run = tmp_path / "run"
+    assert main(train_argv(texts, run, *extra)) == 2
+    assert text in one_line_error(capsys) and not run.exists()
+
+
+def test_no_stray_dashes_before_config_field_names(texts, capsys):
+    """Regression (issue 18): ``error: --give both train_text and valid_text`` (DataConfig's message)."""
+    assert main(["train", "--preset", "tiny", "--train-text", str(texts[0])]) == 2
+    err = one_line_error(capsys)
+    assert err == "error: give both --train-text and --valid-text, or neither (to download the data set)"
+
+
+def test_other_subcommands_usage_errors_exit_2_with_the_flag_wording(tiny_run, texts, tmp_path, capsys):
+    cases = [  # each exited 1, or worded the same flag differently from flm train
+        (
+            ["tokenize", "train", str(texts[1]), "--vocab-size", "10", "--out-dir", str(tmp_path / "tok")],
+            "--vocab-size 10 is smaller than 256 bytes + 1 special token(s) = 257",
+        ),
+        (["eval", str(tiny_run), "--text", str(texts[1]), "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (
+            ["sweep", "--preset", "tiny", "--train-text", str(texts[0]), "--valid-text", str(texts[1]),
+             "--lrs", "0.01", "0.01", "--out-dir", str(tmp_path / "sweep")],
+            "--lrs: 0.01 given more than once",
+        ),
+    ]  # fmt: skip
+    for argv, text in cases:
+        assert main(argv) == 2, argv
+        assert text in one_line_error(capsys), argv
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "tok").exists()

@@ -63,7 +63,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``flm`` command line; returns the exit code (0 success, 1 runtime error, 2 usage, 130 Ctrl-C)."""
+    """Run the ``flm`` command line; returns the exit code (0 success, 1 runtime error, 2 usage, 130 Ctrl-C, 143 SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     args.command_line = "flm " + shlex.join(argv)  # for reports that record how they were made

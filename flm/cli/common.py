@@ -2,18 +2,22 @@
 
 Exit codes: 0 success, 1 a runtime failure (a corrupt file, a full disk, a NaN loss, a busy run
 directory), 2 a usage error (a bad flag or setting, a missing file, an unavailable device,
-settings that contradict the run directory), 130 interrupted by Ctrl-C. Errors print one line
+settings that contradict the run directory), 130 interrupted by Ctrl-C, 143 stopped by SIGTERM
+(``flm train`` finishes the step and saves a checkpoint first; SIGUSR1 makes it save one and go
+on). Errors print one line
 ``error: …`` on stderr; ``--debug`` or ``FLM_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,6 +25,7 @@ import torch
 
 __all__ = [
     "UsageError",
+    "Terminated",
     "ArgumentParser",
     "run_command",
     "setup_logging",
@@ -28,6 +33,10 @@ __all__ = [
     "set_threads",
     "log",
     "format_error",
+    "OutOfMemory",
+    "is_memory_error",
+    "memory_error_bytes",
+    "format_bytes",
 ]
 
 logger = logging.getLogger("flm")
@@ -35,6 +44,10 @@ logger = logging.getLogger("flm")
 
 class UsageError(ValueError):
     """A problem with what the user asked for (exit code 2): bad flags, files or settings."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by SIGTERM (exit code 143, ``128 + SIGTERM``)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -112,18 +125,71 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+class OutOfMemory(MemoryError):
+    """Memory ran out at a stage flm can name; the message is flm's whole line (what ran out of
+    memory, the allocation, and the setting to change)."""
+
+
+_TORCH_ALLOC = re.compile(r"not enough memory|can't allocate memory|out of memory|bad_alloc", re.IGNORECASE)
+_ALLOC_SIZE = re.compile(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]i?B)", re.IGNORECASE)
+_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_UNITS.update({"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12})
+
+
+def memory_error_bytes(err: BaseException) -> int | None:
+    """The size of the allocation that failed, when ``err`` is a memory error that names it.
+
+    Args:
+        err: any exception.
+
+    Returns:
+        Bytes, or ``None`` (not a memory error, or one that does not say: see :func:`is_memory_error`).
+    """
+    if not is_memory_error(err):
+        return None
+    m = _ALLOC_SIZE.search(str(err))
+    if m is None:
+        return None
+    return int(float(m.group(1)) * _UNITS.get(m.group(2), 1))
+
+
+def is_memory_error(err: BaseException) -> bool:
+    """Whether ``err`` says memory ran out: Python's ``MemoryError``, torch's ``OutOfMemoryError``,
+    or the ``RuntimeError`` torch's CPU allocator raises (``DefaultCPUAllocator: not enough memory``)."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and _TORCH_ALLOC.search(str(err)) is not None
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes as a short decimal size: ``512 B``, ``3.4 MB``, ``82.0 GB``."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_error(err: BaseException) -> str:
-    """One line describing an error a user can cause (file names and OS reasons spelled out)."""
+    """One line describing an error a user can cause (file names and OS reasons spelled out): a
+    full disk says so and names the file; a memory error names the allocation."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        what = "the disk is full" if err.errno == errno.ENOSPC else "the disk quota is exhausted"
+        where = f": cannot write {err.filename}" if err.filename else ""
+        return f"{what}{where} ({(err.strerror or 'no space left on device').lower()}; free some space or use another --out-dir)"
     if isinstance(err, OSError) and err.strerror:
         where = f" {err.filename}" if err.filename else ""
         hint = ""
-        if err.errno == errno.ENOSPC:
-            hint = " (free some space or use another --out-dir)"
-        elif err.errno in (errno.EACCES, errno.EPERM):
+        if err.errno in (errno.EACCES, errno.EPERM):
             hint = " (check the permissions or use another --out-dir)"
         return f"{err.strerror.lower()}:{where}{hint}"
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
-        return f"out of memory ({err}); try a smaller --batch-size or a larger --grad-accum-steps"
+    if isinstance(err, OSError) and (m := re.fullmatch(r"(\d+) requested and (\d+) written", str(err))):
+        return f"a write stopped short ({m.group(2)} of {m.group(1)} bytes written): the disk is probably full"
+    if isinstance(err, OutOfMemory):
+        return str(err)
+    if is_memory_error(err):
+        size = memory_error_bytes(err)
+        what = f"could not allocate {format_bytes(size)}" if size else "an allocation failed"
+        return f"out of memory: {what} (free some memory, or use a machine with more)"
     text = str(err) or type(err).__name__
     return " ".join(text.split())  # one line, whatever the message held
 
@@ -139,7 +205,13 @@ def run_command(handler: Callable[[argparse.Namespace], int | None], args: argpa
 
     debug = getattr(args, "debug", False) or os.environ.get("FLM_DEBUG", "") not in ("", "0")
     try:
-        return int(handler(args) or 0)
+        with _stop_signals():
+            return int(handler(args) or 0)
+    except Terminated:
+        if debug:
+            raise
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         if debug:
             raise
@@ -158,11 +230,44 @@ def run_command(handler: Callable[[argparse.Namespace], int | None], args: argpa
     except Exception as err:
         if debug:
             raise
+        if is_memory_error(err):  # torch's CPU allocator raises a plain RuntimeError
+            print(f"error: {format_error(err)}", file=sys.stderr)
+            return 1
         print(
             f"error: internal error: {type(err).__name__}: {format_error(err)} (run with --debug for the traceback)",
             file=sys.stderr,
         )
         return 1
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """While a command runs: SIGTERM raises :class:`Terminated` (so temporary files are cleaned up
+    and the exit code is 143, as Ctrl-C raises ``KeyboardInterrupt``), and SIGUSR1, which would
+    otherwise kill the process, is logged and ignored. The training loop installs its own handlers
+    (checkpoint, then stop or continue) while it runs. Main thread only; restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    def on_usr1(signum: int, frame: object) -> None:
+        logger.warning("SIGUSR1: no training step is running, so there is no checkpoint to save; continuing")
+
+    wanted = [(signal.SIGTERM, on_term)]
+    if hasattr(signal, "SIGUSR1"):
+        wanted.append((signal.SIGUSR1, on_usr1))
+    previous = [(sig, signal.signal(sig, handler)) for sig, handler in wanted]
+    try:
+        yield
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
 
 
 def usage(message: str) -> Any:

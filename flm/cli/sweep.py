@@ -60,6 +60,10 @@ def variants(lrs: list[float], weight_decays: list[float] | None) -> list[dict[s
     for wd in weight_decays or ():
         if not (math.isfinite(wd) and wd >= 0):
             raise UsageError(f"--weight-decays: must be ≥ 0, got {wd:g}")
+    for flag, values in (("--lrs", lrs), ("--weight-decays", weight_decays or ())):
+        twice = sorted({f"{v:g}" for v in values if sum(f"{w:g}" == f"{v:g}" for w in values) > 1})
+        if twice:
+            raise UsageError(f"{flag}: {', '.join(twice)} given more than once (each value trains one model)")
     if not weight_decays:
         return [{"label": f"lr_{lr:g}", "lr": lr} for lr in lrs]
     return [

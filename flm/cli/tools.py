@@ -106,6 +106,11 @@ def run_tokenize(args: argparse.Namespace) -> int:
     if args.action == "train":
         if args.max_bytes is not None and args.max_bytes < 1:
             raise UsageError(f"--max-bytes must be ≥ 1, got {args.max_bytes}")
+        if args.vocab_size < 256 + len(set(specials)):
+            raise UsageError(
+                f"--vocab-size {args.vocab_size} is smaller than 256 bytes + {len(set(specials))} special "
+                f"token(s) = {256 + len(set(specials))}"
+            )
         out = Path(args.out_dir)
         _check_tokenizer_dir(out, args.overwrite)
         vocab, merges = train_bpe(
@@ -168,7 +173,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from flm.train import evaluate
 
     if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")  # as flm train says
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError(f"--max-batches must be ≥ 1, got {args.max_batches}")
     _input_file(args.text, f"--text {args.text}")

@@ -31,7 +31,16 @@ from flm import distributed
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
 from flm.checkpoint import read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
-from flm.cli.common import UsageError, log, pick_device
+from flm.cli.common import (
+    OutOfMemory,
+    Terminated,
+    UsageError,
+    format_bytes,
+    is_memory_error,
+    log,
+    memory_error_bytes,
+    pick_device,
+)
 from flm.config import RunConfig, default_preset
 from flm.download import DATASETS, check_local_size, download
 from flm.model import count_params, train_step_flops
@@ -164,6 +173,14 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         if wanted and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package: pip install {package}")
     plan = Plan(cfg, out_dir, resume)
+    if cfg.model.vocab_size < 256 + 1:  # the tokenizer has one id per byte, plus <|endoftext|>
+        raise UsageError(f"--vocab-size {cfg.model.vocab_size} is smaller than 256 bytes + 1 special token = 257")
+    if cfg.data.train_bytes is not None and cfg.data.train_bytes < cfg.model.context_length + 1:
+        raise UsageError(
+            f"--train-bytes {cfg.data.train_bytes} is less than context_length + 1 = {cfg.model.context_length + 1} "
+            "(a token is at least one byte)"
+        )
+    plan.notes.append(check_memory(cfg))
     need = cfg.model.context_length + 1
     d = cfg.data
     if d.train_text is not None:
@@ -202,6 +219,172 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
     if resume and state.checkpoints:
         _check_resume(plan, state.checkpoints)
     return plan
+
+
+def available_memory(device: str) -> tuple[int, str] | None:
+    """What this process can still allocate on ``device``, and what limits it.
+
+    On the CPU the least of: the available RAM (``MemAvailable``), a container's cgroup memory
+    limit less its usage, and an address-space limit (``ulimit -v``) less the address space in
+    use. On CUDA the device's free memory.
+
+    Args:
+        device: a resolved device string (``cpu``, ``cuda:0``, …).
+
+    Returns:
+        ``(bytes, what limits it)``, or ``None`` where unknown (e.g. MPS, a system without ``/proc``).
+    """
+    import resource
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), f"free memory on {torch.cuda.get_device_name(dev)}"
+    if dev.type != "cpu":
+        return None
+
+    def read_int(path: str, key: str | None = None) -> int | None:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            return None
+        if key is None:
+            text = text.strip()
+            return int(text) if text.isdigit() else None
+        for line in text.splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+        return None
+
+    limits = []
+    ram = read_int("/proc/meminfo", "MemAvailable")
+    if ram is None and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if ram is not None:
+        limits.append((ram, "available RAM"))
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = read_int(limit_file), read_int(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            limits.append((max(limit - usage, 0), "the memory limit of this container (cgroup)"))
+            break
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    in_use = read_int("/proc/self/status", "VmSize")
+    if soft != resource.RLIM_INFINITY and in_use is not None:
+        limits.append((max(soft - in_use, 0), "the address-space limit (ulimit -v)"))
+    return min(limits) if limits else None
+
+
+def step_memory(cfg: RunConfig) -> dict[str, int]:
+    """Peak memory of one rank's training step (and of the final evaluation), in bytes.
+
+    :func:`flm.model.training_memory` for one micro-batch (``batch_size / ranks /
+    grad_accum_steps`` sequences), without the attention scores when a fused kernel computes them
+    (``attention`` other than ``"flm"``), activations at 2 bytes under bf16; at least the final
+    evaluation's logits and softmax over a whole ``batch_size``. An estimate from the config alone.
+
+    Args:
+        cfg: the resolved run config (``dtype`` not ``"auto"``).
+
+    Returns:
+        ``{"state": parameters + gradients + AdamW state, "activations": ..., "total": ...}``.
+    """
+    from flm.model import training_memory
+
+    m, t = cfg.model, cfg.train
+    world = max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+    micro = max(-(-t.batch_size // (world * t.grad_accum_steps)), 1)
+    mem = training_memory(m, micro)
+    s = m.context_length
+    scores = 4 * micro * m.num_layers * 2 * m.num_heads * s * s if m.attention != "flm" else 0
+    activations = mem["activations"] - scores
+    if t.dtype != "auto" and t.compute_dtype is not None:  # "auto" (unresolved): assume float32
+        activations //= 2
+    evaluation = 4 * -(-t.batch_size // world) * s * (2 * m.vocab_size + 4 * m.d_model)
+    state = mem["parameters"] + mem["gradients"] + mem["optimizer_state"]
+    total = max(state + activations, mem["parameters"] + evaluation)
+    if torch.device(t.device).type == "cpu":  # ranks on one machine share its RAM
+        total *= max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return {"state": state, "activations": activations, "total": total}
+
+
+_MEMORY_SETTINGS = (
+    ("train", "batch_size"),
+    ("model", "vocab_size"),
+    ("model", "d_model"),
+    ("model", "context_length"),
+    ("model", "num_layers"),
+    ("model", "d_ff"),
+    ("model", "num_heads"),
+)
+
+
+def memory_driver(cfg: RunConfig) -> str:
+    """Which setting to change when a run does not fit: the one whose value at the preset's would
+    shrink :func:`step_memory` the most (at least halve it), else the larger part (activations:
+    the batch; parameters and optimiser state: the model's size).
+
+    Returns:
+        Advice naming the flag, e.g. ``"--vocab-size 40000000 drives it: lower it"``.
+    """
+    from flm.cli.args import _flag
+    from flm.config import RunConfig as _RunConfig
+
+    batch_advice = "lower it, or raise --grad-accum-steps to split each step into micro-batches"
+    need = step_memory(cfg)
+    try:
+        base = _RunConfig.resolve(cfg.preset)
+    except ValueError:
+        base = None
+    best, best_ratio = None, 2.0
+    for section, name in _MEMORY_SETTINGS if base is not None else ():
+        value, default = getattr(getattr(cfg, section), name), getattr(getattr(base, section), name)
+        if value == default:
+            continue
+        try:
+            variant = cfg.replace(**{section: {name: default}})
+        except (ValueError, TypeError):
+            continue
+        ratio = need["total"] / max(step_memory(variant)["total"], 1)
+        if ratio >= best_ratio:
+            best, best_ratio = (section, name, value), ratio
+    if best is not None:
+        section, name, value = best
+        advice = batch_advice if name == "batch_size" else "lower it"
+        return f"{_flag(section, name)} {value} drives it: {advice}"
+    if need["activations"] >= need["state"]:
+        return f"the activations of --batch-size {cfg.train.batch_size} drive it: {batch_advice}"
+    return "the model's parameters and optimiser state drive it: lower --d-model, --num-layers or --vocab-size"
+
+
+def check_memory(cfg: RunConfig) -> str:
+    """Refuse a run whose training step cannot fit this machine's memory (:func:`step_memory`
+    against :func:`available_memory`), naming the setting that drives it.
+
+    Args:
+        cfg: the resolved run config.
+
+    Returns:
+        A plan line: the estimate and what is available.
+
+    Raises:
+        UsageError: the estimate exceeds what is available.
+    """
+    need = step_memory(cfg)
+    have = available_memory(cfg.train.device)
+    line = f"memory: about {format_bytes(need['total'])} per training step"
+    if have is None:
+        return line
+    if need["total"] > have[0]:
+        raise UsageError(
+            f"this run needs about {format_bytes(need['total'])} of memory (parameters, gradients and AdamW "
+            f"state {format_bytes(need['state'])}; activations {format_bytes(need['activations'])}) but "
+            f"{format_bytes(have[0])} is available ({have[1]}); {memory_driver(cfg)}"
+        )
+    return f"{line} ({format_bytes(have[0])} available)"
 
 
 def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
@@ -307,42 +490,76 @@ def execute(plan: Plan) -> dict[str, Any]:
         UsageError: a text that encodes to fewer than ``context_length + 1`` tokens, or a resumed
             checkpoint made with another tokenizer (found before anything is written).
         ValueError, OSError: failures while running (one line each in the CLI).
-        KeyboardInterrupt: training was interrupted (its checkpoint is saved).
+        KeyboardInterrupt: training was interrupted by Ctrl-C (its checkpoint is saved).
+        Terminated: training was stopped by SIGTERM (its checkpoint is saved).
     """
     cfg, out = plan.config, plan.out_dir
     info = distributed.init_from_env(cfg.train.device)
     if info.enabled:
         plan.config = cfg = cfg.replace(train={"device": info.device})
     try:
-        checked = check_data(plan) if info.is_main else None  # before the lock: a failed check writes nothing
+        with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
+            checked = check_data(plan) if info.is_main else None  # before the lock: a failed check writes nothing
         with run_lock(out) if info.is_main else contextlib.nullcontext():
             if info.is_main:
-                tokenizer, tokens = write_data(plan, *checked)
+                with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
+                    tokenizer, tokens = write_data(plan, *checked)
                 distributed.barrier()  # release the other ranks: tokenizer and token files are ready
             else:
                 distributed.barrier()
                 tokenizer = Tokenizer.from_files(out / "vocab.json", out / "merges.txt", special_tokens=[EOS_TOKEN])
                 tokens = prepare_tokens(out, tokenizer, plan.texts, log=lambda _m: None)
-            summary = train_loop(
-                cfg.model,
-                cfg.train,
-                tokens["train"],
-                tokens["valid"],
-                out,
-                resume=plan.resume,
-                run_config=cfg.to_dict(),
-                tokenizer_fingerprint=tokenizer.fingerprint(),
-                log=log,
-                dist_info=info,
-            )
+            step_advice = f"flm estimated {format_bytes(step_memory(cfg)['total'])} per step; {memory_driver(cfg)}"
+            with _out_of_memory("in the training step", step_advice):
+                summary = train_loop(
+                    cfg.model,
+                    cfg.train,
+                    tokens["train"],
+                    tokens["valid"],
+                    out,
+                    resume=plan.resume,
+                    run_config=cfg.to_dict(),
+                    tokenizer_fingerprint=tokenizer.fingerprint(),
+                    log=log,
+                    dist_info=info,
+                )
+            if summary["status"] in ("interrupted", "terminated"):
+                if info.is_main:
+                    log(f"stopped at step {summary['step']}; continue with: flm train --resume --out-dir {out}")
+                raise Terminated() if summary["status"] == "terminated" else KeyboardInterrupt
             if not info.is_main:
                 return summary
-            if summary["status"] == "interrupted":
-                log(f"stopped at step {summary['step']}; continue with: flm train --resume --out-dir {out}")
-                raise KeyboardInterrupt
-            return _finish(cfg, out, tokenizer, tokens, summary)
+            with _out_of_memory("evaluating the best model", f"lower --batch-size ({cfg.train.batch_size})"):
+                return _finish(cfg, out, tokenizer, tokens, summary)
     finally:
         distributed.shutdown()
+
+
+_TEXT_ADVICE = (
+    "the text, not the batch, is the cause: a long stretch without spaces or punctuation (one pre-token) "
+    "needs memory in proportion to its length; split or clean the text"
+)
+
+
+def _text_names(plan: Plan) -> str:
+    paths = [path for path, _ in plan.texts.values()]
+    return " and ".join(paths) if paths else f"the {plan.config.data.dataset} data"
+
+
+@contextlib.contextmanager
+def _out_of_memory(what: str, advice: str):
+    """Turn a memory error inside the block into one :class:`~flm.cli.common.OutOfMemory` line:
+    ``out of memory <what>: could not allocate <size>; <advice>``."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except Exception as err:
+        if not is_memory_error(err):
+            raise
+        size = memory_error_bytes(err)
+        alloc = f"could not allocate {format_bytes(size)}" if size else "an allocation failed"
+        raise OutOfMemory(f"out of memory {what}: {alloc}; {advice}") from err
 
 
 def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:

@@ -57,7 +57,7 @@ def _encode_range(tok: Tokenizer, path: str, start: int, end: int, part_path: st
     count = 0
     with open(part_path, "wb") as f:
         for ids in tok.encode_batches(_read_text_blocks(path, start, end), buffer_chars=_READ_BLOCK):
-            np.asarray(ids, dtype=dtype).tofile(f)
+            f.write(np.asarray(ids, dtype=dtype).data)  # not tofile: its short-write error has no errno
             count += len(ids)
     return count
 
@@ -152,6 +152,10 @@ def encode_file(
         bar.close()
         os.replace(tmp_out, output_path)
         fsync_dir(out.parent)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), output_path) from err  # a full disk: say where
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     files = tokenizer_files if tokenizer_files is not None else getattr(tokenizer, "source_files", None)

@@ -82,7 +82,9 @@ def train_loop(
     keeping the newest ``keep_checkpoints``. With ``resume`` the newest good checkpoint is loaded
     and training continues at the same schedule position with the same sampler state, so the
     result equals an uninterrupted run. Ctrl-C saves a checkpoint and returns with status
-    ``"interrupted"``; ``time_budget`` stops early (status ``"time_budget"``) leaving time for
+    ``"interrupted"``, SIGTERM likewise with status ``"terminated"`` (both after finishing the
+    step in progress); SIGUSR1 saves a checkpoint and continues; ``time_budget`` stops early
+    (status ``"time_budget"``) leaving time for
     the final evaluation. The run directory is locked for the duration (``out_dir/.lock``).
 
     Args:
@@ -101,7 +103,7 @@ def train_loop(
             and writes files (checkpoints hold every rank's sampler state).
 
     Returns:
-        A summary: ``step``, ``status`` ("done" | "interrupted" | "time_budget"),
+        A summary: ``step``, ``status`` ("done" | "interrupted" | "terminated" | "time_budget"),
         ``best_val_loss``, ``best_step``, ``final_val_loss``, ``wall_time``, ``tokens``,
         ``tokens_per_sec`` (training time only), ``mfu``.
 
@@ -279,11 +281,16 @@ def _train(
         meta = {"wall_time": clock.elapsed(), **({"rng_states": states} if states else {})}
         ckpt.save(at_step, params, opt_state, sampler=sampler, metadata=meta)
 
+    signals = _Signals()
     try:
-        with _interrupt_guard() as interrupted:
+        with _interrupt_guard(signals):
             while step < cfg.max_iters:
-                if interrupted():
+                if signals.stop:  # Ctrl-C or SIGTERM, deferred to this step boundary
                     raise KeyboardInterrupt
+                if signals.take_checkpoint_request() and ckpt.last_saved_step != step:
+                    log(f"SIGUSR1 at step {step}: saving a checkpoint and continuing")
+                    with clock.aside():
+                        save_periodic(step, gather=False)  # only this rank was signalled: no collective
                 if clock.over_budget():
                     status = "time_budget"
                     log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
@@ -319,8 +326,8 @@ def _train(
                     with clock.aside():
                         save_periodic(step)
     except KeyboardInterrupt:
-        status = "interrupted"
-        log(f"interrupted at step {step}: saving a checkpoint")
+        status = "terminated" if signals.terminated else "interrupted"
+        log(f"{'SIGTERM' if signals.terminated else 'interrupted'} at step {step}: saving a checkpoint")
         try:
             save_periodic(step, gather=False)  # other ranks may be gone: no collective here
         except NonFiniteLossError as err:
@@ -329,7 +336,7 @@ def _train(
         metrics.close()
         if main:
             plot_metrics(metrics.path, out / "loss.png")
-    if status != "interrupted":
+    if status not in ("interrupted", "terminated"):
         if evaluator is not None and main:
             last = evaluator.last
             final_val = last[1] if last and last[0] == step else evaluator(params, step)["loss"]
@@ -353,29 +360,68 @@ def _round(x: float | None, digits: int = 4) -> float | None:
     return None if x is None else round(x, digits)
 
 
+class _Signals:
+    """What the signal handlers asked the loop to do at the next step boundary.
+
+    Attributes:
+        stop: Ctrl-C (SIGINT) or SIGTERM arrived: checkpoint and stop.
+        terminated: the stop came from SIGTERM (status ``"terminated"``, exit 143 in the CLI).
+        checkpoint: SIGUSR1 arrived: checkpoint and continue.
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.terminated = False
+        self.checkpoint = False
+
+    def take_checkpoint_request(self) -> bool:
+        """Whether SIGUSR1 asked for a checkpoint since the last call (clears the request)."""
+        asked, self.checkpoint = self.checkpoint, False
+        return asked
+
+
 @contextlib.contextmanager
-def _interrupt_guard():
-    """Defer Ctrl-C (SIGINT) to the next step boundary: the loop checks ``interrupted()`` between
-    steps, so a checkpoint never holds a half-applied in-place update. A second Ctrl-C interrupts
-    at once. Only the main thread can install signal handlers; elsewhere Ctrl-C is untouched."""
+def _interrupt_guard(signals: _Signals):
+    """Defer Ctrl-C (SIGINT), SIGTERM and SIGUSR1 to the next step boundary: the handlers only set
+    flags on ``signals``, which the loop checks between steps, so a checkpoint never holds a
+    half-applied in-place update and no handler starts a collective (under torchrun every rank is
+    signalled; one waiting in a collective for another would hang). A second Ctrl-C interrupts at
+    once; a second SIGTERM changes nothing (the step still finishes and is saved). Only the main
+    thread can install signal handlers; elsewhere the signals are untouched.
+
+    Args:
+        signals: the flags to set.
+
+    Yields:
+        Nothing; read ``signals``.
+    """
     import signal
     import threading
 
-    state = {"hits": 0}
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield
         return
 
-    def handler(signum: int, frame: object) -> None:
-        state["hits"] += 1
-        if state["hits"] > 1:
+    def on_int(signum: int, frame: object) -> None:
+        if signals.stop and not signals.terminated:
             raise KeyboardInterrupt
+        signals.stop = True
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def on_term(signum: int, frame: object) -> None:
+        signals.stop = signals.terminated = True
+
+    def on_usr1(signum: int, frame: object) -> None:
+        signals.checkpoint = True
+
+    wanted = [(signal.SIGINT, on_int), (signal.SIGTERM, on_term)]
+    if hasattr(signal, "SIGUSR1"):  # not on Windows
+        wanted.append((signal.SIGUSR1, on_usr1))
+    previous = [(sig, signal.signal(sig, handler)) for sig, handler in wanted]
     try:
-        yield lambda: state["hits"] > 0
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous:
+            signal.signal(sig, handler)
 
 
 def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:

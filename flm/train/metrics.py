@@ -143,13 +143,28 @@ class JsonlSink:
         self._f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line and flush it."""
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        """Append ``record`` as one line and flush it.
+
+        Raises:
+            OSError: the write failed (a full disk, …), naming the file.
+        """
+        try:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+        except OSError as err:
+            self._failed = True
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
-        self._f.close()
+        """Close the file (idempotent; after a failed write, a second failure to flush is not raised
+        again, so the first error is the one reported)."""
+        try:
+            self._f.close()
+        except OSError:
+            if not getattr(self, "_failed", False):
+                raise
 
 
 class _TensorBoardSink:
