@@ -85,10 +85,13 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that wants a file name (not a file object);
     when the ``with`` block ends without an error the file is fsynced, given ordinary permissions
-    and renamed over ``path``; on an error it is removed and ``path`` is left as it was.
+    and renamed over ``path``; on an error it is removed and ``path`` is left as it was. In a
+    directory that holds an flm manifest (:mod:`flm.manifest`) the new file is recorded first.
 
     Raises:
         OSError: as :func:`atomic_writer`.
+        flm.manifest.ForeignFilesError: in a tracked directory, ``path`` is a link or a file flm
+            did not write (nothing is replaced).
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
@@ -101,6 +104,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())
+        # In a directory flm tracks (flm.manifest): refuse a target flm did not write, and record
+        # the new file before it appears, so a kill at any moment leaves the manifest truthful.
+        from flm import manifest
+
+        manifest.before_replace(tmp, target)
         os.replace(tmp, target)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -234,7 +242,13 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    f = open(d / LOCK_NAME, "a+", encoding="utf-8")
+    try:  # never through a link: a link named .lock is refused, not followed
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as err:
+        if (d / LOCK_NAME).is_symlink():
+            raise OSError(err.errno, f"{LOCK_NAME} is a symbolic link; move it away", str(d / LOCK_NAME)) from None
+        raise
+    f = os.fdopen(fd, "a+", encoding="utf-8")
     try:
         try:
             import fcntl
@@ -247,7 +261,7 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
                 f.seek(0)
                 holder = f.read().strip() or "unknown"
                 raise RunLockedError(
-                    f"run directory {d} is in use by another flm process (pid {holder}); "
+                    f"run directory {d} is in use by pid {holder} (another flm process); "
                     "wait for it to finish or use another --out-dir"
                 ) from None
         f.seek(0)

@@ -9,6 +9,7 @@ A run directory (``flm train --out-dir RUN``) holds::
     metrics.jsonl, loss.png    the learning curves
     results.json, samples.txt  the final evaluation and samples
     .lock                      the lock of the process writing it
+    flm-manifest.json          what flm wrote here (flm.manifest): it replaces or deletes nothing else
 
 Each cached stage records a stamp (its inputs: file path, size and modification time, settings,
 tokenizer fingerprint) and is skipped when the stamp matches. :func:`load_run` gives a trained
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flm import manifest
 from flm._io import LOCK_NAME, atomic_write_json, is_temp_name
 from flm.checkpoint import is_checkpoint_name, list_checkpoints, load_checkpoint, read_header
 from flm.model import TransformerConfig, check_params
@@ -59,6 +61,15 @@ BEST = "best.safetensors"
 _TOKENIZER_STAMP = "tokenizer.stamp.json"
 # What a finished or interrupted run leaves behind; --overwrite removes exactly these.
 _RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "results.json", "samples.txt", BEST, "config.json")
+# The cached stages' files: reused or replaced by a run, never removed by --overwrite.
+_CACHE_FILES = ("vocab.json", "merges.txt", _TOKENIZER_STAMP) + tuple(
+    f"{split}{ext}" for split in ("train", "valid") for ext in (".tokens", ".tokens.json", ".stamp.json")
+)
+
+
+def _is_target(name: str) -> bool:
+    """Whether a run may write or delete an entry of this name (so it must be flm's own)."""
+    return name in _RUN_OUTPUTS or name in _CACHE_FILES or name == "tensorboard" or is_checkpoint_name(name)
 
 
 @dataclass(frozen=True)
@@ -69,14 +80,18 @@ class RunState:
         checkpoints: the periodic checkpoints, oldest first.
         outputs: the other files a run writes (metrics, best model, results, config).
         last_step: the step of the newest checkpoint (``None`` without one).
-        foreign: entries flm did not write (a tokenizer without flm's stamp counts): a new run
-            refuses to start among them without ``--overwrite``, and never removes them.
+        foreign: entries with names flm never writes: a new run refuses to start among them
+            without ``--overwrite``, and never touches them.
+        refused: entries with names a run writes or deletes that flm cannot show it wrote
+            (:mod:`flm.manifest`: the user's own files, links, changed files): every run refuses
+            them, with or without ``--overwrite``.
     """
 
     checkpoints: list[Path]
     outputs: list[Path]
     last_step: int | None
     foreign: list[Path] = field(default_factory=list)
+    refused: list[Path] = field(default_factory=list)
 
     @property
     def has_run(self) -> bool:
@@ -90,45 +105,38 @@ class RunState:
 
 
 def run_state(out_dir: str | os.PathLike) -> RunState:
-    """Inspect a run directory (a missing one is empty); reads only checkpoint headers.
+    """Inspect a run directory (a missing one is empty); reads only checkpoint headers and
+    checks each entry a run may write or delete against the manifest (:mod:`flm.manifest`).
 
     Raises:
-        ValueError: ``out_dir`` exists but is not a directory.
+        ValueError: ``out_dir`` exists but is not a directory, or holds an invalid manifest.
     """
     d = Path(out_dir)
     if d.exists() and not d.is_dir():
         raise ValueError(f"--out-dir {d} exists and is not a directory")
-    ckpts = list_checkpoints(d)
-    outputs = [d / name for name in _RUN_OUTPUTS if (d / name).exists()]
-    tensorboard = d / "tensorboard"
-    if tensorboard.is_dir():
-        outputs += sorted(tensorboard.rglob("*"), reverse=True) + [tensorboard]
+    entries = sorted(d.iterdir()) if d.is_dir() else []
+    refused = manifest.refused(d, [p.name for p in entries if _is_target(p.name)])
+    bad = set(refused) | {p for p in entries if p.is_symlink()}
+    ckpts = [p for p in list_checkpoints(d) if p not in bad]
+    outputs = [d / name for name in (*_RUN_OUTPUTS, "tensorboard") if (d / name).exists() and d / name not in bad]
+    outputs = [p for p in outputs if p.name != "tensorboard" or p.is_dir()]
     last = None
     if ckpts:
         try:
             last = int(read_header(ckpts[-1]).get("step", 0))
         except ValueError:
             last = int(ckpts[-1].stem.split("_")[1])
-    return RunState(ckpts, outputs, last, _foreign(d))
+    foreign = [p for p in entries if not _is_flm_entry(p.name)]
+    return RunState(ckpts, outputs, last, foreign, refused)
 
 
-def _is_flm_entry(name: str, stamped_tokenizer: bool) -> bool:
-    if name in ("vocab.json", "merges.txt"):
-        return stamped_tokenizer
+def _is_flm_entry(name: str) -> bool:
     return (
-        name in _RUN_OUTPUTS
-        or name in (_TOKENIZER_STAMP, LOCK_NAME, "tensorboard")
-        or is_checkpoint_name(name)
+        _is_target(name)
+        or name in (LOCK_NAME, manifest.MANIFEST_NAME)
         or name.endswith((".stamp.json", ".tokens", ".tokens.json"))
         or is_temp_name(name)
     )
-
-
-def _foreign(d: Path) -> list[Path]:
-    if not d.is_dir():
-        return []
-    stamped = (d / _TOKENIZER_STAMP).is_file()
-    return sorted(p for p in d.iterdir() if not _is_flm_entry(p.name, stamped))
 
 
 def _file_stamp(path: str | os.PathLike) -> dict[str, Any]:
@@ -200,9 +208,14 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
 
 
 def save_tokenizer(out_dir: str | os.PathLike, tokenizer: Tokenizer, stamp: dict[str, Any]) -> None:
-    """Write ``vocab.json``, ``merges.txt`` and the stage's stamp (each atomically, the stamp last)."""
+    """Write ``vocab.json``, ``merges.txt`` and the stage's stamp (each atomically, the stamp last).
+
+    Raises:
+        flm.manifest.ForeignFilesError: one of them exists and flm did not write it (nothing written).
+    """
     d = Path(out_dir)
-    (d / _TOKENIZER_STAMP).unlink(missing_ok=True)
+    manifest.check_replace([d / n for n in ("vocab.json", "merges.txt", _TOKENIZER_STAMP)], where=d)
+    manifest.remove(d / _TOKENIZER_STAMP)
     tokenizer.save(d / "vocab.json", d / "merges.txt")
     atomic_write_json(d / _TOKENIZER_STAMP, stamp)
 
@@ -226,8 +239,12 @@ def prepare_tokens(
 
     Raises:
         ValueError: an unreadable text or a corrupt token file.
+        flm.manifest.ForeignFilesError: a file to be replaced is not flm's (nothing written).
     """
     out, fp = Path(out_dir), tokenizer.fingerprint()
+    manifest.check_replace(
+        [out / f"{split}{ext}" for split in texts for ext in (".tokens", ".tokens.json", ".stamp.json")], where=out
+    )
     log = log or info
     tokens = {}
     for split, (text, max_bytes) in texts.items():
@@ -236,8 +253,11 @@ def prepare_tokens(
         if _read_stamp(stamp_path) == stamp and path.exists() and Path(f"{path}.json").exists():
             log(f"encode {split}: cached")
         else:
-            stamp_path.unlink(missing_ok=True)
+            for stale in (stamp_path, Path(f"{path}.json"), path):
+                manifest.remove(stale)
+            manifest.expect(path)  # encode_file renames its own temporary into place
             n = encode_file(tokenizer, text, path, num_workers=num_workers, progress=progress, max_bytes=max_bytes)
+            manifest.record(path)
             atomic_write_json(stamp_path, stamp)
             log(f"encode {split}: {n:,} tokens")
         tokens[split] = load_tokens(path, vocab_size=tokenizer.vocab_size, tokenizer_fingerprint=fp)

@@ -183,7 +183,6 @@ def test_a_new_run_refuses_a_run_dir_that_holds_a_run(tiny_run, texts, tmp_path,
 def test_overwrite_says_what_it_removes(tiny_run, texts, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    (run / "metrics.jsonl").write_text("")  # replaced by the new run
     assert main(train_argv(texts, run, "--overwrite", "--max-iters", "5")) == 0
     out = capsys.readouterr().out
     assert "--overwrite: removing" in out and "best.safetensors" in out
@@ -194,14 +193,20 @@ def test_overwrite_says_what_it_removes(tiny_run, texts, tmp_path, capsys):
 
 def test_a_new_run_refuses_files_it_did_not_write(texts, tmp_path, capsys):
     """Regression: a directory with the user's own vocab.json/config.json (no checkpoints yet) was
-    silently overwritten; with --overwrite the run starts and keeps the user's other files."""
+    silently overwritten. A file at a name flm writes is refused with or without --overwrite (issue
+    18, case 5); other files block a new run unless --overwrite, which starts beside them and keeps them."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "vocab.json").write_text('{"mine": 0}')
     (run / "notes.txt").write_text("keep me")
     before = snapshot(run)
+    for extra in ([], ["--overwrite"]):
+        assert main(train_argv(texts, run, "--max-iters", "2", *extra)) == 2
+        err = one_line_error(capsys)
+        assert "holds vocab.json, which flm did not write" in err and "move them" in err and snapshot(run) == before
+    (run / "vocab.json").unlink()
     assert main(train_argv(texts, run, "--max-iters", "2")) == 2
-    assert "files flm did not write (notes.txt, vocab.json)" in one_line_error(capsys) and snapshot(run) == before
+    assert "files flm did not write (notes.txt)" in one_line_error(capsys)
     assert main(train_argv(texts, run, "--max-iters", "2", "--overwrite")) == 0
     assert (run / "notes.txt").read_text() == "keep me" and (run / "tokenizer.stamp.json").exists()
     assert main(train_argv(texts, run, "--max-iters", "4", "--overwrite")) == 0  # flm's own files: fine

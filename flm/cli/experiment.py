@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from flm import manifest
 from flm._io import run_lock
 from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
 from flm.cli.common import UsageError, log, set_threads
@@ -72,6 +73,7 @@ def _check_gpt2_dir(path: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan and prepare the shared data, then run the experiment(s)."""
     from flm.experiments import Context, run_experiment
+    from flm.experiments.handout import EXPERIMENT_DIRS
 
     if args.preset is None and args.config is None:
         args.preset = "cpu-small"
@@ -109,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
         log(line)
     names = [n for n in NAMES if n != "all"] if args.name == "all" else [args.name]
     command = getattr(args, "command_line", f"flm experiment {args.name}")
+    # The experiments replace their own subdirectories: anything in them flm did not write (or a
+    # link) is refused now, before any work, never deleted (flm.manifest).
+    subdirs = sorted({sub for n in names for sub in EXPERIMENT_DIRS[n]})
+    refused = manifest.refused(out, subdirs)
+    if refused:
+        raise UsageError(manifest.refusal_message(refused, out))
     checked = check_data(plan)
     with run_lock(out):
         tokenizer, tokens = write_data(plan, *checked)

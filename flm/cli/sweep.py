@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from flm import manifest
 from flm._io import atomic_write_json, run_lock
 from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
 from flm.cli.common import UsageError, log, set_threads
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out-dir {out} already holds this sweep's {existing[0].name}/; pass --overwrite to replace it"
         )
+    refused = manifest.refused(out, [v["label"] for v in vs] + ["sweep.json", "sweep.png", "sweep_curves.png"])
+    if refused:  # the user's files or links where the sweep writes: never replaced (flm.manifest)
+        raise UsageError(manifest.refusal_message(refused, out))
     plan.remove += existing
     for line in describe(plan):
         log(line)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from flm import manifest
 from flm.cli.common import UsageError, checkpoint_arg, log, pick_device
 
 __all__ = ["add_parsers"]
@@ -116,7 +118,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
         vocab, merges = train_bpe(
             args.input, args.vocab_size, specials, num_workers=args.workers, progress=None, max_bytes=args.max_bytes
         )
-        out.mkdir(parents=True, exist_ok=True)
+        manifest.claim(out)  # recorded as flm's, so a later --overwrite may replace them
         Tokenizer(vocab, merges, specials).save(out / "vocab.json", out / "merges.txt")
         log(f"{len(vocab):,} tokens, {len(merges):,} merges -> {out} ({time.perf_counter() - t0:.2f} s)")
     else:
@@ -128,15 +130,25 @@ def run_tokenize(args: argparse.Namespace) -> int:
             raise UsageError("give --tokenizer DIR, or --vocab and --merges")
         for f in (vocab, merges):
             _input_file(f, str(f))
+        output = Path(args.output)
+        refused = manifest.refused(output.parent, [output.name, f"{output.name}.json"])
+        if refused:  # only a token file flm wrote (its sidecar says so) is replaced; never a link
+            raise UsageError(manifest.refusal_message(refused, output.parent, flag="OUTPUT in"))
         tok = Tokenizer.from_files(vocab, merges, specials)
+        manifest.expect(output)
         n = encode_file(tok, args.input, args.output, num_workers=args.workers, progress=None)
+        manifest.record(output)
         log(f"{n:,} tokens -> {args.output} ({time.perf_counter() - t0:.2f} s)")
     return 0
 
 
 def _check_tokenizer_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a trained run's tokenizer (its checkpoints need it), or any existing
-    tokenizer without ``--overwrite``."""
+    """Refuse to replace a trained run's tokenizer (its checkpoints need it), a tokenizer flm
+    did not write (with or without ``--overwrite``), or any existing tokenizer without ``--overwrite``.
+
+    Raises:
+        UsageError: naming the files and what to do.
+    """
     from flm.runs import run_state
 
     try:
@@ -145,7 +157,10 @@ def _check_tokenizer_dir(out: Path, overwrite: bool) -> None:
         raise UsageError(str(err).replace("--out-dir ", "")) from None
     if state.has_run:
         raise UsageError(f"{out} holds a trained run whose checkpoints need its tokenizer; write to another --out-dir")
-    existing = [n for n in ("vocab.json", "merges.txt") if (out / n).exists()]
+    existing = [n for n in ("vocab.json", "merges.txt") if os.path.lexists(out / n)]
+    refused = manifest.refused(out, existing)
+    if refused:  # the user's own tokenizer (or a link): never replaced, --overwrite or not
+        raise UsageError(manifest.refusal_message(refused, out))
     if existing and not overwrite:
         raise UsageError(f"{out} already holds {' and '.join(existing)}; pass --overwrite to replace them")
 

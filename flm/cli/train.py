@@ -19,7 +19,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ from typing import Any
 
 import torch
 
-from flm import distributed
+from flm import distributed, manifest
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
-from flm.checkpoint import read_header
+from flm.checkpoint import load_checkpoint, read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import (
     OutOfMemory,
@@ -60,6 +59,7 @@ from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
 from flm.train.checkpointer import model_config_changes
 from flm.train.metrics import device_peak_flops
+from flm.tree import all_finite
 
 __all__ = ["add_parser", "run", "Plan", "make_plan", "describe", "execute", "check_data", "write_data"]
 
@@ -203,6 +203,8 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         state = run_state(out_dir)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    if state.refused:  # the user's files, links, changed files: never touched, --overwrite or not
+        raise UsageError(manifest.refusal_message(state.refused, out_dir))
     if state.has_run and not (resume or overwrite):
         where = f" (newest checkpoint: step {state.last_step})" if state.last_step is not None else ""
         raise UsageError(
@@ -216,7 +218,7 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         )
     if overwrite:
         plan.remove = state.removable
-    if resume and state.checkpoints:
+    if resume:
         _check_resume(plan, state.checkpoints)
     return plan
 
@@ -388,11 +390,23 @@ def check_memory(cfg: RunConfig) -> str:
 
 
 def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
+    """Pick the newest checkpoint that loads, verifies (CRC) and is finite, as the loop will.
+
+    Raises:
+        UsageError: no checkpoint at all, or the newest readable one has other model settings.
+        ValueError: no checkpoint loads (each named with its reason); nothing has been changed.
+    """
     cfg = plan.config
+    if not checkpoints:
+        raise UsageError(
+            f"--resume: {plan.out_dir} holds no checkpoint to resume from; run without --resume to start a new run"
+        )
+    skipped = []
     for path in reversed(checkpoints):
         try:
             header = read_header(path)
-        except ValueError:
+        except ValueError as err:
+            skipped.append(f"{path.name}: {err}")
             continue  # unreadable: the loop skips it too, and tries an older one
         saved = header.get("config") or {}
         changes = model_config_changes(saved.get("model", {}), cfg.model)
@@ -408,9 +422,24 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
             for k in now
             if k in was and was[k] != now[k] and k not in ("device", "compile", "tensorboard", "wandb", "peak_flops")
         ]
+        try:
+            ckpt = load_checkpoint(path, verify=True)
+        except ValueError as err:
+            skipped.append(f"{path.name}: {err}")
+            continue
+        if not all_finite((ckpt.params, ckpt.opt_state)):
+            skipped.append(f"{path.name}: it holds NaN/inf values")
+            continue
+        del ckpt
         plan.resume_from = (path, int(header.get("step", 0)))
+        plan.notes += [f"skipping {s}" for s in skipped]
         plan.notes.append(f"resume from {path.name} (step {plan.resume_from[1]})")
         return
+    raise ValueError(
+        f"--resume: none of the {len(checkpoints)} checkpoint(s) in {plan.out_dir} can be loaded "
+        f"({'; '.join(skipped)}); nothing was changed: move the damaged files away to resume from an older one, "
+        "or start over with --overwrite"
+    )
 
 
 def _estimate(cfg: RunConfig) -> tuple[float, float | None]:
@@ -605,8 +634,9 @@ def write_data(plan: Plan, tokenizer: Tokenizer, new_stamp: dict[str, Any] | Non
     cfg, out = plan.config, plan.out_dir
     for p in remove_orphan_temps(out):
         log(f"removed {p.name}, left by an interrupted write")
+    manifest.claim(out, log=log)
     for p in plan.remove:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        manifest.remove(p)  # flm's own files only (checked by the plan; refused again if changed since)
     if new_stamp is not None:
         save_tokenizer(out, tokenizer, new_stamp)
     tokens = prepare_tokens(out, tokenizer, plan.texts, num_workers=cfg.data.num_workers, log=log)
@@ -685,9 +715,24 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     set_threads(args.threads)
-    out = Path(args.out_dir or f"runs/{cfg.preset}")
-    plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    for line in describe(plan):
-        log(line)
-    execute(plan)
+    out = resolve_out_dir(Path(args.out_dir or f"runs/{cfg.preset}"))
+    # An existing run directory is locked before its checkpoints are listed (a run in progress
+    # rotates them), so a second process says "in use by pid N" instead of failing on a vanished
+    # file. Rank 0 only: the ranks of one torchrun job share the directory.
+    lock = out.is_dir() and os.environ.get("RANK", "0") == "0"
+    with run_lock(out) if lock else contextlib.nullcontext():
+        plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite)
+        for line in describe(plan):
+            log(line)
+        execute(plan)
     return 0
+
+
+def resolve_out_dir(out: Path) -> Path:
+    """The run directory with links resolved, once: ``runs -> /scratch/runs`` is fine, and every
+    later path is taken inside the resolved directory (links inside it are refused by name)."""
+    real = Path(os.path.realpath(out))
+    if real != Path(os.path.abspath(out)):
+        log(f"run dir {out} is {real}")
+        return real
+    return out

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flm import manifest
 from flm._io import atomic_write_json, atomic_write_text
 from flm.config import RunConfig
 from flm.experiments.report import load_curves, markdown_table, plot_curves, plot_loss_vs_lr
@@ -31,7 +31,17 @@ from flm.model import count_params, max_batch_size
 from flm.tokenizer import Tokenizer
 from flm.train import train_loop
 
-__all__ = ["Context", "EXPERIMENTS", "run_experiment", "machine"]
+__all__ = ["Context", "EXPERIMENTS", "run_experiment", "machine", "EXPERIMENT_DIRS"]
+
+# The subdirectories of OUT each experiment writes (and may replace), for the plan's checks.
+EXPERIMENT_DIRS = {
+    "lr": ("lr",),
+    "batch-size": ("batch_size",),
+    "ablations": ("baseline", "ablations"),
+    "tie": ("baseline", "tie"),
+    "generate": ("baseline", "generate"),
+    "tokenizer": ("tokenizer",),
+}
 
 
 @dataclass
@@ -79,8 +89,7 @@ def _train(ctx: Context, name: str, cfg: RunConfig, *, reuse: bool = False) -> d
         if prev.get("config") == cfg.to_dict():
             ctx.log(f"{name}: reusing the finished run in {d}")
             return prev["summary"]
-    if d.exists():
-        shutil.rmtree(d)
+    manifest.remove(d)  # a previous run of flm's own only (flm.manifest); refused otherwise
     ctx.log(f"{name}: {count_params(cfg.model):,} params, {cfg.train.max_iters} steps")
     s = train_loop(
         cfg.model,
@@ -109,7 +118,7 @@ def _train(ctx: Context, name: str, cfg: RunConfig, *, reuse: bool = False) -> d
 def _vmapped(ctx: Context, name: str, cfg: RunConfig, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
     d = ctx.out / name
     for v in variants:
-        shutil.rmtree(d / v["label"], ignore_errors=True)
+        manifest.remove(d / v["label"])
     return vmapped_train(cfg, ctx.tokens["train"], ctx.tokens["valid"], d, variants, log=ctx.log)
 
 
@@ -437,11 +446,12 @@ def run_experiment(ctx: Context, name: str, command: str, **kw: Any) -> dict[str
 
     Raises:
         ValueError: an unknown experiment.
+        flm.manifest.ForeignFilesError: a directory it would replace holds files flm did not write.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
     d = ctx.out / name.replace("-", "_")
-    d.mkdir(parents=True, exist_ok=True)
+    manifest.claim(d)
     t0 = time.perf_counter()
     res = EXPERIMENTS[name](ctx, **kw)
     res["wall_time"] = time.perf_counter() - t0

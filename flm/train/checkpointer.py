@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from flm import manifest
 from flm.checkpoint import Checkpoint, checkpoint_name, list_checkpoints, load_checkpoint, read_header, save_checkpoint
 from flm.model import TransformerConfig
 from flm.progress import info
@@ -139,7 +140,10 @@ class Checkpointer:
         self.last_good, self.last_saved_step = path, step
         for old in list_checkpoints(self.out)[: -self.keep]:
             if old != path:
-                old.unlink(missing_ok=True)
+                try:
+                    manifest.remove(old)  # only a checkpoint flm wrote (flm.manifest)
+                except manifest.ForeignFilesError as err:
+                    self.log(f"warning: keeping {old.name}: {err}")
         return path
 
     def save_best(self, step: int, params: PyTree, val_loss: float) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flm import distributed
+from flm import distributed, manifest
 from flm._io import remove_orphan_temps, run_lock
 from flm.data import get_batch, resolve_device
 from flm.model import TransformerConfig, init_params, train_step_flops
@@ -141,6 +141,7 @@ def train_loop(
     with run_lock(out) if main else contextlib.nullcontext():
         if main:
             remove_orphan_temps(out)
+            manifest.claim(out, log=log)  # what flm writes here is recorded; it touches nothing else
         return _train(
             model_config,
             cfg,

@@ -12,6 +12,7 @@ Source: CS336 assignment 1 handout §7.1 (experiment_log: loss against steps and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from flm import manifest
 from flm._io import atomic_write_text, atomic_writer
 
 __all__ = [
@@ -141,6 +143,8 @@ class JsonlSink:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._f = open(path, "a", encoding="utf-8")
+        self._head_recorded = False
+        manifest.record(path, append=True)  # an append-only file: its first 4 KiB identify it (flm.manifest)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line and flush it.
@@ -156,6 +160,9 @@ class JsonlSink:
             if err.filename is not None:
                 raise
             raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
+        if not self._head_recorded:  # re-recorded until the recorded head is complete
+            manifest.record(self.path, append=True)
+            self._head_recorded = self._f.tell() >= 4096
 
     def close(self) -> None:
         """Close the file (idempotent; after a failed write, a second failure to flush is not raised
@@ -165,6 +172,8 @@ class JsonlSink:
         except OSError:
             if not getattr(self, "_failed", False):
                 raise
+        with contextlib.suppress(OSError):
+            manifest.record(self.path, append=True)
 
 
 class _TensorBoardSink:
@@ -173,6 +182,9 @@ class _TensorBoardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        if manifest.has_manifest(log_dir.parent):  # a tracked run directory: so is its tensorboard/
+            manifest.claim(log_dir)
+        self._dir, self._before = log_dir, set(os.listdir(log_dir)) if log_dir.is_dir() else set()
         self._w = SummaryWriter(log_dir=str(log_dir))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -182,6 +194,8 @@ class _TensorBoardSink:
 
     def close(self) -> None:
         self._w.close()
+        for name in sorted(set(os.listdir(self._dir)) - self._before):  # the event files it wrote
+            manifest.record(self._dir / name)
 
 
 class _WandbSink:
@@ -213,6 +227,7 @@ class MetricsLogger:
 
     Raises:
         ValueError: a sink's package is missing, or the file has a corrupt line before its last.
+        flm.manifest.ForeignFilesError: a fresh run would delete a ``metrics.jsonl`` flm did not write.
     """
 
     def __init__(
@@ -230,7 +245,7 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is None:
-            self.path.unlink(missing_ok=True)
+            manifest.remove(self.path)  # flm's own file only (flm.manifest)
         else:
             truncate_metrics(self.path, resume_step)
         # The optional sinks first: a missing package fails before metrics.jsonl exists.
