@@ -344,3 +344,16 @@ def test_tokenize_never_replaces_the_users_files(finished, gen_texts, tmp_path, 
     assert (tok / "vocab.json").read_text() == '{"a": 0}\n'
     (tok / "vocab.json").unlink()
     assert main(train) == 0 and main(train) == 0  # flm's own tokenizer: replaced with --overwrite
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(finished, gen_texts, tmp_path, capsys):
+    """``RUN/.lock -> ~/notes.txt``: taking the run directory's lock opened and truncated the
+    link's target; it is refused instead, the target kept byte for byte."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    run = copy_run(finished, tmp_path / "run")
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").symlink_to(notes)
+    assert main(argv(gen_texts, run, "--resume", "--max-iters", "6")) == 1
+    assert ".lock is a symbolic link" in one_line_error(capsys)
+    assert notes.read_text() == "my notes\n"
