@@ -125,18 +125,6 @@ def test_1_a_link_in_the_run_dir_is_refused_and_never_followed(finished, gen_tex
     assert tree_bytes(elsewhere) == outside and tree_bytes(run) == before
 
 
-def test_a_run_dir_that_is_a_link_is_resolved_once(gen_texts, tmp_path, capsys):
-    """``runs -> /scratch``: the run directory itself may be a link; the run lands in its target."""
-    from flm import manifest
-
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    (tmp_path / "runs").symlink_to(scratch, target_is_directory=True)
-    assert main(argv(gen_texts, tmp_path / "runs" / "a", "--max-iters", "2")) == 0
-    assert f"is {scratch / 'a'}" in capsys.readouterr().out
-    assert (scratch / "a" / "best.safetensors").is_file() and (scratch / "a" / manifest.MANIFEST_NAME).is_file()
-
-
 # ------------------------------------------------------------------- case 2: an experiment subdir
 
 
@@ -277,18 +265,24 @@ def test_resume_takes_the_lock_before_listing_checkpoints(finished, gen_texts, t
 # ---------------------------------------------------------------------- the manifest itself
 
 
-def test_a_run_dir_of_an_older_flm_is_adopted_once_with_a_message(finished, gen_texts, tmp_path, capsys):
+def test_an_older_run_dir_is_adopted_once_and_a_linked_run_dir_is_resolved(finished, gen_texts, tmp_path, capsys):
+    """A run directory an flm without manifests wrote: its files are recorded once, with a message,
+    the user's file beside them is not. The run directory is reached through a link
+    (``runs -> /scratch``): resolved once, the run continues in the link's target."""
     from flm import manifest
 
-    run = copy_run(finished, tmp_path / "run")
+    scratch = tmp_path / "scratch"
+    run = copy_run(finished, scratch / "run")
     (run / manifest.MANIFEST_NAME).unlink()  # as an flm without manifests left it
     (run / "notes.txt").write_text("mine")
-    assert main(argv(gen_texts, run, "--resume", "--max-iters", "6")) == 0
+    (tmp_path / "runs").symlink_to(scratch, target_is_directory=True)
+    assert main(argv(gen_texts, tmp_path / "runs" / "run", "--resume", "--max-iters", "6")) == 0
     out = capsys.readouterr().out
-    assert "adopted" in out and "ckpt_0000004.safetensors" in out and "notes.txt" not in out.split("adopted")[1]
+    assert f"is {run}" in out and "adopted" in out and "ckpt_0000004.safetensors" in out
+    assert "notes.txt" not in out.split("adopted")[1]
     files = json.loads((run / manifest.MANIFEST_NAME).read_text())["files"]
     assert "notes.txt" not in files and "best.safetensors" in files and "ckpt_0000006.safetensors" in files
-    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "notes.txt").read_text() == "mine" and (tmp_path / "runs").is_symlink()
 
 
 def test_a_file_flm_wrote_then_the_user_replaced_is_refused(finished, gen_texts, tmp_path, capsys):
