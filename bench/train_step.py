@@ -55,7 +55,9 @@ QUICK = TransformerConfig(vocab_size=256, context_length=32, d_model=64, num_lay
 GPT2_SMALL = TransformerConfig(
     vocab_size=50_304, context_length=1024, d_model=768, num_layers=12, num_heads=12, d_ff=2048
 )
-MODELS = {"handout": HANDOUT, "gpt2-small": GPT2_SMALL, "quick": QUICK}
+# The cpu-small preset's model (what flm train runs without a GPU): d_model 256, 4 layers, vocab 4,096.
+CPU_SMALL = TransformerConfig(vocab_size=4096, context_length=128, d_model=256, num_layers=4, num_heads=8, d_ff=704)
+MODELS = {"handout": HANDOUT, "gpt2-small": GPT2_SMALL, "cpu-small": CPU_SMALL, "quick": QUICK}
 # On a GPU: the handout model at its own batch, and GPT-2 small at 16 x 1,024 (issue "Fast on a GPU").
 CUDA_SHAPES = ["handout:128x256", "gpt2-small:16x1024"]
 LR, WD, CLIP = 1e-3, 0.01, 1.0

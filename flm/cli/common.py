@@ -202,6 +202,7 @@ def run_command(handler: Callable[[argparse.Namespace], int | None], args: argpa
     """
     from flm._io import RunLockedError
     from flm.train import NonFiniteLossError
+    from flm.train.loop import CompileError
 
     debug = getattr(args, "debug", False) or os.environ.get("FLM_DEBUG", "") not in ("", "0")
     try:
@@ -222,7 +223,15 @@ def run_command(handler: Callable[[argparse.Namespace], int | None], args: argpa
             raise
         print(f"error: {format_error(err)}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, RunLockedError, NonFiniteLossError, MemoryError, torch.OutOfMemoryError) as err:
+    except (
+        ValueError,
+        OSError,
+        RunLockedError,
+        NonFiniteLossError,
+        CompileError,
+        MemoryError,
+        torch.OutOfMemoryError,
+    ) as err:
         if debug:
             raise
         print(f"error: {format_error(err)}", file=sys.stderr)

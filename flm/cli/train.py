@@ -58,10 +58,21 @@ from flm.runs import (
 from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
 from flm.train.checkpointer import model_config_changes
+from flm.train.config import resolve_auto
 from flm.train.metrics import device_peak_flops
 from flm.tree import all_finite
 
-__all__ = ["add_parser", "run", "Plan", "make_plan", "describe", "execute", "check_data", "write_data"]
+__all__ = [
+    "add_parser",
+    "run",
+    "Plan",
+    "make_plan",
+    "describe",
+    "execute",
+    "resolve_settings",
+    "check_data",
+    "write_data",
+]
 
 # Rough fractions of the peak FLOP/s a step reaches, for the time estimate only (measured on a
 # 2-core CPU for the cpu-small and handout models; GPU values are conservative guesses).
@@ -124,6 +135,8 @@ class Plan:
         resume_from: the checkpoint to continue, and its step.
         train_changes: train settings that differ from the resumed checkpoint's.
         notes: lines to print with the plan.
+        auto: ``{field: reason}`` for the train settings resolved from ``"auto"`` (written to
+            ``config.json`` under ``"auto"``).
     """
 
     config: RunConfig
@@ -135,6 +148,26 @@ class Plan:
     resume_from: tuple[Path, int] | None = None
     train_changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    auto: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_settings(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
+    """Resolve the device and the ``"auto"`` train settings (dtype, compile, TF32) for this machine.
+
+    Args:
+        cfg: the run config as given (device and train settings possibly ``"auto"``).
+
+    Returns:
+        ``(cfg, auto)``: the config with concrete values, and ``{field: reason}`` for each field that
+        was ``"auto"`` (empty on ``--resume``, whose config.json already holds concrete values).
+
+    Raises:
+        UsageError: the device is unknown or unavailable.
+    """
+    device = pick_device(cfg.train.device)
+    train, reasons = resolve_auto(cfg.train.replace(device=device))
+    auto = {r.split(" ", 1)[0]: r for r in reasons}
+    return cfg.replace(train=train.to_dict()), auto
 
 
 def _check_text(path: str, role: str, min_bytes: int) -> None:
@@ -162,8 +195,8 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
     """
     if resume and overwrite:
         raise UsageError("give --resume or --overwrite, not both")
-    device = pick_device(cfg.train.device)
-    cfg = cfg.replace(train={"device": device})
+    cfg, auto = resolve_settings(cfg)
+    device = cfg.train.device
     if cfg.train.compile and device.startswith("mps"):
         raise UsageError("--compile on MPS needs the aot_eager backend; run without --compile on MPS")
     for flag, package, wanted in (
@@ -172,7 +205,7 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
     ):
         if wanted and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package: pip install {package}")
-    plan = Plan(cfg, out_dir, resume)
+    plan = Plan(cfg, out_dir, resume, auto=auto)
     if cfg.model.vocab_size < 256 + 1:  # the tokenizer has one id per byte, plus <|endoftext|>
         raise UsageError(f"--vocab-size {cfg.model.vocab_size} is smaller than 256 bytes + 1 special token = 257")
     if cfg.data.train_bytes is not None and cfg.data.train_bytes < cfg.model.context_length + 1:
@@ -458,14 +491,17 @@ def describe(plan: Plan) -> list[str]:
     m, t = cfg.model, cfg.train
     flops, seconds = _estimate(cfg)
     lines = [
-        f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}"
-        + (" (compiled)" if t.compile else "")
-        + (f", {t.dtype}" if t.dtype not in ("float32", "fp32") else ""),
+        f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}, "
+        + ("bf16 mixed precision" if t.compute_dtype is not None else "float32")
+        + (", compiled" if t.compile else ", eager")
+        + (", TF32 matmuls" if t.tf32 and t.device.startswith("cuda") else ""),
         f"  model: {count_params(m):,} parameters (d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
         f"d_ff {m.d_ff}, vocab {m.vocab_size}, context {m.context_length})",
         f"  training: {t.max_iters:,} steps x {t.batch_size} x {m.context_length} = {cfg.tokens / 1e6:,.2f}M tokens, "
         f"{flops / 1e15:,.2f} PFLOP" + (f", roughly {format_duration(seconds)} here" if seconds else ""),
     ]
+    if plan.auto:
+        lines.append("  auto: " + "; ".join(plan.auto.values()) + " (flags such as --dtype/--no-compile override)")
     if t.time_budget:
         lines.append(f"  time budget: {t.time_budget:g} min (training stops early and keeps the best model)")
     if plan.downloads:
@@ -640,7 +676,7 @@ def write_data(plan: Plan, tokenizer: Tokenizer, new_stamp: dict[str, Any] | Non
     if new_stamp is not None:
         save_tokenizer(out, tokenizer, new_stamp)
     tokens = prepare_tokens(out, tokenizer, plan.texts, num_workers=cfg.data.num_workers, log=log)
-    atomic_write_json(out / "config.json", cfg.to_dict())
+    atomic_write_json(out / "config.json", {**cfg.to_dict(), **({"auto": plan.auto} if plan.auto else {})})
     return tokenizer, tokens
 
 
@@ -712,7 +748,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
+        resolved, auto = resolve_settings(cfg)
+        print(json.dumps({**resolved.to_dict(), **({"auto": auto} if auto else {})}, indent=2))
         return 0
     set_threads(args.threads)
     out = resolve_out_dir(Path(args.out_dir or f"runs/{cfg.preset}"))

@@ -24,17 +24,18 @@ import numpy as np
 import torch
 
 from flm import distributed, manifest
+from flm._compat import is_compile_error
 from flm._io import remove_orphan_temps, run_lock
 from flm.data import get_batch, resolve_device
 from flm.model import TransformerConfig, init_params, train_step_flops
 from flm.progress import format_duration, info
 from flm.train.checkpointer import Checkpointer, NonFiniteLossError
-from flm.train.config import TrainConfig, make_optimizer
+from flm.train.config import TrainConfig, make_optimizer, resolve_auto, tf32_matmuls
 from flm.train.evaluate import Evaluator
 from flm.train.metrics import MetricsLogger, Throughput, device_peak_flops, plot_metrics
 from flm.train.step import make_train_step
 
-__all__ = ["train_loop"]
+__all__ = ["train_loop", "CompileError"]
 
 
 def _encode_state(t: torch.Tensor) -> str:
@@ -132,6 +133,10 @@ def train_loop(
             f"{model_config.context_length + 1}"
         )
     device = resolve_device(dist_info.device if dist_info.enabled else cfg.resolved_device())
+    if not cfg.is_resolved:  # "auto" dtype/compile/tf32: the fast defaults for this device
+        cfg, reasons = resolve_auto(cfg, device)
+        if main:
+            (log or info)("auto settings: " + "; ".join(reasons))
     evaluator = None
     if valid_tokens is not None:
         evaluator = Evaluator(valid_tokens, model_config, local_batch, cfg.eval_batches, cfg.eval_interval)
@@ -142,20 +147,21 @@ def train_loop(
         if main:
             remove_orphan_temps(out)
             manifest.claim(out, log=log)  # what flm writes here is recorded; it touches nothing else
-        return _train(
-            model_config,
-            cfg,
-            train_tokens,
-            evaluator,
-            out,
-            resume=resume,
-            run_config=run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()},
-            fingerprint=tokenizer_fingerprint,
-            log=log,
-            dist_info=dist_info,
-            device=device,
-            local_batch=local_batch,
-        )
+        with tf32_matmuls(bool(cfg.tf32) and device.type == "cuda"):
+            return _train(
+                model_config,
+                cfg,
+                train_tokens,
+                evaluator,
+                out,
+                resume=resume,
+                run_config=run_config or {"model": model_config.to_dict(), "train": cfg.to_dict()},
+                fingerprint=tokenizer_fingerprint,
+                log=log,
+                dist_info=dist_info,
+                device=device,
+                local_batch=local_batch,
+            )
 
 
 class _Clock:
@@ -297,7 +303,13 @@ def _train(
                     log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
                     break
                 inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
-                params, opt_state, m = step_fn(params, opt_state, inputs, targets)
+                if cfg.compile and step == start:  # the first call compiles: time it aside, say so
+                    params, opt_state, m = _compile_first_step(
+                        step_fn, clock, log, device, params, opt_state, inputs, targets
+                    )
+                    interval_start = step + 1  # its tokens and time are left out of tokens/s and the ETA
+                else:
+                    params, opt_state, m = step_fn(params, opt_state, inputs, targets)
                 step += 1
                 pending.append(m)
                 at_eval = main and evaluator is not None and evaluator.due(step)
@@ -355,6 +367,35 @@ def _train(
         "tokens_per_sec": clock.throughput.rate,
         "mfu": clock.throughput.mfu,
     }
+
+
+class CompileError(RuntimeError):
+    """``torch.compile`` failed on the train step (the CLI names ``--no-compile``)."""
+
+
+def _compile_first_step(
+    step_fn: Callable, clock: _Clock, log: Callable[[str], None], device: torch.device, *args: Any
+) -> Any:
+    """Run the first call of a compiled step, which compiles it: logged, timed, and left out of the
+    throughput (not kept in the time budget's reserve, which is for evaluations and checkpoints);
+    a failure of ``torch.compile`` itself becomes one :class:`CompileError`."""
+    log("compiling the train step…")
+    t = time.perf_counter()
+    try:
+        out = step_fn(*args)
+    except Exception as err:
+        if not is_compile_error(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CompileError(
+            f"torch.compile failed on the train step ({type(err).__name__}: {first}); run again with --no-compile"
+        ) from err
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # once, so the time printed is the compile's, not a queue's
+    seconds = time.perf_counter() - t
+    clock.throughput.exclude(seconds)
+    log(f"compiled the train step in {seconds:.1f} s")
+    return out
 
 
 def _round(x: float | None, digits: int = 4) -> float | None:
@@ -427,7 +468,7 @@ def _interrupt_guard(signals: _Signals):
 
 def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:
     rate = record["tokens_per_sec"]
-    eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / max(rate, 1e-9)
+    eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / rate if rate else None
     lr = f" | lr {record['lr']:.2e}" if record["lr"] is not None else ""
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
     val = (
@@ -437,5 +478,5 @@ def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:
     )
     return (
         f"step {record['step']:6d}/{cfg.max_iters} | loss {record['train_loss']:.4f}{lr} | grad norm "
-        f"{record['grad_norm']:.3f} | {rate:,.0f} tok/s{mfu} | ETA {format_duration(eta)}{val}"
+        f"{record['grad_norm']:.3f} | {rate:,.0f} tok/s{mfu} | ETA {format_duration(eta) if eta is not None else '?'}{val}"
     )

@@ -113,6 +113,8 @@ class Throughput:
         now = time.perf_counter()
         seconds = max(now - self._mark - self._excluded, 1e-9)
         self._mark, self._excluded = now, 0.0
+        if tokens == 0:  # nothing measured (e.g. only the compiling first step): keep the estimate
+            return self.rate or 0.0
         rate = tokens / seconds
         self.rate = rate if self.rate is None else self.smoothing * rate + (1 - self.smoothing) * self.rate
         return self.rate
