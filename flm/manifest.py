@@ -8,7 +8,8 @@ header carries. The rules (also in ``docs/design.md``):
 - **Only its own files.** flm replaces or deletes a file only when the manifest shows it wrote it:
   the size and ``mtime_ns`` match, or (a copy that did not keep times) the size and the digest or
   checkpoint CRC match. A file that only grows (``metrics.jsonl``) matches while it is at least as
-  long as recorded and its first 4 KiB are unchanged. Anything else is refused, with or without
+  long as recorded and its first 4 KiB are unchanged; a large token file, while its size is the
+  recorded one and flm's sidecar describes it. Anything else is refused, with or without
   ``--overwrite``: the command names the files and says to move them; nothing is guessed.
 - **Never through a link.** A symbolic link inside a directory is refused by name; it is never
   followed, replaced or removed through. (The directory itself may be a link: the commands resolve
@@ -159,6 +160,8 @@ def _matches(path: Path, rec: dict[str, Any], st: os.stat_result) -> bool:
         return False
     if "crc" in rec and _crc(path) == rec["crc"]:
         return True
+    if path.name.endswith(".tokens") and "sha256" not in rec:  # large: its flm sidecar describes it
+        return _is_token_file(path)
     return "sha256" in rec and _sha256(path) == rec["sha256"]
 
 
