@@ -351,3 +351,16 @@ def test_a_lock_file_that_is_a_link_is_never_followed(finished, gen_texts, tmp_p
     assert main(argv(gen_texts, run, "--resume", "--max-iters", "6")) == 1
     assert ".lock is a symbolic link" in one_line_error(capsys)
     assert notes.read_text() == "my notes\n"
+
+
+def test_a_sweep_never_deletes_a_users_file_in_a_models_directory(gen_texts, tmp_path, capsys):
+    """``flm sweep … --overwrite`` replaced each model's directory with rmtree, the user's files in it included."""
+    out = tmp_path / "sweep"
+    (out / "lr_0.001").mkdir(parents=True)
+    (out / "lr_0.001" / "analysis.ipynb").write_text('{"cells": []}\n')
+    before = tree_bytes(out)
+    cmd = ["sweep", "--lrs", "0.001", "0.01", *argv(gen_texts, out, "--max-iters", "2", "--overwrite")[1:]]
+    assert main(cmd) == 2
+    err = one_line_error(capsys)
+    assert "lr_0.001/analysis.ipynb" in err and "move them" in err
+    assert tree_bytes(out) == before

@@ -465,7 +465,6 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
             continue
         del ckpt
         plan.resume_from = (path, int(header.get("step", 0)))
-        plan.notes += [f"skipping {s}" for s in skipped]
         plan.notes.append(f"resume from {path.name} (step {plan.resume_from[1]})")
         return
     raise ValueError(
