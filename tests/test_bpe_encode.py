@@ -7,13 +7,15 @@ from __future__ import annotations
 import random
 import string
 import time
+from contextlib import contextmanager
+from unittest import mock
 
 import pytest
 import regex
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flm.tokenizer import GPT2_PATTERN, Tokenizer
+from flm.tokenizer import GPT2_PATTERN, Tokenizer, merge
 from flm.tokenizer.merge import LONG_PIECE, bpe_merge, merge_long, merge_short
 from flm.tokenizer.pretokenize import ASCII_RE, PRETOKEN_RE, pretokenize
 
@@ -53,6 +55,14 @@ def reference_merge(ids: list[int], ranks: dict[tuple[int, int], int], merged: l
         ids[i : i + 2] = [merged[r]]
 
 
+@contextmanager
+def compact_merge_state():
+    """Make ``merge_long`` take its long-pre-token path (arrays, numpy grouping and sorts) at any length."""
+    with mock.patch.object(merge, "COMPACT_PIECE", 0), mock.patch.object(merge, "_SMALL", 0):
+        with mock.patch.object(merge, "_CHUNK", 7):  # several chunks of pairs
+            yield
+
+
 @st.composite
 def merge_lists(draw):
     """A small vocabulary over the bytes a, b, c and random merges of its tokens, as the Tokenizer
@@ -77,6 +87,8 @@ def test_merge_algorithms_equal_reference(spec, data):
     expected = reference_merge(ids, ranks, merged)
     assert merge_short(list(ids), ranks, merged) == expected
     assert merge_long(list(ids), ranks, merged) == expected
+    with compact_merge_state():  # the arrays and numpy sorts of pre-tokens over COMPACT_PIECE bytes
+        assert merge_long(iter(ids), ranks, merged) == expected
     assert bpe_merge(list(ids), ranks, merged) == expected
     # Through the tokenizer (whole-token lookup and cache included), one pre-token per letter run.
     assert tok.encode(text) == expected
@@ -108,6 +120,8 @@ def test_merge_long_on_a_long_run_equals_merge_short(gpt2):
     for text in ["a" * 1000, "".join(rng.choices(string.ascii_lowercase, k=1000)), "ab" * 500 + "!?" * 100]:
         ids = [gpt2._byte_ids[b] for b in text.encode()]
         assert merge_long(ids, ranks, merged) == merge_short(list(ids), ranks, merged)
+        with compact_merge_state():
+            assert merge_long(ids, ranks, merged) == merge_short(list(ids), ranks, merged)
 
 
 # ----- the ASCII pre-tokenizer -----

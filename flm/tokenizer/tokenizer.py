@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
 from flm.tokenizer.gpt2_format import read_merges, read_vocab, write_merges, write_vocab
-from flm.tokenizer.merge import bpe_merge
+from flm.tokenizer.merge import LONG_PIECE, bpe_merge, merge_long, merge_short
 from flm.tokenizer.pretokenize import pretokenize, special_pattern
 
 __all__ = ["EOS_TOKEN", "Tokenizer"]
@@ -251,7 +251,10 @@ class Tokenizer:
         whole = self._whole.get(b)
         if whole is not None:
             return [whole]
-        return bpe_merge(list(map(self._byte_ids.__getitem__, b)), self._ranks, self._merged)
+        ids = map(self._byte_ids.__getitem__, b)
+        if len(b) < LONG_PIECE:
+            return merge_short(list(ids), self._ranks, self._merged)
+        return merge_long(ids, self._ranks, self._merged)  # an iterator: no list of n ints (8n bytes)
 
     def _encode_pieces(self, pieces: Iterable[str], out: list[int]) -> None:
         # The hot loop of encoding: for most pre-tokens one dict lookup and one list extension.
@@ -360,15 +363,19 @@ class Tokenizer:
             pending.append(chunk)
             size += len(chunk)
             if size >= threshold:
-                buf = rest + "".join(pending)
-                pending, size = [], 0
+                # One join (``rest + "".join(pending)`` copies twice), and nothing else keeps the parts:
+                # on a long pre-token (megabytes without a break) every copy counts.
+                pending.insert(0, rest)
+                buf, pending, size, rest = "".join(pending), [], 0, ""
                 ids, cut = self._encode_prefix(buf)
                 rest = buf[cut:]
                 # A long undecided tail (e.g. a huge whitespace run) waits for more text, not rescans.
                 threshold = max(buffer_chars, len(rest))
                 if ids:
                     yield ids
-        ids = self.encode(rest + "".join(pending))
+        pending.insert(0, rest)
+        text, pending, rest = "".join(pending), [], ""
+        ids = self.encode(text)
         if ids:
             yield ids
 
