@@ -22,6 +22,10 @@ min/max; timed with ``bench/common.py``):
 * ``1 MB line``: one line without whitespace (random letters: one pre-token; random punctuation:
   one pre-token; a random mix of letters, digits, punctuation and non-ASCII letters), fresh
   tokenizers, vs. tiktoken.
+* ``one character``: 24 MB of one character (one pre-token): NUL bytes (no GPT-2 merge applies: the
+  case of issue 18) and ``a`` (merged into ``aaaa``), each encoded once in a fresh subprocess by flm
+  and by tiktoken, with ``RSS B/B``: the subprocess's peak RSS (``ru_maxrss``) less its RSS before
+  encoding, per input byte (flm's budget: 32). ``--quick``: 1 MB of NUL bytes.
 * ``encode_file``: the excerpt x16 to a token file with 1, 2, ... workers (at most 3 runs).
 
 ``--encode-only`` skips the training and ``encode_file`` rows. ``--crossover`` also times the two
@@ -42,9 +46,11 @@ encodes it and 0.1 MB lines, one run each.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import string
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -74,6 +80,8 @@ COLUMNS = [
     ("ratio", "ratio"),
     ("ratio_cpu", "cpu ratio"),
     ("load", "load"),
+    ("flm_rss_per_byte", "RSS B/B"),
+    ("peer_rss_per_byte", "peer RSS B/B"),
 ]
 
 
@@ -247,6 +255,107 @@ def bench_encode(
     return tok
 
 
+# Encode ``CHAR * N`` once in this fresh process (flm or tiktoken with GPT-2's ranks); print seconds,
+# CPU seconds, the peak RSS growth, and a digest of the ids.
+_ONE_CHAR_SCRIPT = r"""
+import hashlib, json, os, resource, sys, time
+from array import array
+sys.path.insert(0, sys.argv[1])
+import common
+from tokenizer import EOT, tiktoken_encoding
+from flm.tokenizer import Tokenizer
+from flm.tokenizer.gpt2_format import read_merges, read_vocab
+
+bpe, who, char, n = sys.argv[2], sys.argv[3], chr(int(sys.argv[4])), int(sys.argv[5])
+tok = Tokenizer(read_vocab(os.path.join(bpe, "gpt2_vocab.json")), read_merges(os.path.join(bpe, "gpt2_merges.txt")), [EOT])
+encode = tok.encode if who == "flm" else tiktoken_encoding(tok).encode
+text = char * n
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+t0, c0 = time.perf_counter(), time.process_time()
+ids = encode(text)
+seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+digest = hashlib.sha256(array("I", ids).tobytes()).hexdigest()
+print(json.dumps({"s": seconds, "cpu": cpu, "rss_per_byte": (peak - before) / n, "count": len(ids), "digest": digest}))
+"""
+
+
+def encode_one_char(who: str, char: str, n: int, bpe: Path) -> dict:
+    """Encode ``char * n`` with GPT-2's vocabulary in a fresh subprocess (its own peak RSS).
+
+    Args:
+        who: ``"flm"`` or ``"tiktoken"``.
+        char: the character.
+        n: how many.
+        bpe: the folder with ``gpt2_vocab.json`` and ``gpt2_merges.txt``.
+
+    Returns:
+        ``{"s", "cpu", "rss_per_byte", "count", "digest"}``: seconds, CPU seconds, the peak RSS
+        less the RSS before encoding per input byte, the number of ids and their SHA-256.
+
+    Raises:
+        RuntimeError: the subprocess failed (its stderr's last line).
+    """
+    script_dir = str(Path(__file__).resolve().parent)
+    argv = [sys.executable, "-c", _ONE_CHAR_SCRIPT, script_dir, str(bpe), who, str(ord(char)), str(n)]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{who} on {char!r} * {n}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_one_char(data: Path, quick: bool, rows: list, notes: list) -> None:
+    """Rows for 24 MB of one character (``--quick``: 1 MB of NUL): time and peak RSS per byte, flm vs tiktoken.
+
+    One run each (a run takes seconds to a minute); flm's ids are checked equal to tiktoken's.
+    """
+    n = 1_000_000 if quick else 24_000_000
+    if not sys.platform.startswith("linux"):
+        notes.append("one-character rows skipped: they read /proc/self/statm (Linux)")
+        return
+    have_tiktoken = _has_tiktoken()
+    if not have_tiktoken:
+        notes.append("tiktoken not installed: one-character rows without a peer")
+    for char, what in (("\x00", "NUL"),) if quick else (("\x00", "NUL"), ("a", "'a'")):
+        flm = encode_one_char("flm", char, n, data / "bpe")
+        peer = encode_one_char("tiktoken", char, n, data / "bpe") if have_tiktoken else None
+        if peer is not None:
+            assert (flm["count"], flm["digest"]) == (peer["count"], peer["digest"]), (
+                f"flm and tiktoken disagree on {what}"
+            )
+        load = (common.load_average() or [None])[0]
+        t = {
+            "median": flm["s"],
+            "min": flm["s"],
+            "max": flm["s"],
+            "iqr": 0.0,
+            "n": 1,
+            "cpu": flm["cpu"],
+            "load_avg_1m": load,
+        }
+        pt = {"median": peer["s"], "cpu": peer["cpu"]} if peer else None
+        rows.append(
+            row(
+                f"{n / 1e6:.1f} MB of one character: {what}",
+                n,
+                t,
+                "tiktoken" if peer else None,
+                pt,
+                flm_rss_per_byte=flm["rss_per_byte"],
+                peer_rss_per_byte=peer["rss_per_byte"] if peer else None,
+            )
+        )
+
+
+def _has_tiktoken() -> bool:
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def bench_crossover(tok: Tokenizer, excerpt: Path, repeats: int, warmup: int) -> list[dict]:
     """Time ``merge_short`` and ``merge_long`` on pre-tokens of growing length (the excerpt without whitespace)."""
     letters = "".join(excerpt.read_text(encoding="utf-8").split()).encode("utf-8")
@@ -315,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         tok = bench_encode(data, excerpt, repeats, warmup, args.quick, rows, notes)
         if args.crossover:
             crossover = bench_crossover(tok, excerpt, repeats, warmup)
+        bench_one_char(data, args.quick, rows, notes)
 
         # encode_file scaling with workers.
         if not args.encode_only:
