@@ -24,8 +24,9 @@ min/max; timed with ``bench/common.py``):
   tokenizers, vs. tiktoken.
 * ``one character``: 24 MB of one character (one pre-token): NUL bytes (no GPT-2 merge applies: the
   case of issue 18) and ``a`` (merged into ``aaaa``), each encoded once in a fresh subprocess by flm
-  and by tiktoken, with ``RSS B/B``: the subprocess's peak RSS (``ru_maxrss``) less its RSS before
-  encoding, per input byte (flm's budget: 32). ``--quick``: 1 MB of NUL bytes.
+  and by tiktoken, with ``RSS B/B``: the subprocess's peak RSS during encoding (``VmHWM``, which
+  ``ru_maxrss`` reports, reset before encoding) less its RSS before, per input byte (flm's budget:
+  32). ``--quick``: 4 MB of NUL bytes.
 * ``encode_file``: the excerpt x16 to a token file with 1, 2, ... workers (at most 3 runs).
 
 ``--encode-only`` skips the training and ``encode_file`` rows. ``--crossover`` also times the two
@@ -258,7 +259,7 @@ def bench_encode(
 # Encode ``CHAR * N`` once in this fresh process (flm or tiktoken with GPT-2's ranks); print seconds,
 # CPU seconds, the peak RSS growth, and a digest of the ids.
 _ONE_CHAR_SCRIPT = r"""
-import hashlib, json, os, resource, sys, time
+import hashlib, json, os, sys, time
 from array import array
 sys.path.insert(0, sys.argv[1])
 import common
@@ -270,12 +271,18 @@ bpe, who, char, n = sys.argv[2], sys.argv[3], chr(int(sys.argv[4])), int(sys.arg
 tok = Tokenizer(read_vocab(os.path.join(bpe, "gpt2_vocab.json")), read_merges(os.path.join(bpe, "gpt2_merges.txt")), [EOT])
 encode = tok.encode if who == "flm" else tiktoken_encoding(tok).encode
 text = char * n
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def status(key):  # a kB field of /proc/self/status, in bytes
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM = ru_maxrss) to the RSS now
+    f.write("5")
+before = status("VmRSS")
 t0, c0 = time.perf_counter(), time.process_time()
 ids = encode(text)
 seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 digest = hashlib.sha256(array("I", ids).tobytes()).hexdigest()
 print(json.dumps({"s": seconds, "cpu": cpu, "rss_per_byte": (peak - before) / n, "count": len(ids), "digest": digest}))
 """
@@ -306,11 +313,11 @@ def encode_one_char(who: str, char: str, n: int, bpe: Path) -> dict:
 
 
 def bench_one_char(data: Path, quick: bool, rows: list, notes: list) -> None:
-    """Rows for 24 MB of one character (``--quick``: 1 MB of NUL): time and peak RSS per byte, flm vs tiktoken.
+    """Rows for 24 MB of one character (``--quick``: 4 MB of NUL): time and peak RSS per byte, flm vs tiktoken.
 
     One run each (a run takes seconds to a minute); flm's ids are checked equal to tiktoken's.
     """
-    n = 1_000_000 if quick else 24_000_000
+    n = 4_000_000 if quick else 24_000_000
     if not sys.platform.startswith("linux"):
         notes.append("one-character rows skipped: they read /proc/self/statm (Linux)")
         return

@@ -9,7 +9,10 @@ with the lowest merge rank; among equal ranks the leftmost pair goes first (GPT-
   run in C, so it is the fastest for the short pre-tokens that make up ordinary text.
 * :func:`merge_long`: ``(rank, position)`` entries in a heap (grouped by rank) over a doubly
   linked list of parts. Each merge costs O(log n), so a pre-token costs O(n log n): a megabyte
-  without whitespace (one pre-token) takes about a second instead of hours.
+  without whitespace (one pre-token) takes about a second instead of hours. From
+  :data:`COMPACT_PIECE` bytes on, its state lives in arrays of 4-byte ints rather than lists of
+  Python ints: ~16-25 bytes of RAM per byte of the pre-token instead of ~150 (24 MB of one
+  character, or of NUL bytes, is one pre-token).
 
 :func:`bpe_merge` picks one by length (:data:`LONG_PIECE`, measured by ``bench/tokenizer.py``).
 Ids are non-negative ints; ``ranks`` maps each pair to one rank and ``merged[rank]`` is never one
@@ -207,7 +210,8 @@ def merge_long(ids: Iterable[int], ranks: Mapping[tuple[int, int], int], merged:
     Memory: everything lives in ``array.array``s of 4-byte machine integers, not lists of Python
     ints (an 8-byte pointer plus a 32-byte int object each): ids and two links take 12 bytes per
     id, and each recorded position 4 (one per initial pair, at most two per merge). A pathological
-    pre-token (24 MB of one character) needs under 20 bytes per byte instead of about 110.
+    pre-token (24 MB of one character) needs about 20 bytes per byte instead of about 150. Shorter
+    pre-tokens than :data:`COMPACT_PIECE` use lists instead (same steps, faster to index).
 
     Args:
         ids: the pre-token's byte ids, in order (not modified; an iterator saves a list of n ints).
