@@ -55,7 +55,9 @@ _GPU_PEAKS = (
 
 def device_peak_flops(device: str | torch.device, dtype: torch.dtype | None = None) -> float | None:
     """Peak matmul FLOP/s of ``device`` for MFU: a datasheet value for known GPUs, a short
-    measurement (the best of five 2048² float32/bf16 matmuls, ~0.6 s) on the CPU, ``None`` otherwise.
+    measurement (the best of five square float32/bf16 matmuls, up to 2048², grown from 256² while the
+    next size's product would take under ~0.5 s, so it stays near a second even where bf16 is
+    emulated) on the CPU, ``None`` otherwise.
 
     The CPU measurement is only as good as the moment it is taken: if other processes share the
     cores then, the peak reads low and MFU high (above 100 % is possible); pass ``peak_flops``
@@ -78,15 +80,20 @@ def device_peak_flops(device: str | torch.device, dtype: torch.dtype | None = No
         return None
     if dev.type != "cpu":
         return None
-    n = 2048
-    a = torch.randn(n, n, dtype=dtype or torch.float32)
-    a @ a  # warm-up (thread pool, packing buffers)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    # Size the measurement by a small probe first: a CPU without native bf16 multiplies bf16
+    # matrices hundreds of times slower than float32, and five 2048² products then took minutes.
+    n, best = 256, float("inf")
+    while True:
+        a = torch.randn(n, n, dtype=dtype or torch.float32)
+        a @ a  # warm-up (thread pool, packing buffers)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        if n >= 2048 or best * 8 > 0.5:  # the next size would take over ~0.5 s a product
+            return 2 * n**3 / best
+        n *= 2
 
 
 class Throughput:
