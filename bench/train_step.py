@@ -251,6 +251,11 @@ def _shape(text: str, default: TransformerConfig = HANDOUT) -> tuple[Transformer
     return (MODELS[model] if model else default), int(b), int(s)
 
 
+def _name(cfg: TransformerConfig) -> str:
+    """The name of a bench model (``handout``, ``gpt2-small``, …)."""
+    return next((k for k, v in MODELS.items() if v == cfg), "custom")
+
+
 def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes: list[str]) -> list[dict]:
     """All rows at one batch×seq; returns table rows. ``dtype`` ``"bf16-mixed"`` keeps float32
     weights and runs bf16 matmuls (flm ``compute_dtype``; the torch peers under ``torch.autocast``)."""
@@ -323,7 +328,7 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
         rows.append(
             {
                 "row": name,
-                "model": next((k for k, v in MODELS.items() if v == cfg), "custom"),
+                "model": _name(cfg),
                 "shape": [batch, seq],
                 "median_s": s["median"],
                 "min_s": s["min"],
@@ -378,7 +383,9 @@ def main(argv: list[str] | None = None) -> dict:
             )
             peak = {**peak, "flops_per_s": sheet}
     print(
-        f"model: {count_params(cfg) / 1e6:.1f}M params; matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s "
+        "models: "
+        + ", ".join(sorted({f"{_name(c)} {count_params(c) / 1e6:.1f}M params" for c, _, _ in shapes}))
+        + f"; matmul peak {peak['flops_per_s'] / 1e9:.0f} GFLOP/s "
         f"({peak['n']}² {peak['dtype']})",
         flush=True,
     )
