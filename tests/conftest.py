@@ -1,11 +1,13 @@
-"""Shared test configuration: hypothesis profiles, the location of ../shared/data, and one tiny
-end-to-end ``flm train`` run (on a slice of the shared TinyStories text) that CLI tests copy."""
+"""Shared test configuration: hypothesis profiles, the fixtures for the shared data (found by
+``helpers.shared_data_dir``), generated text, and one tiny end-to-end ``flm train`` run that CLI
+tests copy. Plain functions the tests import live in ``helpers.py``."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import generate_stories, require_shared_data, train_argv
 from hypothesis import HealthCheck, settings
 
 # "ci": bounded examples, no deadline (CI machines are slow and shared); "dev": the default;
@@ -22,31 +24,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 torch.set_num_threads(1)
 
 
-def shared_data_dir() -> Path | None:
-    """Return ../shared/data (or $FLM_SHARED_DATA) if it exists, else None."""
-    env = os.environ.get("FLM_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    root = Path(__file__).resolve().parent.parent
-    candidates += [root.parent / "shared" / "data", root / "shared" / "data"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
-
-
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared data folder; tests that need it are skipped when it is absent."""
-    d = shared_data_dir()
-    if d is None:
-        pytest.skip("shared data not found (set FLM_SHARED_DATA or place it at ../shared/data)")
-    return d
+    """The shared data folder (GPT-2's vocabulary and merges, the CS336 reference merges, the
+    TinyStories excerpt): skipped when absent, a failure under ``FLM_REQUIRE_SHARED=1``."""
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")
-def texts(shared_data, tmp_path_factory):
-    """(train, valid): 60 KB and 10 KB slices of the shared TinyStories excerpt."""
-    d = tmp_path_factory.mktemp("texts")
+def tinystories_texts(shared_data, tmp_path_factory):
+    """(train, valid): 60 KB and 10 KB slices of the shared TinyStories excerpt, for tests whose
+    numbers come from the real text."""
+    d = tmp_path_factory.mktemp("tinystories")
     src = shared_data / "tinystories"
     train, valid = d / "train.txt", d / "valid.txt"
     train.write_text((src / "train.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
@@ -54,27 +43,21 @@ def texts(shared_data, tmp_path_factory):
     return train, valid
 
 
-def train_argv(texts, out, *extra):
-    """``flm train`` arguments for the tiny preset on ``texts`` into ``out``."""
-    train, valid = texts
-    return [
-        "train",
-        "--preset",
-        "tiny",
-        "--train-text",
-        str(train),
-        "--valid-text",
-        str(valid),
-        "--out-dir",
-        str(out),
-        "--device",
-        "cpu",
-        "--num-workers",
-        "1",
-        "--max-new-tokens",
-        "12",
-        *extra,
-    ]
+@pytest.fixture(scope="session")
+def generated_texts(tmp_path_factory):
+    """(train, valid) files of generated stories (~68 KB and ~11 KB); needs no shared data."""
+    d = tmp_path_factory.mktemp("generated")
+    train, valid = d / "train.txt", d / "valid.txt"
+    train.write_text(generate_stories(300, seed=1), encoding="utf-8")
+    valid.write_text(generate_stories(50, seed=2), encoding="utf-8")
+    return train, valid
+
+
+@pytest.fixture(scope="session")
+def texts(generated_texts):
+    """(train, valid): the text of the tiny CLI runs — generated stories, so these tests run the
+    same with or without the shared data (the real excerpt is ``tinystories_texts``)."""
+    return generated_texts
 
 
 @pytest.fixture(scope="session")
@@ -95,40 +78,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-_WORDS = {
-    "name": ["Lily", "Tom", "Ben", "Mia", "Sam", "Anna"],
-    "animal": ["dog", "cat", "bird", "fish", "frog", "bunny"],
-    "verb": ["saw", "found", "liked", "helped", "hugged", "followed"],
-    "thing": ["ball", "tree", "box", "kite", "cake", "boat"],
-    "adj": ["big", "red", "happy", "little", "shiny", "soft"],
-}
-
-
-def generate_stories(n: int, seed: int = 0) -> str:
-    """``n`` short stories of simple sentences, separated by ``<|endoftext|>``: English-like text
-    made here (seeded), for tests that need "some text" rather than the shared fixtures."""
-    import random
-
-    rng = random.Random(seed)
-    w = {k: (lambda v=v: rng.choice(v)) for k, v in _WORDS.items()}
-    stories = []
-    for _ in range(n):
-        name = w["name"]()
-        lines = [f"Once upon a time, there was a {w['adj']()} {w['animal']()} named {name}."]
-        for _ in range(rng.randint(2, 5)):
-            lines.append(f"{name} {w['verb']()} a {w['adj']()} {w['thing']()} near the {w['thing']()}.")
-        lines.append(f"{name} was very {w['adj']()}. The end.")
-        stories.append(" ".join(lines))
-    return "\n<|endoftext|>\n".join(stories) + "\n"
-
-
-@pytest.fixture(scope="session")
-def generated_texts(tmp_path_factory):
-    """(train, valid) files of generated stories (~60 KB and ~10 KB); needs no shared data."""
-    d = tmp_path_factory.mktemp("generated")
-    train, valid = d / "train.txt", d / "valid.txt"
-    train.write_text(generate_stories(300, seed=1), encoding="utf-8")
-    valid.write_text(generate_stories(50, seed=2), encoding="utf-8")
-    return train, valid

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import MISSING_SHARED, shared_data_dir, shared_required
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(autouse=True)
+def bench_on_path(monkeypatch):
+    """The benches import each other as top-level modules (``import common``), as they do when run
+    from ``bench/``; the path is restored after each test."""
+    monkeypatch.syspath_prepend(str(BENCH))
 
 
 def test_common_summary_and_tables(tmp_path):
@@ -92,16 +98,27 @@ def test_run_all_renders_both_target_directions():
     assert "| speed vs HF |" in md
 
 
-def test_run_all_quick(tmp_path):
+def test_run_all_quick(tmp_path, monkeypatch):
+    import common
     import run_all
-    from conftest import shared_data_dir
 
+    shared = shared_data_dir()
+    if shared is None:
+        if shared_required():
+            pytest.fail(f"FLM_REQUIRE_SHARED=1: the tokenizer bench needs the shared data ({MISSING_SHARED})")
+
+        def no_shared_data():  # the tests' lookup decides (FLM_SHARED_DATA=none turns it off here too)
+            raise SystemExit("shared data not found: set FLM_SHARED_DATA or place it at ../shared/data")
+
+        monkeypatch.setattr(common, "shared_data_dir", no_shared_data)
+    else:
+        monkeypatch.setattr(common, "shared_data_dir", lambda: shared)
     out = run_all.main(["--quick", "--out-dir", str(tmp_path)])
     benches = out["benches"]
     expected = [n for n in run_all.BENCHES if (BENCH / f"{n}.py").exists()]
     assert list(benches) == expected
     for name, res in benches.items():
-        if name == "tokenizer" and shared_data_dir() is None:
+        if name == "tokenizer" and shared is None:
             assert "shared data not found" in res.get("error", ""), res.get("error")
             continue
         assert "error" not in res, f"{name}: {res.get('error')}"

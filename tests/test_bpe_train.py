@@ -7,6 +7,7 @@ import warnings
 from collections import Counter
 
 import pytest
+from helpers import generate_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -73,8 +74,9 @@ def test_matches_cs336_reference(shared_data):
     check_consistent(vocab, merges, 500, [EOT])
 
 
-def test_parallel_pretokenization_equals_serial(shared_data):
-    path = shared_data / "tinystories" / "valid.txt"
+def test_parallel_pretokenization_equals_serial(tmp_path):
+    path = tmp_path / "text.txt"  # ~100 KB of generated documents separated by <|endoftext|>
+    path.write_text(generate_text(400, seed=3), encoding="utf-8")
     serial = count_file(path, [EOT], num_workers=1)
     assert count_file(path, [EOT], num_workers=2) == serial
     assert serial == count_pretokens(path.read_text(encoding="utf-8"), [EOT])

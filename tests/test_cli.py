@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_argv
 
 from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
 from flm.cli import main
 from flm.config import PRESETS, RunConfig
 from flm.train import read_metrics
 from flm.tree import tree_leaves
-from tests.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"step", "wall_time", "tokens", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}

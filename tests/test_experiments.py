@@ -15,7 +15,9 @@ from flm.train import TrainConfig, train_loop
 
 
 @pytest.fixture(scope="module")
-def experiments(texts, tmp_path_factory, shared_data):
+def experiments(texts, tmp_path_factory):
+    """``flm experiment all`` at the tiny scale on generated text (the GPT-2 comparison of the
+    tokenizer experiment, which needs GPT-2's files, is tested on its own below)."""
     out = tmp_path_factory.mktemp("exp") / "exps"
     argv = [
         "experiment",
@@ -43,8 +45,6 @@ def experiments(texts, tmp_path_factory, shared_data):
         "8",
         "--num-workers",
         "1",
-        "--gpt2-dir",
-        str(shared_data / "bpe"),
         "--max-new-tokens",
         "16",
     ]
@@ -98,12 +98,26 @@ def test_generate_and_tokenizer_reports(experiments):
     tok = json.loads((experiments / "tokenizer" / "results.json").read_text())
     rows = {(r["tokenizer"], r["split"]): r for r in tok["results"]}
     names = sorted({name for name, _ in rows})
-    assert [n.split(" (")[0] for n in names] == ["GPT-2", "TinyStories BPE", "run BPE"], names
+    assert [n.split(" (")[0] for n in names] == ["TinyStories BPE", "run BPE"], names
     assert all(r["bytes_per_token"] > 1 for r in tok["results"])
-    gpt2, big, run = names
+    big, run = names
     for split in ("train", "valid"):
         # The 10K merges extend the run's smaller merge list (same data), so they never need more tokens.
         assert rows[(big, split)]["tokens"] <= rows[(run, split)]["tokens"]
+
+
+def test_tokenizer_experiment_compares_with_gpt2(texts, shared_data, tmp_path):
+    """``--gpt2-dir`` adds GPT-2's tokenizer (the shared fixture's files) to the comparison."""
+    argv = ["experiment", "tokenizer", "--preset", "tiny", "--train-text", str(texts[0])]
+    argv += ["--valid-text", str(texts[1]), "--out-dir", str(tmp_path / "exps"), "--num-workers", "1"]
+    with warnings.catch_warnings():  # the tiny text runs out of pairs before the 10K tokenizer's size
+        warnings.filterwarnings("ignore", "BPE training stopped")
+        assert main([*argv, "--gpt2-dir", str(shared_data / "bpe")]) == 0
+    tok = json.loads((tmp_path / "exps" / "tokenizer" / "results.json").read_text())
+    rows = {(r["tokenizer"], r["split"]): r for r in tok["results"]}
+    names = sorted({name for name, _ in rows})
+    assert [n.split(" (")[0] for n in names] == ["GPT-2", "TinyStories BPE", "run BPE"], names
+    assert names[0] == "GPT-2 (50,257)" and all(r["bytes_per_token"] > 1 for r in tok["results"])
 
 
 def test_time_budget_stops_early_and_keeps_the_best_model(tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import generate_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -389,8 +390,10 @@ def gpt2(shared_data) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def small(shared_data) -> Tokenizer:
-    vocab, merges = train_bpe(shared_data / "bpe" / "corpus.en", 500, [EOS_TOKEN])
+def small(tmp_path_factory) -> Tokenizer:
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"  # generated English-like text
+    corpus.write_text(generate_text(300, seed=0), encoding="utf-8")
+    vocab, merges = train_bpe(corpus, 500, [EOS_TOKEN])
     return Tokenizer(vocab, merges, [EOS_TOKEN])
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import train_argv
 from safetensors.torch import load_file, save_file
 
 import flm.train.loop
@@ -30,7 +31,6 @@ from flm.cli import main
 from flm.model import TransformerConfig
 from flm.train import NonFiniteLossError, TrainConfig, plot_metrics, read_metrics, train_loop
 from flm.tree import all_finite, tree_leaves
-from tests.conftest import train_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 

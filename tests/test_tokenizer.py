@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import generate_text
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,8 +40,24 @@ def tiktoken_gpt2(gpt2):
 
 
 @pytest.fixture(scope="module")
-def small(shared_data) -> Tokenizer:
-    vocab, merges = train_bpe(shared_data / "bpe" / "corpus.en", 500, [EOT])
+def corpus(tmp_path_factory) -> Path:
+    """~80 KB of generated English-like text (no shared data needed)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(generate_text(300, seed=0), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> Path:
+    """A few KB of generated text the small tokenizer was not trained on."""
+    path = tmp_path_factory.mktemp("sample") / "sample.txt"
+    path.write_text(generate_text(12, seed=1), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(corpus) -> Tokenizer:
+    vocab, merges = train_bpe(corpus, 500, [EOT])
     return Tokenizer(vocab, merges, [EOT])
 
 
@@ -211,13 +228,13 @@ def test_encode_iterable_memory_is_bounded(gpt2, shared_data):
 # ----- files: save / load / errors -----
 
 
-def test_save_then_load_gives_same_tokenizer(small, shared_data, tmp_path):
+def test_save_then_load_gives_same_tokenizer(small, sample, tmp_path):
     v, m = tmp_path / "vocab.json", tmp_path / "merges.txt"
     small.save(v, m)
     again = Tokenizer.from_files(v, m, [EOT])
     assert dict(again.vocab) == dict(small.vocab) and again.merges == small.merges
     assert again.fingerprint() == small.fingerprint()
-    text = (shared_data / "bpe" / "tinystories_sample.txt").read_text(encoding="utf-8")
+    text = sample.read_text(encoding="utf-8")
     assert again.encode(text) == small.encode(text)
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes left no temp files
     assert m.read_text(encoding="utf-8").startswith("#version")
@@ -230,7 +247,7 @@ def test_gpt2_files_read_back_identically(gpt2, shared_data, tmp_path):
     assert read_merges(tmp_path / "m.txt") == read_merges(bpe / "gpt2_merges.txt")
 
 
-def test_saved_files_load_in_hf_tokenizers(small, shared_data, tmp_path):
+def test_saved_files_load_in_hf_tokenizers(small, sample, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     v, m = tmp_path / "vocab.json", tmp_path / "merges.txt"
     small.save(v, m)
@@ -238,7 +255,7 @@ def test_saved_files_load_in_hf_tokenizers(small, shared_data, tmp_path):
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
     hf.add_special_tokens([EOT])
-    text = (shared_data / "bpe" / "tinystories_sample.txt").read_text(encoding="utf-8")
+    text = sample.read_text(encoding="utf-8")
     assert hf.encode(text).ids == small.encode(text)
 
 
@@ -257,9 +274,9 @@ def test_helpers_and_fingerprint(gpt2, small):
     assert clone.fingerprint() == fp and clone.encode("a " + EOT) == gpt2.encode("a " + EOT)
 
 
-def test_bad_files_name_file_and_line(shared_data, tmp_path):
-    bpe = shared_data / "bpe"
-    good_v, good_m = bpe / "gpt2_vocab.json", bpe / "gpt2_merges.txt"
+def test_bad_files_name_file_and_line(small, tmp_path):
+    good_v, good_m = tmp_path / "good_vocab.json", tmp_path / "good_merges.txt"
+    small.save(good_v, good_m)
     bad_m = tmp_path / "bad_merges.txt"
     bad_m.write_text("#version: 0.2\nĠ t\nĠ a b\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad_merges\.txt:3"):
@@ -348,16 +365,14 @@ def test_bench_quick_runs(tmp_path, shared_data):
     assert result["rows"]
 
 
-def test_cli_train_then_encode(shared_data, tmp_path):
+def test_cli_train_then_encode(corpus, sample, tmp_path):
     from flm.cli import main
 
     def cli(argv):
         return main(["tokenize", *argv])
 
-    bpe = shared_data / "bpe"
-    assert cli(["train", str(bpe / "corpus.en"), "--vocab-size", "300", "--out-dir", str(tmp_path / "tok")]) == 0
+    assert cli(["train", str(corpus), "--vocab-size", "300", "--out-dir", str(tmp_path / "tok")]) == 0
     v, m = tmp_path / "tok" / "vocab.json", tmp_path / "tok" / "merges.txt"
-    sample = bpe / "tinystories_sample.txt"
     assert cli(["encode", str(sample), str(tmp_path / "s.bin"), "--vocab", str(v), "--merges", str(m)]) == 0
     tok = Tokenizer.from_files(v, m, [EOT])
     assert tok.vocab_size == 300
