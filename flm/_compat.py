@@ -9,6 +9,9 @@ allows). The questions:
   (``vmap``, ``grad``, ``jvp``, ``jacrev``, …)? There is no public API for it; the probe is
   ``torch._C._functorch.is_functorch_wrapped_tensor``.
 - :func:`is_vmapped`: is a tensor (or what it wraps) a ``vmap`` batched tensor?
+- :func:`in_forward_mode`: is forward-mode AD active (a ``torch.func`` ``jvp``/``jacfwd``/``hessian``
+  transform, or a ``torch.autograd.forward_ad`` dual tensor)? The transform probe is
+  ``torch._functorch.pyfunctorch``'s interpreter stack.
 - :func:`is_compile_error`: did ``torch.compile`` itself fail (not the compiled program)?
 - :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
   host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["checks_enabled", "is_compile_error", "is_compiling", "is_transformed", "is_vmapped"]
+__all__ = ["checks_enabled", "in_forward_mode", "is_compile_error", "is_compiling", "is_transformed", "is_vmapped"]
 
 _functorch = torch._C._functorch
 
@@ -81,6 +84,37 @@ def is_vmapped(x: torch.Tensor) -> bool:
             return True
         x = _functorch.get_unwrapped(x)
     return False
+
+
+def in_forward_mode(*values: Any) -> bool:
+    """Whether forward-mode AD is active: a ``torch.func`` forward-mode transform (``jvp``,
+    ``jacfwd``, ``hessian``) on the stack, or a ``torch.autograd.forward_ad`` dual among ``values``.
+
+    A custom ``torch.autograd.Function`` needs a ``jvp`` for forward mode, which dynamo cannot
+    trace, and torch runs it with forward-mode AD off, so an enclosing forward-mode level sees
+    nothing of it (``jacfwd(jacfwd(f))`` is silently 0, torch 2.13). Code with a custom Function
+    asks this to use plain differentiable ops instead.
+
+    Args:
+        *values: tensors, or (nested) lists, tuples and dicts of them, that may carry a
+            ``forward_ad`` tangent.
+
+    Returns:
+        ``True`` in forward mode; ``False`` otherwise and under ``torch.compile`` (eager-only probe).
+
+    Source: ``torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters`` and
+    ``torch._C._functorch.TransformType.Jvp`` (private; no public equivalent);
+    ``torch.autograd.forward_ad.unpack_dual`` (public).
+    """
+    if is_compiling():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp = _functorch.TransformType.Jvp
+    if any(i.key() == jvp for i in retrieve_all_functorch_interpreters()):
+        return True
+    unpack = torch.autograd.forward_ad.unpack_dual
+    return any(unpack(t).tangent is not None for t in _tensors(values))
 
 
 def checks_enabled(*values: Any) -> bool:

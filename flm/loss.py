@@ -9,19 +9,32 @@ from typing import Any
 
 import torch
 
-from flm._compat import checks_enabled
+from flm._compat import checks_enabled, in_forward_mode
 
 __all__ = ["token_cross_entropy", "cross_entropy", "perplexity"]
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """``logsumexp(o) − o[target]`` with a hand-written gradient ``softmax(o) − onehot(target)``.
+    """``log Σ exp(o − m) − (o[target] − m)`` with a hand-written, itself differentiable gradient.
 
     Autograd of the plain formula keeps and re-reads several ``(…, vocab_size)`` temporaries (the
     shifted logits, their exponentials, an expanded gradient, a zero-filled scatter target and a
-    sum), which dominate a small model's step; here the forward keeps one (the exponentials) and
-    the backward is one multiply and a scatter. ``generate_vmap_rule`` makes it work under
-    ``torch.func.vmap``; ``torch.func.grad`` and ``torch.compile`` trace it like any function.
+    sum), which dominate a small model's step; here the forward keeps one (the exponentials
+    ``e = exp(o − m)``, ``m`` the row maximum) and the first-order backward is
+    ``softmax(o) − onehot(target) = e / Σe − onehot`` (one multiply and a scatter).
+
+    ``e`` and ``total = Σe`` are also (internal, unused) differentiable outputs, with derivatives
+    ``de = e·do`` and ``dtotal = Σ e·do`` (``m`` held constant: every quantity built from them is
+    shift-invariant, so that is exact). The backward is plain differentiable ops on the saved
+    ``e`` and ``total``, so differentiating it again (``create_graph=True``,
+    ``torch.func.grad`` of ``grad``, ``jacrev``/``jacfwd``/``hessian``) reaches ``o`` through these
+    outputs and gives the exact second derivative ``diag(p) − p pᵀ`` (``p = softmax(o)``).
+    Unused output gradients are not materialised, so the first-order step pays nothing for this.
+    ``generate_vmap_rule`` makes it work under ``torch.func.vmap``; ``torch.compile`` traces it.
+    There is no ``jvp`` (dynamo cannot trace a custom one, and torch runs it with forward-mode AD
+    off, so ``jacfwd(jacfwd(·))`` would be silently 0): in forward mode (``torch.func.jvp``,
+    ``jacfwd``, ``hessian``, ``torch.autograd.forward_ad``) :func:`token_cross_entropy` uses the
+    plain formula, which autograd differentiates to any order.
     """
 
     generate_vmap_rule = True
@@ -31,23 +44,34 @@ class _CrossEntropy(torch.autograd.Function):
         m = x.amax(dim=-1, keepdim=True)  # the shift cancels: softmax and logsumexp are shift-invariant
         e = (x - m).exp()
         total = e.sum(dim=-1, keepdim=True)
-        lse = (m + total.log()).squeeze(-1)
-        return lse - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1), e, total
+        # log Σ exp(o − m) − (o[target] − m): both terms are O(log V) for the target near the maximum,
+        # so nothing of size |o| is added and then cancelled (m + log Σ … − o[target] loses ulp(|o|)).
+        shifted_target = x.gather(-1, targets.unsqueeze(-1)) - m
+        return (total.log() - shifted_target).squeeze(-1), e, total
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
         _, targets = inputs
         _, e, total = output
-        ctx.mark_non_differentiable(e, total)
+        ctx.set_materialize_grads(False)  # e and total are never used in a loss: their gradients stay None
         ctx.save_for_backward(e, total, targets)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _grad_e: Any, _grad_total: Any) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: Any, grad_e: Any, grad_total: Any) -> tuple[Any, None]:
         e, total, targets = ctx.saved_tensors
-        grad_x = e * (grad.unsqueeze(-1) / total)  # softmax(o) · dL/dloss
-        grad_x.scatter_add_(
-            -1, targets.unsqueeze(-1), -grad.unsqueeze(-1)
-        )  # − onehot(target) · dL/dloss (in place: ours)
+        index = targets.unsqueeze(-1)
+        coef = None  # per row: dL/dloss / Σe (softmax = e / Σe) + dL/dtotal (dtotal/do = e)
+        if grad is not None:
+            coef = grad.unsqueeze(-1) / total
+        if grad_total is not None:
+            coef = grad_total if coef is None else coef + grad_total
+        grad_x = None
+        if coef is not None:
+            grad_x = e * coef
+        if grad_e is not None:  # de/do = e (elementwise)
+            grad_x = grad_e * e if grad_x is None else grad_x + grad_e * e
+        if grad is not None:  # − onehot(target) · dL/dloss (in place: grad_x is ours)
+            grad_x.scatter_add_(-1, index, -grad.unsqueeze(-1))
         return grad_x, None
 
 
@@ -66,10 +90,15 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """Per-position cross-entropy ``logsumexp(o) − o[target]``, without averaging.
 
-    The maximum is subtracted before exponentiating and ``log``/``exp`` cancel, so logits of any
-    magnitude (e.g. ±1e4) give finite losses. The gradient ``softmax(o) − onehot(target)`` is
-    written by hand (one multiply and a scatter, reusing the forward's exponentials) and tested
-    equal to autograd of the formula and to ``torch.nn.functional.cross_entropy``.
+    Computed as ``log Σ exp(o − m) − (o[target] − m)`` with ``m`` the row maximum: nothing is
+    exponentiated above 1 and no term of size ``|o|`` is added and cancelled again, so logits of any
+    magnitude (±1e4, ±3e38) give finite losses accurate to float32 rounding of the inputs. The
+    gradient ``softmax(o) − onehot(target)`` is written by hand (one multiply and a scatter,
+    reusing the forward's exponentials) and tested equal to autograd of the formula and to
+    ``torch.nn.functional.cross_entropy``. The hand-written gradient is itself differentiable, so
+    every ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ``jacfwd``,
+    ``hessian``, ``grad`` of ``grad``) and ``create_graph=True`` double backward give the
+    derivatives of the plain formula, of any order.
 
     Args:
         logits: ``(..., vocab_size)`` unnormalised scores, any float dtype, ``vocab_size ≥ 1``.
@@ -102,15 +131,22 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: b
     if check and targets.numel() and checks_enabled(logits, targets):
         _check_targets(logits, targets)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+    if in_forward_mode(x):  # jvp/jacfwd/hessian/forward_ad: plain ops (see _CrossEntropy)
+        return _plain_cross_entropy(x, targets.long())
     return _CrossEntropy.apply(x, targets.long())[0]
 
 
-def _token_cross_entropy_autograd(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The same loss left to autograd (the reference :func:`token_cross_entropy`'s gradient is tested against)."""
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+def _plain_cross_entropy(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log Σ exp(x − m) − (x[target] − m)`` in plain differentiable ops (``m`` the detached row maximum)."""
     m = x.amax(dim=-1, keepdim=True).detach()
-    lse = m.squeeze(-1) + (x - m).exp().sum(dim=-1).log()
-    return lse - x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    shifted = x - m
+    return shifted.exp().sum(dim=-1).log() - shifted.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _token_cross_entropy_autograd(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same loss left to autograd (the reference :func:`token_cross_entropy`'s derivatives are tested against)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return _plain_cross_entropy(x, targets.long())
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:

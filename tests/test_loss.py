@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from flm.loss import cross_entropy, perplexity, token_cross_entropy
@@ -74,16 +74,60 @@ def test_equals_logsumexp_minus_target_and_shift_invariant(case, c):
     torch.testing.assert_close(token_cross_entropy(logits + c, y), loss, rtol=1e-9, atol=1e-9)
 
 
+def _oracle(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """float64 ``log Σ exp(o − o[target])`` of the (already rounded) logits: no cancellation of
+    ``|o|``-sized terms (``logsumexp(o) − o[target]`` loses ulp(|o|) even in float64)."""
+    x = logits.double()
+    return torch.logsumexp(x - x.gather(-1, y[..., None]), -1)
+
+
 @given(case=_case(scale=1.0), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
 def test_stable_for_huge_logits(case, dtype):
     small, y = case
     logits = (torch.sign(small) * 1e4 + small).to(dtype)  # exp(±1e4) overflows when done naively
     loss = token_cross_entropy(logits, y)
     assert torch.isfinite(loss).all()
-    ref = torch.logsumexp(logits.double(), -1) - logits.double().gather(-1, y[:, None])[:, 0]
-    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)  # 1e-3 absolute: fp32 ulp at 1e4
+    # relative to the loss only: the answer is accurate to float32 rounding, not to ulp(1e4) = 1e-3
+    torch.testing.assert_close(loss.double(), _oracle(logits, y), rtol=1e-6, atol=1e-6)
     g = torch.func.grad(cross_entropy)(logits.double(), y)
     assert torch.isfinite(g).all()
+
+
+def test_no_cancellation_at_the_largest_float32_logits():
+    """Regression: ``(m + log Σ exp(o − m)) − o[target]`` gave 0.0 here (``3e38 + log 2`` rounds to
+    ``3e38``); the answer is log 2, as torch's float32 ``F.cross_entropy`` says."""
+    logits = torch.tensor([[3e38, 3e38, -3e38]], dtype=torch.float32)
+    y = torch.tensor([0])
+    loss = token_cross_entropy(logits, y)
+    torch.testing.assert_close(loss, torch.tensor([math.log(2.0)]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y, reduction="none"), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.double(), _oracle(logits, y), rtol=1e-6, atol=0)
+
+
+@given(case=_case(), c=st.floats(-1e4, 1e4))
+@example(case=(torch.tensor([[0.5, -1.0, 2.0]], dtype=torch.float64), torch.tensor([0])), c=1e4)
+def test_float32_shift_invariance_against_a_float64_oracle(case, c):
+    """Offsets up to 1e4 change nothing but the inputs' rounding: the float32 loss of the shifted,
+    rounded logits equals the float64 oracle on those same float32 values to float32 precision
+    (the old ``m + log Σ … − o[target]`` was off by up to ulp(1e4)/2 ≈ 5e-4)."""
+    logits, y = case
+    shifted = (logits + c).float()
+    loss = token_cross_entropy(shifted, y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), _oracle(shifted, y), rtol=1e-6, atol=1e-6)
+
+
+@given(case=_case(scale=1.0), scale=st.sampled_from([1.0, 30.0, 1e4, 1e30]))
+def test_gradient_rows_sum_to_zero_and_lie_in_minus_one_one(case, scale):
+    """∂loss/∂o = softmax(o) − onehot(target): every row sums to 0 and every entry is in [−1, 1]."""
+    logits, y = case
+    x = (logits * scale).float()
+    g = torch.func.grad(lambda x: token_cross_entropy(x, y).sum())(x)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert ((g >= -1) & (g <= 1)).all()
+    torch.testing.assert_close(g.double().sum(-1), torch.zeros(len(y), dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (g.gather(-1, y[:, None]) <= 0).all()  # the target's entry is p − 1 ≤ 0, the others p ≥ 0
+    assert (g.scatter(-1, y[:, None], 0.0) >= 0).all()
 
 
 def test_uniform_logits_give_log_vocab():
@@ -153,3 +197,103 @@ def test_hand_written_gradient_under_vmap_compile_and_backward():
     oracle = x.clone().requires_grad_()
     F.cross_entropy(oracle.flatten(0, 1), t.flatten()).backward()
     torch.testing.assert_close(xx.grad, oracle.grad, rtol=1e-12, atol=1e-14)
+
+
+# Second and higher derivatives: the hand-written backward is itself differentiable. Before, the
+# backward read the saved exponentials as constants, so jacrev(jacrev(·)) and grad of grad were
+# exactly 0, and jvp/jacfwd/hessian raised NotImplementedError (no jvp). Oracle: autograd of the
+# plain formula, in float64.
+
+
+def _plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(x, -1) - x.gather(-1, t[..., None])[..., 0]
+
+
+def _second_order_case(lead, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, vocab, dtype=torch.float64, generator=g) * 3
+    t = torch.randint(0, vocab, tuple(lead), generator=g)
+    w = torch.randn(*lead, dtype=torch.float64, generator=g)  # weights: a non-uniform upstream gradient
+    v = torch.randn(*lead, vocab, dtype=torch.float64, generator=g)  # a direction
+    return x, t, w, v
+
+
+SECOND = dict(rtol=1e-12, atol=1e-14)
+
+
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    vocab=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_second_derivatives_equal_autograd_of_the_formula(lead, vocab, seed):
+    x, t, w, v = _second_order_case(lead, vocab, seed)
+
+    def f(x):
+        return (token_cross_entropy(x, t) * w).sum()
+
+    def ref(x):
+        return (_plain(x, t) * w).sum()
+
+    jr, jf = torch.func.jacrev, torch.func.jacfwd
+    expected_h = torch.func.hessian(ref)(x)
+    torch.testing.assert_close(torch.func.hessian(f)(x), expected_h, **SECOND)  # jacfwd(jacrev)
+    torch.testing.assert_close(jr(jr(f))(x), expected_h, **SECOND)
+    torch.testing.assert_close(jf(jf(f))(x), expected_h, **SECOND)
+    torch.testing.assert_close(jr(jf(f))(x), expected_h, **SECOND)
+    # jvp (forward mode, first order) and its derivative
+    torch.testing.assert_close(torch.func.jvp(f, (x,), (v,))[1], torch.func.jvp(ref, (x,), (v,))[1], **SECOND)
+    # grad of a function of grad
+    gg = torch.func.grad(lambda x: (torch.func.grad(f)(x) * v).sum())(x)
+    torch.testing.assert_close(gg, torch.func.grad(lambda x: (torch.func.grad(ref)(x) * v).sum())(x), **SECOND)
+    # Hessian-vector product by double backward (create_graph=True)
+    hvps = []
+    for fn in (f, ref):
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xx), xx, create_graph=True)
+        (hv,) = torch.autograd.grad((g * v).sum(), xx)
+        hvps.append(hv)
+    torch.testing.assert_close(hvps[0], hvps[1], **SECOND)
+    # the Hessian of one row is w·(diag(p) − p pᵀ), p = softmax: not zero
+    n = t.numel()
+    p = torch.softmax(x, -1).reshape(n, vocab)[0]
+    block = expected_h.reshape(n, vocab, n, vocab)[0, :, 0, :]
+    torch.testing.assert_close(block, w.reshape(-1)[0] * (torch.diag(p) - torch.outer(p, p)), **SECOND)
+
+
+def test_second_derivative_is_not_zero_regression():
+    """The case of the report: a (1, 5) float64 input whose Hessian has entries up to ~0.22."""
+    x = torch.tensor([[0.3, -1.2, 0.8, 0.1, -0.4]], dtype=torch.float64)
+    t = torch.tensor([2])
+    h = torch.func.jacrev(torch.func.jacrev(lambda x: token_cross_entropy(x, t).sum()))(x)
+    expected = torch.func.hessian(lambda x: _plain(x, t).sum())(x)
+    assert expected.abs().max() > 0.2
+    torch.testing.assert_close(h, expected, **SECOND)
+
+
+def test_third_derivatives_and_vmap_of_hessian():
+    x, t, w, _ = _second_order_case((2,), 4, 0)
+    jr, jf = torch.func.jacrev, torch.func.jacfwd
+
+    def f(x):
+        return (token_cross_entropy(x, t) * w).sum()
+
+    def ref(x):
+        return (_plain(x, t) * w).sum()
+
+    for third in (lambda h: jr(jr(jr(h))), lambda h: jf(jr(jr(h))), lambda h: jr(jf(jr(h))), lambda h: jf(jf(jf(h)))):
+        torch.testing.assert_close(third(f)(x), third(ref)(x), **SECOND)
+    xs = torch.randn(3, 2, 4, dtype=torch.float64, generator=_gen(5))
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.hessian(f))(xs), torch.func.vmap(torch.func.hessian(ref))(xs), **SECOND
+    )
+
+
+def test_forward_ad_dual_tensors():
+    """``torch.autograd.forward_ad`` (not torch.func) takes the plain formula too."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, _, v = _second_order_case((3,), 5, 1)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(token_cross_entropy(fwAD.make_dual(x, v), t)).tangent
+    torch.testing.assert_close(out, torch.func.jvp(lambda x: _plain(x, t), (x,), (v,))[1], **SECOND)
