@@ -390,6 +390,53 @@ def test_clip_properties(shape_list, seed, scale, max_norm):
     assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(tree_leaves(clipped), tree_leaves(grads)))
 
 
+@given(shapes, st.integers(0, 2**31 - 1), st.floats(1e-6, 1e6), st.floats(1e-3, 1e3))
+def test_clip_is_idempotent_and_keeps_direction(shape_list, seed, scale, max_norm):
+    """Clipping twice is clipping once (the clipped norm is ≤ M, so the second pass is the exact
+    identity), and the clipped tree is a non-negative multiple of the gradient: same direction."""
+    grads = _random_tree(shape_list, seed, scale)
+    clip = optim.clip_by_global_norm(max_norm)
+    once, _ = clip.update(grads, optim.EmptyState())
+    twice, _ = clip.update(once, optim.EmptyState())
+    assert _tree_equal(twice, once)
+    g = torch.cat([t.reshape(-1) for t in tree_leaves(grads)])
+    c = torch.cat([t.reshape(-1) for t in tree_leaves(once)])
+    k = (c @ g) / (g @ g)  # the least-squares multiple: c = k·g exactly, with 0 < k ≤ 1
+    assert 0 < float(k) <= 1
+    torch.testing.assert_close(c, k * g, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "per-leaf"])
+def test_clip_scales_each_leaf_of_a_mixed_dtype_tree_in_its_own_dtype(inplace, foreach, monkeypatch):
+    """Regression: with a bf16 *first* leaf the foreach path scaled every leaf by ``scale.to(bf16)``,
+    off by up to ~0.4% on the float32 and float64 leaves. Each leaf must be the float64 clipped
+    value rounded once to its dtype (within that dtype's precision)."""
+    if not foreach:
+        monkeypatch.setattr(optim.base, "_use_foreach", lambda leaves: False)
+    gen = torch.Generator().manual_seed(3)
+    grads = {
+        "a": (torch.randn(64, generator=gen) * 100).bfloat16(),
+        "b": torch.randn(33, generator=gen) * 100,
+        "c": torch.randn(17, generator=gen, dtype=torch.float64) * 100,
+    }
+    g64 = {k: v.double() for k, v in grads.items()}
+    norm64 = torch.sqrt(sum((v * v).sum() for v in g64.values()))
+    max_norm = 1.0
+    expected = {k: v * (max_norm / (norm64 + 1e-6)) for k, v in g64.items()}
+    clip = optim.clip_by_global_norm(max_norm, inplace=inplace)
+    out, state = clip.update({k: v.clone() for k, v in grads.items()}, clip.init(grads))
+    torch.testing.assert_close(state.grad_norm.double(), norm64, rtol=1e-6, atol=0)
+    tol = {
+        torch.bfloat16: dict(rtol=2**-8, atol=0),
+        torch.float32: dict(rtol=1e-6, atol=0),
+        torch.float64: dict(rtol=1e-6, atol=0),
+    }  # float64: the float32 leaf's norm limits the scale
+    for k, v in out.items():
+        assert v.dtype == grads[k].dtype
+        torch.testing.assert_close(v.double(), expected[k], **tol[v.dtype])
+
+
 def test_clip_large_gradient_float32_and_validation():
     g = {"a": torch.full((10,), 1e4), "b": [torch.full((3, 3), -1e4)]}
     clipped, _ = optim.clip_by_global_norm(1.0).update(g, optim.EmptyState())
@@ -558,15 +605,21 @@ def test_constant_schedule():
 )
 def test_mixed_dtype_trees_keep_their_dtypes(make_tx):
     gen = torch.Generator().manual_seed(0)
-    p = {
-        "a": torch.randn(4, generator=gen),
-        "b": torch.randn(3, generator=gen).bfloat16(),
+    p = {  # the bf16 leaf first: the foreach clip once scaled every leaf in the first leaf's dtype
+        "a": torch.randn(3, generator=gen).bfloat16(),
+        "b": torch.randn(4, generator=gen),
         "c": torch.randn(2, generator=gen).double(),
     }
     g = tree_map(lambda t: t * 100, p)
     tx = make_tx()
-    u, _ = tx.update(g, tx.init(p), p)
+    u, state = tx.update(g, tx.init(p), p)
     assert {k: v.dtype for k, v in u.items()} == {k: v.dtype for k, v in p.items()}
+    if isinstance(state, optim.ClipState):  # values: the float64 clipped gradient, rounded once per leaf
+        norm64 = torch.sqrt(sum((v.double() ** 2).sum() for v in g.values()))
+        for k, v in u.items():
+            expected = g[k].double() * (1.0 / (norm64 + 1e-6))
+            rtol = 2**-8 if v.dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(v.double(), expected, rtol=rtol, atol=0)
     assert all(torch.isfinite(v.float()).all() for v in u.values())
     new = optim.apply_updates(p, u)
     assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in p.items()}

@@ -17,22 +17,42 @@ from flm.tree import tree_leaves
 __all__ = ["global_norm", "clip_by_global_norm", "ClipState", "recorded_grad_norm"]
 
 
+def _by_dtype(leaves: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """The positions of ``leaves`` grouped by dtype (in first-seen order), for one foreach call each."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(x.dtype, []).append(i)
+    return groups
+
+
 def global_norm(tree: PyTree) -> torch.Tensor:
     """The ℓ2 norm of all leaves of ``tree`` taken together, ``sqrt(Σ ‖leaf‖²)``.
+
+    Each leaf's norm is accumulated and returned in at least float32 (a bf16 leaf's norm is not
+    rounded to bf16), and the total in the promotion of those dtypes.
 
     Args:
         tree: a tree of float tensors.
 
     Returns:
-        0-d tensor in the leaves' (promoted) dtype; 0 for an empty tree.
+        0-d tensor in the leaves' promoted dtype, at least float32; 0 for an empty tree.
 
     Source: handout §4.5.
     """
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    norms = torch._foreach_norm(leaves) if base._use_foreach(leaves) else [torch.linalg.vector_norm(x) for x in leaves]
-    dtype = torch.promote_types(norms[0].dtype, torch.float32)
+    if base._use_foreach(leaves):
+        norms: list[torch.Tensor] = [torch.zeros(())] * len(leaves)
+        for dtype, idx in _by_dtype(leaves).items():
+            group = torch._foreach_norm([leaves[i] for i in idx], dtype=torch.promote_types(dtype, torch.float32))
+            for i, n in zip(idx, group):
+                norms[i] = n
+    else:
+        norms = [torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32)) for x in leaves]
+    dtype = torch.float32
+    for n in norms:
+        dtype = torch.promote_types(dtype, n.dtype)
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
@@ -60,6 +80,8 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
 
     ``g ← g · M / (‖g‖₂ + ε)`` if ``‖g‖₂ > M``, else ``g`` unchanged (exactly), with ε = 1e-6 as in
     the handout and ``torch.nn.utils.clip_grad_norm_``. Computed with tensor ops (no host sync).
+    Each leaf is scaled in its own dtype, so a mixed-dtype tree (e.g. bf16 and float32 leaves)
+    gets the float32 scale rounded once per dtype, not in the first leaf's dtype.
 
     Args:
         max_norm: M > 0.
@@ -88,11 +110,16 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
             return grads, ClipState(torch.zeros(()))
         norm = global_norm(grads)
         scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
-        if base._use_foreach(leaves):
+        if base._use_foreach(leaves):  # one foreach call per dtype, each with the scale in that dtype
+            groups = _by_dtype(leaves)
             if inplace:
-                torch._foreach_mul_(leaves, scale.to(leaves[0].dtype))
+                for dtype, idx in groups.items():
+                    torch._foreach_mul_([leaves[i] for i in idx], scale.to(dtype))
                 return grads, ClipState(norm)
-            scaled = torch._foreach_mul(leaves, scale.to(leaves[0].dtype))
+            scaled = list(leaves)
+            for dtype, idx in groups.items():
+                for i, out in zip(idx, torch._foreach_mul([leaves[i] for i in idx], scale.to(dtype))):
+                    scaled[i] = out
         else:
             scaled = [g * scale.to(g.dtype) for g in leaves]
         return optree.tree_unflatten(spec, scaled), ClipState(norm)
