@@ -154,6 +154,77 @@ def _tensor_dict(prefix: str, tree: Any, *, allow_nonfinite: bool = True, target
     return out
 
 
+# The optimiser-state NamedTuples a checkpoint may name, by module-qualified class name. Loading
+# rebuilds only these (looked up here, never imported by a name read from a file).
+def _state_classes() -> dict[str, type]:
+    from flm.optim.base import EmptyState
+    from flm.optim.clip import ClipState
+    from flm.optim.transforms import ScaleByAdamState, ScaleByLearningRateState, TraceState
+
+    classes = (EmptyState, ClipState, ScaleByAdamState, ScaleByLearningRateState, TraceState)
+    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+
+
+def _describe(tree: Any, classes: dict[str, type]) -> Any:
+    """A JSON description of ``tree``'s structure (tensor leaves as ``"tensor"``), or ``None`` if
+    it holds a node that cannot be described (a NamedTuple outside flm's state classes, …)."""
+    if isinstance(tree, torch.Tensor):
+        return "tensor"
+    if tree is None:
+        return {"none": None}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        name = f"{type(tree).__module__}.{type(tree).__qualname__}"
+        if classes.get(name) is not type(tree):
+            return None
+        fields = [_describe(v, classes) for v in tree]
+        return None if None in fields else {"namedtuple": name, "fields": fields}
+    if isinstance(tree, (tuple, list)):
+        items = [_describe(v, classes) for v in tree]
+        return None if None in items else {type(tree).__name__: items}
+    if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
+        items = {k: _describe(v, classes) for k, v in tree.items()}
+        return None if None in items.values() else {"dict": items}
+    return None
+
+
+def _rebuild(desc: Any, flat: dict[str, torch.Tensor], path: str, classes: dict[str, type], name: str) -> Any:
+    """The tree ``desc`` (from :func:`_describe`) describes, with the tensors of ``flat`` at its leaves'
+    dotted paths (popped from ``flat``)."""
+
+    def child(part: Any) -> str:
+        return f"{path}.{part}" if path else str(part)
+
+    if desc == "tensor":
+        key = f"opt_state.{path}" if path else "opt_state"
+        if key not in flat:
+            raise ValueError(f"load_checkpoint: {name} has no tensor {key!r} (present in its recorded structure)")
+        return flat.pop(key)
+    if not isinstance(desc, dict) or len(desc) not in (1, 2):
+        raise ValueError(f"load_checkpoint: {name}: corrupt optimiser-state structure at {path or '<root>'!r}")
+    if "none" in desc:
+        return None
+    if "namedtuple" in desc:
+        cls = classes.get(desc["namedtuple"])
+        fields = desc.get("fields")
+        if cls is None:
+            raise ValueError(
+                f"load_checkpoint: {name}: optimiser state names the class {desc['namedtuple']!r}, "
+                f"not one of flm's state classes ({', '.join(sorted(classes))}); pass like= to load it"
+            )
+        if not isinstance(fields, list) or len(fields) != len(cls._fields):
+            raise ValueError(
+                f"load_checkpoint: {name}: {desc['namedtuple']} at {path or '<root>'!r} has the wrong fields"
+            )
+        return cls(*(_rebuild(d, flat, child(f), classes, name) for f, d in zip(cls._fields, fields)))
+    if "tuple" in desc and isinstance(desc["tuple"], list):
+        return tuple(_rebuild(d, flat, child(i), classes, name) for i, d in enumerate(desc["tuple"]))
+    if "list" in desc and isinstance(desc["list"], list):
+        return [_rebuild(d, flat, child(i), classes, name) for i, d in enumerate(desc["list"])]
+    if "dict" in desc and isinstance(desc["dict"], dict):
+        return {k: _rebuild(d, flat, child(k), classes, name) for k, d in desc["dict"].items()}
+    raise ValueError(f"load_checkpoint: {name}: corrupt optimiser-state structure at {path or '<root>'!r}")
+
+
 def save_checkpoint(
     out: PathOrFile,
     *,
@@ -199,6 +270,8 @@ def save_checkpoint(
         "config": _config_to_json(config),
         "metadata": metadata or {},
         "has_opt_state": opt_state is not None,
+        # its NamedTuples/tuples, so loading without like= gives a state the optimiser accepts
+        "opt_state_tree": _describe(opt_state, _state_classes()) if opt_state is not None else None,
         "rng_state": base64.b64encode(generator.get_state().numpy().tobytes()).decode()
         if generator is not None
         else None,
@@ -292,7 +365,8 @@ def read_header(src: str | os.PathLike) -> dict[str, Any]:
 
     Returns:
         The header dict: ``format_version``, ``flm_version``, ``step``, ``config``, ``metadata``,
-        ``has_opt_state``, ``rng_state``, ``checksum``.
+        ``has_opt_state``, ``opt_state_tree`` (the optimiser state's structure, when describable),
+        ``rng_state``, ``checksum``.
 
     Raises:
         ValueError: naming the file, for a missing, unreadable or corrupt file.
@@ -323,7 +397,10 @@ def load_checkpoint(src: PathOrFile, like: Any = None, *, verify: bool = False) 
         like: optional templates to restore structure, dtypes and devices exactly: a
             :class:`Checkpoint` (its ``params``/``opt_state``) or a dict with keys ``"params"``
             and/or ``"opt_state"`` (e.g. ``{"params": init_params(cfg), "opt_state":
-            tx.init(params)}``). Without a template a tree comes back as nested dicts/lists.
+            tx.init(params)}``). Without a template the parameters come back as nested
+            dicts/lists, and the optimiser state as saved (its tuples and flm's state NamedTuples,
+            which the checkpoint records by name), so ``tx.update`` takes it; a checkpoint written
+            before that record (or holding other NamedTuples) gives nested dicts/lists.
         verify: check the stored CRC-32 of the tensor bytes, so a flipped data byte raises
             instead of loading a silently different model. Opt-in because it is not cheap
             next to the load itself: on the 22.7M-parameter handout model with AdamW state
@@ -380,6 +457,13 @@ def load_checkpoint(src: PathOrFile, like: Any = None, *, verify: bool = False) 
             continue
         if templates.get(prefix) is not None:
             trees[prefix] = _restore(prefix, groups[prefix], templates[prefix], name)
+        elif prefix == "opt_state" and header.get("opt_state_tree") is not None:
+            rest = dict(groups[prefix])
+            trees[prefix] = _rebuild(header["opt_state_tree"], rest, "", _state_classes(), name)
+            if rest:
+                raise ValueError(
+                    f"load_checkpoint: {name} has tensors its recorded structure lacks, e.g. {min(rest)!r}"
+                )
         else:
             plen = len(prefix) + 1
             trees[prefix] = unflatten({k[plen:]: v for k, v in groups[prefix].items()}, fill_missing=True)

@@ -21,7 +21,7 @@ import flm.checkpoint as ckpt_mod
 from flm import optim
 from flm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from flm.model import TransformerConfig, init_params
-from flm.tree import leaf_paths, tree_leaves, tree_map
+from flm.tree import leaf_paths, tree_leaves, tree_map, tree_structure
 
 CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,11 +113,24 @@ def test_round_trip_dtypes_with_like(tmp_path):
     )
 
 
-def test_round_trip_without_like_gives_nested_dicts_and_lists(tmp_path):
+def _without_structure_record(path: Path) -> None:
+    """Rewrite ``path`` as a checkpoint written before the optimiser-state structure was recorded."""
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata()
+    header = json.loads(meta["flm"])
+    del header["opt_state_tree"]
+    save_file(load_file(os.fspath(path)), os.fspath(path), metadata={"flm": json.dumps(header)})
+
+
+def test_old_checkpoint_without_like_gives_nested_dicts_and_lists(tmp_path):
+    """A checkpoint without the ``opt_state_tree`` record (written by an older flm) loads as before."""
     args, _ = _full()
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, **args)
-    ck = load_checkpoint(path)
+    _without_structure_record(path)
+    ck = load_checkpoint(path, verify=True)
     assert isinstance(ck.params["layers"], list) and len(ck.params["layers"]) == CFG.num_layers
     assert _equal(ck.params, args["params"])
     # chain state: list; the stateless parts come back as None, NamedTuples as dicts by field name
@@ -126,6 +139,67 @@ def test_round_trip_without_like_gives_nested_dicts_and_lists(tmp_path):
     assert set(adam) == {"step", "m", "v"} and adam["step"].dtype == torch.int64
     assert decay is None and set(lr_state) == {"step"}
     assert _equal(adam["m"], args["opt_state"][1][0].m) and _equal(adam["v"], args["opt_state"][1][0].v)
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: optim.adamw(1e-2, weight_decay=0.1),
+        _tx,
+        lambda: optim.chain(optim.clip_by_global_norm(0.5), optim.sgd(1e-2, momentum=0.9)),
+    ],
+    ids=["adamw", "chain-clip-adamw", "chain-clip-sgd-momentum"],
+)
+def test_round_trip_without_like_restores_the_optimizer_state_structure(tmp_path, make_tx):
+    """Regression: without ``like=`` the state came back as lists/dicts that ``tx.update`` rejected
+    (``adamw: state must be (ScaleByAdamState, …), got list``). The checkpoint records the
+    structure (flm's state NamedTuples by name), so the loaded state is the saved one, and the
+    next update is bitwise the same as after a load with ``like=``."""
+    params = init_params(CFG, torch.Generator().manual_seed(0))
+    tx = make_tx()
+    state = tx.init(params)
+    for i in range(2):
+        g = tree_map(lambda t, v=0.1 * (i + 1): torch.full_like(t, v), params)
+        _, state = tx.update(g, state, params)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, params=params, opt_state=state, step=2)
+    bare = load_checkpoint(path, verify=True)
+    templated = load_checkpoint(path, like={"params": params, "opt_state": state}, verify=True)
+    assert tree_structure(bare.opt_state) == tree_structure(state)
+    assert repr(tree_structure(bare.opt_state)) == repr(tree_structure(state))  # NamedTuple classes too
+    g = tree_map(lambda t: torch.randn(t.shape, generator=torch.Generator().manual_seed(7)), params)
+    u1, s1 = tx.update(g, bare.opt_state, bare.params)
+    u2, s2 = tx.update(g, templated.opt_state, templated.params)
+    assert _equal(u1, u2) and _equal(s1, s2)
+    for a, b in zip(tree_leaves(u1), tree_leaves(u2)):
+        assert torch.equal(a, b)  # bitwise
+
+
+def test_recorded_structure_never_names_a_class_outside_flm_state_classes(tmp_path):
+    """A file naming another class (``os.system``, a NamedTuple elsewhere) is refused, not imported."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "c.safetensors"
+    params = {"w": torch.ones(2)}
+    save_checkpoint(path, params=params, opt_state=optim.adamw(1e-2).init(params))
+    with safe_open(os.fspath(path), framework="pt") as f:
+        header = json.loads(f.metadata()["flm"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    desc = header["opt_state_tree"]
+    assert "flm.optim.transforms.ScaleByAdamState" in json.dumps(desc)
+    header["opt_state_tree"] = json.loads(
+        json.dumps(desc).replace("flm.optim.transforms.ScaleByAdamState", "os.system")
+    )
+    save_file(tensors, os.fspath(path), metadata={"flm": json.dumps(header)})
+    with pytest.raises(ValueError, match=r"'os\.system', not one of flm's state classes"):
+        load_checkpoint(path)
+    # a NamedTuple outside the allow-list is not recorded: that state loads as dicts/lists, as before
+    from collections import namedtuple
+
+    Other = namedtuple("Other", ["x"])
+    save_checkpoint(path, params=params, opt_state=Other(torch.ones(2)))
+    loaded = load_checkpoint(path).opt_state
+    assert isinstance(loaded, dict) and set(loaded) == {"x"} and torch.equal(loaded["x"], torch.ones(2))
 
 
 def test_config_as_dict_and_step_tensor(tmp_path):
@@ -390,7 +464,7 @@ def test_exact_resume_in_fresh_process_is_bitwise(tmp_path):
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     assert a.step == b.step == N
     assert _equal(a.params, b.params) and _equal(a.opt_state, b.opt_state)
-    assert int(b.opt_state[1][0]["step"]) == N
+    assert int(b.opt_state[1][0].step) == N  # the saved NamedTuples come back (no like= needed)
     # and the run did train (params moved from init)
     init = init_params(CFG)
     assert not torch.equal(a.params["lm_head"]["weight"], init["lm_head"]["weight"])
