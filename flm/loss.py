@@ -95,10 +95,11 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: b
     magnitude (±1e4, ±3e38) give finite losses accurate to float32 rounding of the inputs. The
     gradient ``softmax(o) − onehot(target)`` is written by hand (one multiply and a scatter,
     reusing the forward's exponentials) and tested equal to autograd of the formula and to
-    ``torch.nn.functional.cross_entropy``. The hand-written gradient is itself differentiable, so
-    every ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ``jvp``, ``jacfwd``,
-    ``hessian``, ``grad`` of ``grad``) and ``create_graph=True`` double backward give the
-    derivatives of the plain formula, of any order.
+    ``torch.nn.functional.cross_entropy``. The hand-written gradient is itself differentiable
+    (``vmap``, ``grad``, ``jacrev``, ``grad`` of ``grad`` and ``create_graph=True`` double backward
+    differentiate it), and forward mode (``jvp``, ``jacfwd``, ``hessian``, ``forward_ad``) uses
+    the plain formula: every ``torch.func`` transform gives the derivatives of the plain formula,
+    of any order.
 
     Args:
         logits: ``(..., vocab_size)`` unnormalised scores, any float dtype, ``vocab_size ≥ 1``.
