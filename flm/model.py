@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from flm import nn
+from flm._compat import checks_enabled
 
 __all__ = [
     "TransformerConfig",
@@ -294,8 +295,12 @@ def transformer_lm(
         token_ids: ``(..., seq_len)`` integer ids in ``[0, vocab_size)``, ``seq_len ≤ context_length``.
         config: the model's hyperparameters.
         token_positions: ``(..., seq_len)`` absolute positions (default ``arange(seq_len)``).
-        check_ids: check id values (a host sync). Skipped automatically while compiling; the
-            train step passes ``False`` (its batches are checked where they enter).
+        check_ids: check that every id lies in ``[0, vocab_size)``. The check reads the ids back
+            to the host (a sync), so it is eager-only: it is skipped under ``torch.compile`` and
+            when ``token_ids`` is wrapped by a ``torch.func`` transform (``vmap``, ``grad``, …
+            wrap every tensor argument of the transformed function; ids it closes over stay
+            plain and are checked). The train step passes ``False`` (its batches are checked
+            where they enter).
         attend: one attention hook per layer (see :func:`flm.nn.multihead_self_attention`),
             e.g. the KV cache of ``flm.generate``; ``None`` = causal self-attention.
         last_only: return the logits of the last position only, ``(..., 1, vocab_size)``
@@ -305,8 +310,8 @@ def transformer_lm(
         Logits ``(..., seq_len, vocab_size)`` in the parameters' dtype (unnormalised).
 
     Raises:
-        ValueError: ``seq_len > context_length``, an empty sequence, an id outside the
-            vocabulary, or a number of hooks other than ``num_layers``.
+        ValueError: ``seq_len > context_length``, an empty sequence, (when checked) an id
+            outside the vocabulary, or a number of hooks other than ``num_layers``.
 
     Source: handout §3.1, §3.6 (Figure 1).
     """
@@ -323,7 +328,7 @@ def transformer_lm(
         )
     if attend is not None and len(attend) != len(params["layers"]):
         raise ValueError(f"transformer_lm: {len(attend)} attention hooks for {len(params['layers'])} layers")
-    if check_ids and not torch.compiler.is_compiling():
+    if check_ids and checks_enabled(token_ids):
         check_token_ids(token_ids, config.vocab_size)
     block = config.block
     x = nn.embedding(params["token_embeddings"], token_ids, check=False)  # the ids are checked above (check_ids)

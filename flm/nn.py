@@ -138,7 +138,9 @@ def embedding(params: Params, token_ids: torch.Tensor, *, check: bool = True) ->
 class _Embedding(torch.autograd.Function):
     """Row lookup ``W[ids]`` whose gradient is one ``index_add`` of the rows' gradients into a zero
     table (autograd of advanced indexing, and of ``index_select`` under ``torch.func.grad``, first
-    clones a zero tensor of the table's size: an extra pass over ``vocab_size × d_model``)."""
+    clones a zero tensor of the table's size: an extra pass over ``vocab_size × d_model``). The
+    lookup is linear in the table, so its forward-mode derivative (``jvp``, for ``torch.func.jvp``
+    and ``jacfwd``) is the same lookup of the tangent table."""
 
     generate_vmap_rule = True
 
@@ -150,7 +152,13 @@ class _Embedding(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
         weight, flat_ids = inputs
         ctx.save_for_backward(flat_ids)
+        ctx.save_for_forward(flat_ids)
         ctx.table_shape = weight.shape
+
+    @staticmethod
+    def jvp(ctx: Any, weight_tangent: torch.Tensor, _ids_tangent: Any) -> torch.Tensor:
+        (flat_ids,) = ctx.saved_tensors
+        return torch.index_select(weight_tangent, 0, flat_ids)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -404,7 +412,9 @@ def dot_product_attention(
     ``queries × keys`` scores). ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention``
     (flash / memory-efficient kernels; tested equal to ``"flm"``, forward and gradients, in
     ``tests/test_nn.py``). ``"auto"`` (the default) takes the fused kernel except under
-    ``torch.func.vmap``, where it lacks a batching rule.
+    ``torch.func.vmap``, where it lacks a batching rule. The fused CPU kernels have no
+    forward-mode derivative (``jvp``, ``jacfwd``) and no double backward (grad of grad): pass
+    ``"flm"`` for those (``tests/test_composability.py``).
 
     Args:
         q: ``(..., queries, d_k)``.
