@@ -1,0 +1,149 @@
+"""flm._compat: the answers to questions torch has no public, version-stable API for.
+
+Each function is checked outside any transform, inside ``vmap``, ``grad``, ``jvp``, ``jacrev``
+(and nested), and under ``torch.compile`` (one tiny ``fullgraph=True`` call with the ``eager``
+backend); ``is_compile_error`` against real dynamo errors. These run on every torch that
+``pyproject.toml`` allows, so a torch release that moves the private probes fails here first.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad, jacrev, jvp, vmap
+
+from flm._compat import checks_enabled, is_compile_error, is_compiling, is_transformed, is_vmapped
+
+
+def _probe(x: torch.Tensor, closed: torch.Tensor) -> dict[str, bool]:
+    return {
+        "compiling": is_compiling(),
+        "arg_transformed": is_transformed(x),
+        "closed_transformed": is_transformed(closed),
+        "nested_transformed": is_transformed([closed, {"a": (1, "b", x)}]),
+        "arg_vmapped": is_vmapped(x),
+        "closed_vmapped": is_vmapped(closed),
+        "checks": checks_enabled(x),
+        "checks_closed": checks_enabled(closed, 3, None),
+    }
+
+
+def _seen(transform) -> dict[str, bool]:
+    """Run ``_probe`` once inside ``transform(f)(x)`` and return what it answered."""
+    closed = torch.ones(3)
+    seen = {}
+
+    def f(x):
+        seen.update(_probe(x, closed))
+        return (x * x).sum()
+
+    transform(f)
+    return seen
+
+
+EAGER = {
+    "compiling": False,
+    "arg_transformed": False,
+    "closed_transformed": False,
+    "nested_transformed": False,
+    "arg_vmapped": False,
+    "closed_vmapped": False,
+    "checks": True,
+    "checks_closed": True,
+}
+x0 = torch.arange(6.0).reshape(2, 3)
+
+
+@pytest.mark.parametrize(
+    ("transform", "vmapped"),
+    [
+        pytest.param(lambda f: f(x0), None, id="eager"),
+        pytest.param(lambda f: vmap(f)(x0), True, id="vmap"),
+        pytest.param(lambda f: grad(f)(x0), False, id="grad"),
+        pytest.param(lambda f: jvp(f, (x0,), (torch.ones_like(x0),)), False, id="jvp"),
+        # jacrev runs f once under its vjp; the vmap is over the backward pass only.
+        pytest.param(lambda f: jacrev(f)(x0), False, id="jacrev"),
+        pytest.param(lambda f: vmap(grad(f))(x0), True, id="vmap(grad)"),
+        pytest.param(lambda f: grad(lambda x: vmap(f)(x).sum())(x0), True, id="grad(vmap)"),
+    ],
+)
+def test_transforms_are_seen(transform, vmapped):
+    """Outside transforms everything is plain and checks run; inside any transform its argument
+    is seen as transformed (checks off), tensors it closes over are not, and only ``vmap``'s
+    batched tensors (also under another wrapper) count as vmapped."""
+    seen = _seen(transform)
+    if vmapped is None:
+        assert seen == EAGER
+        return
+    assert seen == {
+        **EAGER,
+        "arg_transformed": True,
+        "nested_transformed": True,
+        "arg_vmapped": vmapped,
+        "checks": False,
+    }
+
+
+def test_vmap_in_dims_none_is_not_batched():
+    """An argument that ``vmap`` does not batch (``in_dims=None``) is left a plain tensor."""
+    seen = {}
+
+    def f(x, y):
+        seen["x"], seen["y"] = (is_vmapped(x), is_transformed(x)), (is_vmapped(y), is_transformed(y))
+        return x + y
+
+    vmap(f, in_dims=(0, None))(x0, torch.ones(3))
+    assert seen == {"x": (True, True), "y": (False, False)}
+
+
+def test_non_tensors_and_empty():
+    """Non-tensor values are ignored; no values at all are not transformed."""
+    assert not is_transformed()
+    assert not is_transformed(1, "a", None, [2.0], {"k": (None,)})
+    assert checks_enabled()
+
+
+def test_under_compile():
+    """``torch.compile(fullgraph=True)``: ``is_compiling`` is true and checks are off, in one graph."""
+
+    def f(x):
+        if is_compiling() and not checks_enabled(x):
+            return x + 1
+        return x - 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.zeros(3)
+    torch.testing.assert_close(compiled(x), x + 1)
+    torch.testing.assert_close(f(x), x - 1)
+    assert not is_compiling() and checks_enabled(x)
+
+
+def test_is_compile_error_on_real_dynamo_errors():
+    """A graph break under ``fullgraph=True`` and a failing backend are compile errors; an error
+    of the program itself, or any ordinary exception, is not."""
+
+    @torch.compiler.disable
+    def opaque(x):
+        return x * 2
+
+    def breaks(x):
+        return opaque(x) + 1
+
+    with pytest.raises(Exception) as info:
+        torch.compile(breaks, fullgraph=True, backend="eager")(torch.ones(2))
+    assert is_compile_error(info.value), repr(info.value)
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("backend gave up")
+
+    with pytest.raises(Exception) as info:
+        torch.compile(lambda x: x.sin() + 1, backend=failing_backend)(torch.ones(2))
+    assert is_compile_error(info.value), repr(info.value)
+
+    # Cholesky of a matrix that is not positive definite fails when the compiled program runs
+    # (tracing on fake tensors cannot see values). A shape error, by contrast, is found while
+    # tracing and reported by dynamo as its own TorchRuntimeError: a compile error.
+    with pytest.raises(RuntimeError) as info:
+        torch.compile(lambda x: torch.linalg.cholesky(x) + 1, backend="eager")(-torch.eye(2))
+    assert not is_compile_error(info.value), repr(info.value)
+    assert not is_compile_error(ValueError("x")) and not is_compile_error(RuntimeError("x"))
