@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from flm._compat import checks_enabled, is_compiling, is_vmapped
+from flm._compat import checks_enabled, in_forward_mode, is_compiling, is_vmapped
 from flm.init import (
     init_embedding,
     init_linear,
@@ -132,15 +132,20 @@ def embedding(params: Params, token_ids: torch.Tensor, *, check: bool = True) ->
                 f"embedding: token_ids holds the id {first}, outside the valid range [0, {vocab_size}) "
                 f"(the table has {vocab_size} rows)"
             )
-    return _Embedding.apply(w, token_ids.reshape(-1)).view(*token_ids.shape, w.shape[-1])
+    flat_ids = token_ids.reshape(-1)
+    if in_forward_mode(w):  # jvp/jacfwd/hessian/forward_ad: the plain lookup (see _Embedding)
+        return torch.index_select(w, 0, flat_ids).view(*token_ids.shape, w.shape[-1])
+    return _Embedding.apply(w, flat_ids).view(*token_ids.shape, w.shape[-1])
 
 
 class _Embedding(torch.autograd.Function):
     """Row lookup ``W[ids]`` whose gradient is one ``index_add`` of the rows' gradients into a zero
     table (autograd of advanced indexing, and of ``index_select`` under ``torch.func.grad``, first
-    clones a zero tensor of the table's size: an extra pass over ``vocab_size × d_model``). The
-    lookup is linear in the table, so its forward-mode derivative (``jvp``, for ``torch.func.jvp``
-    and ``jacfwd``) is the same lookup of the tangent table."""
+    clones a zero tensor of the table's size: an extra pass over ``vocab_size × d_model``).
+
+    It has no ``jvp``: dynamo cannot trace a Function that defines one (so ``torch.compile`` of the
+    step would break), and nested forward mode does not see inside a Function. Under forward-mode
+    AD (``torch.func.jvp``, ``jacfwd``, ``hessian``) :func:`embedding` uses plain ``index_select``."""
 
     generate_vmap_rule = True
 
@@ -152,13 +157,7 @@ class _Embedding(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
         weight, flat_ids = inputs
         ctx.save_for_backward(flat_ids)
-        ctx.save_for_forward(flat_ids)
         ctx.table_shape = weight.shape
-
-    @staticmethod
-    def jvp(ctx: Any, weight_tangent: torch.Tensor, _ids_tangent: Any) -> torch.Tensor:
-        (flat_ids,) = ctx.saved_tensors
-        return torch.index_select(weight_tangent, 0, flat_ids)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -392,8 +391,9 @@ def _use_fused(implementation: str, q: torch.Tensor) -> bool:
         return True
     if implementation == "auto":
         # PyTorch's fused CPU kernels have no vmap batching rule (torch 2.13 falls back to a slow
-        # per-example loop with a warning), so under vmap the reference attention is the fast one.
-        return is_compiling() or not is_vmapped(q)
+        # per-example loop with a warning), so under vmap the reference attention is the fast one;
+        # they have no forward-mode derivative either, so jvp/jacfwd/hessian take the reference.
+        return is_compiling() or not (is_vmapped(q) or in_forward_mode(q))
     raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}")
 
 
@@ -412,9 +412,10 @@ def dot_product_attention(
     ``queries × keys`` scores). ``"sdpa"`` is ``torch.nn.functional.scaled_dot_product_attention``
     (flash / memory-efficient kernels; tested equal to ``"flm"``, forward and gradients, in
     ``tests/test_nn.py``). ``"auto"`` (the default) takes the fused kernel except under
-    ``torch.func.vmap``, where it lacks a batching rule. The fused CPU kernels have no
-    forward-mode derivative (``jvp``, ``jacfwd``) and no double backward (grad of grad): pass
-    ``"flm"`` for those (``tests/test_composability.py``).
+    ``torch.func.vmap``, where it lacks a batching rule, and under forward-mode AD (``jvp``,
+    ``jacfwd``, ``hessian``), which it lacks. The fused CPU kernels have no double backward
+    either (grad of grad, Hessian-vector products by reverse-over-reverse), which no flag
+    reveals: pass ``"flm"`` for those (``tests/test_composability.py``).
 
     Args:
         q: ``(..., queries, d_k)``.

@@ -386,18 +386,20 @@ TRANSFORMS = ("vmap_inputs", "vmap_params", "grad", "jacrev", "jvp", "grad_of_gr
 DIFFERENTIABLE = ("grad", "jacrev", "jvp", "grad_of_grad")
 
 _SDPA_JVP = (
-    "PyTorch's fused CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu), which "
-    "attention='auto' takes outside vmap, has no forward-mode derivative: use attention='flm'"
+    "PyTorch's fused CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu) has no "
+    "forward-mode derivative: attention='auto' takes flm's there, 'sdpa' asks for the fused kernel"
 )
 _SDPA_GRADGRAD = (
     "PyTorch's fused CPU attention backward (aten::_scaled_dot_product_flash_attention_for_cpu_backward), "
-    "which attention='auto' takes outside vmap, is not differentiable: use attention='flm'"
+    "which attention='auto' takes outside vmap and forward mode, is not differentiable: use attention='flm'"
 )
 
 # (row, transform) -> ("skip" | "xfail" | "xfail-nonstrict", reason) for the cells that do not pass.
 MARKS: dict[tuple[str, str], tuple[str, str]] = {}
-# attention="auto" (the default) takes the fused kernel everywhere but under vmap; the [flm] rows
-# show the same functions composing fully with attention="flm".
+# attention="auto" (the default) takes the fused kernel everywhere but under vmap and forward-mode
+# AD; reverse-over-reverse cannot be detected, so grad of grad needs attention="flm". The [flm]
+# rows show the same functions composing fully with attention="flm".
+MARKS[("nn.dot_product_attention[sdpa]", "jvp")] = ("xfail", _SDPA_JVP)
 for _name in (
     "nn.dot_product_attention[sdpa]",
     "nn.dot_product_attention[auto]",
@@ -405,7 +407,6 @@ for _name in (
     "nn.transformer_block",
     "model.transformer_lm",
 ):
-    MARKS[(_name, "jvp")] = ("xfail", _SDPA_JVP)
     MARKS[(_name, "grad_of_grad")] = ("xfail", _SDPA_GRADGRAD)
 for _row in ROWS:
     if _row.output != "float":
