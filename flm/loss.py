@@ -174,16 +174,24 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = 
     return token_cross_entropy(logits, targets, check=check).mean()
 
 
-def perplexity(losses_or_mean: torch.Tensor | float) -> torch.Tensor:
-    """Perplexity ``exp(mean loss)`` from per-token losses or their mean.
+def perplexity(losses_or_mean: torch.Tensor | float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Perplexity ``exp(mean loss)`` from per-token losses or their mean; ``inf``, never an error, on overflow.
 
     Args:
-        losses_or_mean: a tensor of per-token losses ``(...)`` (averaged first) or a scalar mean.
+        losses_or_mean: a tensor of per-token losses ``(...)`` (averaged first) or a scalar mean
+            (a Python float or a 0-d tensor).
+        dtype: the floating dtype of the mean and the result: ``torch.float32`` (default) or
+            ``torch.float64`` for a reported number (``exp`` overflows to ``inf`` above a loss of
+            about 88.7 in float32 and 709.8 in float64). A NaN loss gives NaN.
 
     Returns:
-        0-d float32 tensor.
+        0-d tensor of ``dtype``.
+
+    Raises:
+        ValueError: ``dtype`` is not a floating dtype.
 
     Source: handout §4.1, eq. (18).
     """
-    t = torch.as_tensor(losses_or_mean, dtype=torch.float32)
-    return t.float().mean().exp()
+    if not dtype.is_floating_point:
+        raise ValueError(f"perplexity: dtype must be a floating dtype, got {dtype}")
+    return torch.as_tensor(losses_or_mean, dtype=dtype).mean().exp()

@@ -21,7 +21,6 @@ Source: CS336 assignment 1 handout §2, §5–§7.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -406,8 +405,3 @@ def load_tokenizer_beside(ckpt_path: Path, header: dict[str, Any]) -> Tokenizer:
             f"with ({want[:12]}…): its ids would decode to garbage"
         )
     return tokenizer
-
-
-def perplexity_from_loss(loss: float) -> float:
-    """``exp(loss)``, infinite instead of overflowing."""
-    return math.exp(loss) if loss < 700 else math.inf

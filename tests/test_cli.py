@@ -5,6 +5,7 @@ generated flags and config files. Failure paths are in tests/test_reliability.py
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,9 @@ def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
     for r in result:
         rows = read_metrics(out / r["label"] / "metrics.jsonl")
         assert [x["step"] for x in rows if x["val_loss"] is not None] == [5, 10]
+        assert [x["val_perplexity"] for x in rows if x["val_loss"]] == pytest.approx(
+            [math.exp(x["val_loss"]) for x in rows if x["val_loss"]]
+        )
     assert result[1]["final_val_loss"] < result[0]["final_val_loss"]  # the higher lr learns faster in 10 steps
     assert (out / "sweep.png").stat().st_size > 0
     assert main(argv) == 2 and "--overwrite" in capsys.readouterr().err  # results there: refuse to clobber

@@ -144,6 +144,19 @@ def test_perplexity_is_exp_of_mean(losses):
     assert perplexity(t.mean()).item() == pytest.approx(expected, rel=1e-5)
     assert perplexity(sum(losses) / len(losses)).item() == pytest.approx(expected, rel=1e-5)
     assert perplexity(t).dtype == torch.float32 and perplexity(t).shape == ()
+    assert perplexity(t, dtype=torch.float64).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_perplexity_overflows_to_inf_and_keeps_nan():
+    """The guard evaluate, runs and the vmapped sweep each wrote by hand (``exp(l) if l < 700 else inf``)
+    is perplexity's own: a huge loss gives inf in either dtype, never an OverflowError."""
+    assert perplexity(100.0).item() == math.inf  # float32 overflows above ~88.7
+    assert perplexity(100.0, dtype=torch.float64).item() == pytest.approx(math.exp(100.0), rel=1e-12)
+    assert perplexity(1000.0, dtype=torch.float64).item() == math.inf
+    assert perplexity(torch.tensor([1e6, 1e6]), dtype=torch.float64).dtype == torch.float64
+    assert math.isnan(perplexity(float("nan"), dtype=torch.float64).item())
+    with pytest.raises(ValueError, match="torch.int64"):
+        perplexity(1.0, dtype=torch.int64)
 
 
 def test_errors():

@@ -184,6 +184,15 @@ def test_evaluate_equals_direct_computation(n_tokens):
     assert out4["loss"] == pytest.approx(_direct_eval(p, tokens, 4, range(0, (n_tokens - 1) // 4 * 4, 4)), rel=1e-12)
 
 
+def test_evaluate_perplexity_of_a_nan_loss_is_nan():
+    """evaluate's perplexity is flm.loss.perplexity's (issue 20): NaN weights give a NaN loss and a
+    NaN perplexity (the hand-written ``exp(l) if l < 700 else inf`` gave inf)."""
+    p = tree_map(lambda x: torch.full_like(x, math.nan), _params())
+    tokens = np.arange(17, dtype=np.uint16) % CFG.vocab_size
+    out = evaluate(p, CFG, tokens, batch_size=2, context_length=8)
+    assert math.isnan(out["loss"]) and math.isnan(out["perplexity"])
+
+
 def test_evaluate_num_batches_subsets_windows():
     p = _params()
     T, n_windows = 8, 20

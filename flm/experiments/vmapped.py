@@ -27,6 +27,7 @@ import torch
 from flm import manifest, optim
 from flm.config import RunConfig
 from flm.data import get_batch
+from flm.loss import perplexity
 from flm.model import train_step_flops
 from flm.progress import info
 from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
@@ -173,7 +174,9 @@ def vmapped_train(
                     "tokens": step * t.batch_size * ctx,
                     "train_loss": train_l[i],
                     "val_loss": val,
-                    "val_perplexity": math.exp(val) if val is not None and val < 700 else None,
+                    "val_perplexity": None
+                    if val is None
+                    else _finite_or_none(perplexity(val, dtype=torch.float64)[None])[0],
                     "lr": lrs_now[i],
                     "grad_norm": norms[i],
                     "tokens_per_sec": round(rate / k, 1),

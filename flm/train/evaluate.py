@@ -5,14 +5,13 @@ Source: CS336 assignment 1 handout §4.1 eqs. (16), (18); §5.3.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import numpy as np
 import torch
 
-from flm.loss import token_cross_entropy
+from flm.loss import perplexity, token_cross_entropy
 from flm.model import TransformerConfig, transformer_lm
 from flm.progress import progress_bar
 from flm.tree import tree_leaves
@@ -97,7 +96,7 @@ def evaluate(
         bar.update(window.shape[0])
     bar.close()
     loss = float(total) / count
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
+    return {"loss": loss, "perplexity": float(perplexity(loss, dtype=torch.float64)), "tokens": count}
 
 
 class Evaluator:
