@@ -590,6 +590,28 @@ def test_save_checkpoint_writes_nan_only_when_asked_and_checkpointer_refuses_nan
     assert not list_checkpoints(tmp_path)
 
 
+@pytest.mark.parametrize("best", [b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", {"val_loss": [1.0]}])
+def test_resume_warns_about_a_corrupt_best_checkpoint_and_names_it(tmp_path, best):
+    """Regression (issue 20 item 8): a corrupt best.safetensors header, or one whose val_loss is
+    not a number, was silently ignored on resume; it is still ignored, with a warning naming it."""
+    from flm.train.checkpointer import BEST_NAME, Checkpointer
+
+    params = {"w": torch.ones(2)}
+    c = Checkpointer(tmp_path, interval=1, keep=1, run_config={})
+    c.save_best(1, params, 2.5)
+    c.save(2, params, ())
+    if isinstance(best, bytes):
+        (tmp_path / BEST_NAME).write_bytes(best)
+    else:
+        save_checkpoint(tmp_path / BEST_NAME, params=params, step=1, metadata=best)
+    logged: list[str] = []
+    r = Checkpointer(tmp_path, interval=1, keep=1, run_config={}, log=logged.append)
+    assert r.resume({"params": params, "opt_state": ()}, CFG).step == 2
+    assert r.best_loss == 2.5 and r.best_step == 1  # from the periodic checkpoint's own record
+    warnings = [m for m in logged if m.startswith("warning:")]
+    assert len(warnings) == 1 and f"not counting {tmp_path / BEST_NAME}'s validation loss" in warnings[0]
+
+
 def test_the_printed_resume_hint_continues_the_run_as_configured(texts, tmp_path, monkeypatch, capsys):
     """Regression: ``flm train --resume --out-dir RUN`` (the hint Ctrl-C prints) rebuilt the settings
     from the default preset, so it refused the run or silently cut it short; it now starts from

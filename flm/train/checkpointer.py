@@ -165,7 +165,7 @@ class Checkpointer:
 
         Checkpoints that do not load, fail their checksum or hold non-finite values are skipped
         with a message (an older one is tried). The best loss so far is restored from the
-        checkpoint and from ``best.safetensors``.
+        checkpoint and from ``best.safetensors`` (a corrupt one is ignored with a warning naming it).
 
         Args:
             like: ``{"params": …, "opt_state": …}`` templates (structure, dtype, device).
@@ -198,11 +198,11 @@ class Checkpointer:
             if best_path.exists():
                 try:
                     b = read_header(best_path)
-                    loss = b.get("metadata", {}).get("val_loss")
+                    loss = (b.get("metadata") or {}).get("val_loss")
                     if loss is not None and float(loss) < self.best_loss:
                         self.best_loss, self.best_step = float(loss), b.get("step")
-                except ValueError:
-                    pass
+                except (ValueError, TypeError) as err:
+                    self.log(f"warning: not counting {best_path}'s validation loss as the best so far: {err}")
             self.last_good, self.last_saved_step = path, ckpt.step
             return ckpt
         return None
