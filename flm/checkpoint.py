@@ -14,6 +14,7 @@ Source: CS336 assignment 1 handout §5.2 (checkpointing).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -296,6 +297,39 @@ def _flm_version() -> str:
     return __version__
 
 
+def _header_metadata(f: BinaryIO, size: int) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors header at the start of ``f``, reading only the header.
+
+    The layout is an 8-byte little-endian length ``n``, then ``n`` bytes of JSON. The one reader of
+    it for paths (:func:`read_header`) and file objects (:func:`load_checkpoint`): ``safe_open``
+    takes only a path, and ``safetensors.torch.load`` returns no metadata.
+
+    Args:
+        f: a binary stream positioned at the start of the file.
+        size: the file's size in bytes.
+
+    Returns:
+        The metadata dict (``{}`` when the header has none).
+
+    Raises:
+        ValueError: a file shorter than the length prefix, a length beyond the file, or a header
+            (or its ``__metadata__``) that is not a JSON object.
+    """
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"file is {len(head)} bytes, shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"the safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"the safetensors __metadata__ is a JSON {type(meta).__name__}, not an object")
+    return meta
+
+
 def _read_tensors(src: PathOrFile, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors (each its own copy, independent of the file) and header metadata.
 
@@ -311,7 +345,7 @@ def _read_tensors(src: PathOrFile, name: str) -> tuple[dict[str, torch.Tensor], 
                 meta = f.metadata() or {}
                 return {k: f.get_tensor(k).clone() for k in f.keys()}, meta
         data = src.read()
-        return st_load(data), _read_header_metadata(data)
+        return st_load(data), _header_metadata(io.BytesIO(data), len(data))
     except OSError as err:
         raise ValueError(f"load_checkpoint: cannot read {name!r}: {err}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt/truncated files
@@ -374,17 +408,10 @@ def read_header(src: str | os.PathLike) -> dict[str, Any]:
     name = os.fspath(src)
     try:
         with open(src, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"file is {len(head)} bytes, shorter than a safetensors header")
-            n = int.from_bytes(head, "little")
-            size = os.fstat(f.fileno()).st_size
-            if n > size - 8:
-                raise ValueError(f"header length {n} exceeds the file size {size}")
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
+            meta = _header_metadata(f, os.fstat(f.fileno()).st_size)
     except OSError as err:
         raise ValueError(f"load_checkpoint: cannot read {name!r}: {err.strerror or err}") from None
-    except (ValueError, AttributeError) as err:
+    except ValueError as err:
         raise ValueError(f"load_checkpoint: {name} is not a valid safetensors checkpoint: {err}") from None
     return _parse_header(meta, name)
 
@@ -477,14 +504,3 @@ def load_checkpoint(src: PathOrFile, like: Any = None, *, verify: bool = False) 
         metadata=header.get("metadata") or {},
         rng_state=rng_state,
     )
-
-
-def _read_header_metadata(data: bytes) -> dict[str, str]:
-    """Parse the safetensors header (8-byte little-endian length + JSON) for ``__metadata__``."""
-    if len(data) < 8:
-        raise ValueError(f"file is {len(data)} bytes, shorter than a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError(f"header length {n} exceeds the file size {len(data)}")
-    header = json.loads(data[8 : 8 + n])
-    return header.get("__metadata__") or {}

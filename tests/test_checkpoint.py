@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import flm.checkpoint as ckpt_mod
 from flm import optim
-from flm.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from flm.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
 from flm.model import TransformerConfig, init_params
 from flm.tree import leaf_paths, tree_leaves, tree_map, tree_structure
 
@@ -335,10 +335,38 @@ def _broken(tmp_path, data: bytes) -> Path:
     ids=["trunc-data", "trunc-header", "trunc-prefix", "empty", "bad-json", "bad-length", "random"],
 )
 def test_corrupt_file_raises_value_error_naming_file(good, tmp_path, mangle):
+    """From a path, from a file object, and (when the header is hit) through read_header."""
     path, _, _ = good
-    bad = _broken(tmp_path, mangle(path.read_bytes()))
+    data = path.read_bytes()
+    bad = _broken(tmp_path, mangle(data))
     with pytest.raises(ValueError, match="broken.safetensors"):
         load_checkpoint(bad)
+    with open(bad, "rb") as f, pytest.raises(ValueError, match="broken.safetensors"):
+        load_checkpoint(f)
+    end = 8 + int.from_bytes(data[:8], "little")
+    if bad.read_bytes()[:end] == data[:end]:  # only the tensor data is hurt: read_header does not read it
+        assert read_header(bad) == read_header(path)
+    else:
+        with pytest.raises(ValueError, match="broken.safetensors"):
+            read_header(bad)
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        (b"[1, 2]", "JSON list, not an object"),
+        (b'{"__metadata__": [1]}', "__metadata__ is a JSON list"),
+        (b'{"__metadata__": {"flm": "{not json"}}', "corrupt flm metadata"),
+        (b"{}", "no flm metadata"),
+    ],
+)
+def test_a_bad_header_raises_value_error_naming_file_in_both_readers(tmp_path, header, message):
+    """One safetensors header reader serves read_header (a path) and load_checkpoint of a file object."""
+    bad = _broken(tmp_path, len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ValueError, match=f"broken.safetensors.*{message}"):
+        read_header(bad)
+    with open(bad, "rb") as f, pytest.raises(ValueError, match="broken.safetensors"):
+        load_checkpoint(f)
 
 
 def test_missing_file_raises_value_error(tmp_path):
