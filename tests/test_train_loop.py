@@ -96,3 +96,80 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tokens, tmp_path, 
         (r["step"], r["train_loss"], r["val_loss"]) for r in read_metrics(d / "metrics.jsonl") if r["step"] != 6
     ]
     assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_step_meter_summarises_the_interval_once_per_model():
+    from flm.train.metrics import StepMeter
+
+    meter = StepMeter(3)
+    assert [s for s in range(1, 10) if meter.due(s)] == [3, 6, 9] and not StepMeter(0).due(5)
+    meter.add({"loss": torch.tensor(1.0), "grad_norm": torch.tensor(0.5), "lr": torch.tensor(0.1)})
+    meter.add({"loss": torch.tensor(3.0), "grad_norm": torch.tensor(0.25), "lr": torch.tensor(0.2)})
+    s = meter.summarise()
+    assert s["losses"].tolist() == [1.0, 3.0] and float(s["train_loss"]) == 2.0
+    assert float(s["lr"]) == pytest.approx(0.2) and float(s["grad_norm"]) == 0.25
+    with pytest.raises(ValueError, match="no step"):  # summarise started a new interval
+        meter.summarise()
+    # K models: the mean is per model, and a NaN step spoils only its own model's mean.
+    meter.add({"loss": torch.tensor([1.0, float("nan")]), "grad_norm": torch.tensor([1.0, 2.0])})
+    meter.add({"loss": torch.tensor([2.0, 1.0]), "grad_norm": torch.tensor([3.0, 4.0])})
+    s = meter.summarise()
+    assert s["losses"].shape == (2, 2) and s["train_loss"][0] == 1.5 and s["train_loss"][1].isnan()
+    assert s["lr"] is None and s["grad_norm"].tolist() == [3.0, 4.0]
+    with pytest.raises(ValueError, match="-1"):
+        StepMeter(-1)
+
+
+def test_metrics_record_has_the_documented_fields_in_order_and_rounds():
+    from flm.train.metrics import metrics_record
+
+    r = metrics_record(
+        4,
+        wall_time=1.23456,
+        tokens=128,
+        train_loss=2.5,
+        lr=None,
+        grad_norm=0.5,
+        val_loss=None,
+        val_perplexity=None,
+        tokens_per_sec=1234.5678,
+        mfu=0.123456,
+    )
+    assert list(r) == [
+        "step",
+        "wall_time",
+        "tokens",
+        "train_loss",
+        "lr",
+        "grad_norm",
+        "val_loss",
+        "val_perplexity",
+        "tokens_per_sec",
+        "mfu",
+    ]
+    assert (r["wall_time"], r["tokens_per_sec"], r["mfu"]) == (1.235, 1234.6, 0.1235)
+
+
+def test_clock_counts_tokens_since_the_last_tick_and_leaves_pauses_out(monkeypatch):
+    import time
+
+    from flm.train.clock import Clock
+    from flm.train.metrics import Throughput
+
+    now = {"t": 100.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: now["t"])
+    clock = Clock(Throughput(6.0, 60.0, smoothing=1.0), tokens_per_step=10, max_iters=20, offset=5.0, budget_minutes=1)
+    assert clock.elapsed() == 5.0 and clock.eta(0) is None  # the resumed run's time counts; no rate yet
+    now["t"] += 2.0  # two steps of 1 s
+    assert clock.tick(2) == 10.0 and clock.throughput.mfu == 1.0  # 20 tokens / 2 s; 10 tok/s × 6 FLOP / 60
+    assert clock.eta(2) == 18.0 and clock.eta(2, rate=20.0) == 9.0  # 18 steps × 10 tokens / rate
+    with clock.aside():  # an evaluation: out of tokens/s, and 1.5× its time in the reserve
+        now["t"] += 4.0
+    clock.skip(3.0, 3)  # a compiling step 3: neither its time nor its tokens count
+    now["t"] += 3.0 + 1.0
+    assert clock.tick(4) == 10.0  # step 4 alone: 10 tokens in 1 s
+    assert clock.reserve == 6.0 and not clock.over_budget()  # 15 s elapsed + 6 s reserve < 60 s
+    now["t"] += 39.0
+    assert clock.over_budget() and not Clock(Throughput(1.0, None), tokens_per_step=1, max_iters=1).over_budget()
+    with pytest.raises(ValueError, match="offset=-1"):
+        Clock(Throughput(1.0, None), tokens_per_step=1, max_iters=1, offset=-1)

@@ -30,9 +30,17 @@ from flm.data import get_batch, resolve_device
 from flm.model import TransformerConfig, init_params, train_step_flops
 from flm.progress import format_duration, info
 from flm.train.checkpointer import Checkpointer, NonFiniteLossError
+from flm.train.clock import Clock
 from flm.train.config import TrainConfig, make_optimizer, resolve_auto, tf32_matmuls
 from flm.train.evaluate import Evaluator
-from flm.train.metrics import MetricsLogger, Throughput, device_peak_flops, plot_metrics
+from flm.train.metrics import (
+    MetricsLogger,
+    StepMeter,
+    Throughput,
+    device_peak_flops,
+    metrics_record,
+    plot_metrics,
+)
 from flm.train.step import make_train_step
 
 __all__ = ["train_loop", "CompileError"]
@@ -40,25 +48,6 @@ __all__ = ["train_loop", "CompileError"]
 
 def _encode_state(t: torch.Tensor) -> str:
     return base64.b64encode(t.numpy().tobytes()).decode()
-
-
-def _summarise(pending: list[dict[str, torch.Tensor]], step: int, checkpointer: Checkpointer) -> dict[str, float]:
-    """The one host sync per logged interval: mean loss, last lr and grad norm; raises at the first
-    non-finite loss, naming its step."""
-    losses = torch.stack([p["loss"] for p in pending]).cpu()
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        i = int(bad[0])
-        raise NonFiniteLossError(
-            f"the training loss became {losses[i].item()} at step {step - len(pending) + i + 1}; stopping: "
-            f"{checkpointer._last_good_text()}"
-        )
-    last = pending[-1]
-    return {
-        "train_loss": float(losses.mean()),
-        "lr": float(last["lr"]) if "lr" in last else None,
-        "grad_norm": float(last["grad_norm"]),
-    }
 
 
 def train_loop(
@@ -148,7 +137,7 @@ def train_loop(
             remove_orphan_temps(out)
             manifest.claim(out, log=log)  # what flm writes here is recorded; it touches nothing else
         with tf32_matmuls(bool(cfg.tf32) and device.type == "cuda"):
-            return _train(
+            return _Run(
                 model_config,
                 cfg,
                 train_tokens,
@@ -161,36 +150,7 @@ def train_loop(
                 dist_info=dist_info,
                 device=device,
                 local_batch=local_batch,
-            )
-
-
-class _Clock:
-    """Wall time of a run (resumes included), its time budget, and the throughput meter.
-
-    ``aside()`` times work that is not training (evaluation, checkpoints): it is left out of the
-    tokens/s, and the longest such pause is kept in reserve so a time budget still leaves room
-    for the final evaluation and checkpoint.
-    """
-
-    def __init__(self, offset: float, budget_minutes: float | None, throughput: Throughput) -> None:
-        self.t0 = time.perf_counter() - offset
-        self.budget = budget_minutes * 60 if budget_minutes else None
-        self.reserve = 0.0
-        self.throughput = throughput
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def over_budget(self) -> bool:
-        return self.budget is not None and self.elapsed() + self.reserve >= self.budget
-
-    @contextlib.contextmanager
-    def aside(self):
-        t = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - t
-        self.throughput.exclude(seconds)
-        self.reserve = max(self.reserve, 1.5 * seconds)
+            ).train()
 
 
 def _resume(
@@ -216,173 +176,214 @@ def _resume(
     return loaded.params, loaded.opt_state, loaded.step, float(loaded.metadata.get("wall_time") or 0.0)
 
 
-def _train(
-    model_config: TransformerConfig,
-    cfg: TrainConfig,
-    train_tokens: np.ndarray,
-    evaluator: Evaluator | None,
-    out: Path,
-    *,
-    resume: bool,
-    run_config: dict[str, Any],
-    fingerprint: str | None,
-    log: Callable[[str], None],
-    dist_info: distributed.DistInfo,
-    device: torch.device,
-    local_batch: int,
-) -> dict[str, Any]:
-    main = dist_info.is_main
-    # The loop owns its params, optimiser state and gradients, so the step updates them in place
-    # (donated buffers: no allocation per step); Ctrl-C is deferred to the end of the step
-    # (_interrupt_guard), so an interrupted run never saves a half-applied update.
-    tx = make_optimizer(cfg, inplace=True)
-    params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
-    opt_state = tx.init(params)
-    sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * dist_info.rank)
-    ckpt = Checkpointer(
-        out,
-        interval=cfg.checkpoint_interval,
-        keep=cfg.keep_checkpoints,
-        run_config=run_config,
-        tokenizer_fingerprint=fingerprint,
-        enabled=main,
-        log=log,
-    )
-    start, wall_offset = 0, 0.0
-    loaded = (
-        _resume(ckpt, {"params": params, "opt_state": opt_state}, model_config, sampler, dist_info, log)
-        if resume
-        else None
-    )
-    if loaded is not None:
-        params, opt_state, start, wall_offset = loaded
-    metrics = MetricsLogger(
-        out,
-        tensorboard=cfg.tensorboard,
-        wandb=cfg.wandb,
-        run_config=run_config,
-        resume_step=start if loaded is not None else None,
-        enabled=main,
-    )
-    step_fn = make_train_step(
-        model_config,
-        tx,
-        compile=cfg.compile,
-        donate=True,
-        compute_dtype=cfg.compute_dtype,
-        grad_accum_steps=cfg.grad_accum_steps,
-        grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
-    )
-    tokens_per_step = cfg.batch_size * model_config.context_length
-    peak = cfg.peak_flops or (device_peak_flops(device, cfg.compute_dtype) if main else None)
-    clock = _Clock(
-        wall_offset, cfg.time_budget, Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak)
-    )
-    pending: list[dict[str, torch.Tensor]] = []
-    step, status, final_val, interval_start = start, "done", None, start
+class _Run:
+    """One training run: its state, and the components that own their intervals (the
+    :class:`StepMeter` the log interval, the :class:`Evaluator` the evaluations, the
+    :class:`Checkpointer` the checkpoints, the :class:`Clock` the time budget, throughput and ETA).
 
-    def save_periodic(at_step: int, gather: bool = True) -> None:
-        states = None
-        if dist_info.enabled and gather:  # a collective: every rank takes part
-            states = [_encode_state(t) for t in distributed.all_gather_bytes(sampler.get_state())]
-        meta = {"wall_time": clock.elapsed(), **({"rng_states": states} if states else {})}
-        ckpt.save(at_step, params, opt_state, sampler=sampler, metadata=meta)
+    The constructor is the state setup: parameters and optimiser state (fresh, or the newest good
+    checkpoint's), the sampler, the step function and the components. :meth:`train` runs the step
+    loop (:meth:`steps`), whose logged steps are :meth:`record`, and finishes.
+    """
 
-    signals = _Signals()
-    try:
-        with _interrupt_guard(signals):
-            while step < cfg.max_iters:
-                if signals.stop:  # Ctrl-C or SIGTERM, deferred to this step boundary
-                    raise KeyboardInterrupt
-                if signals.take_checkpoint_request() and ckpt.last_saved_step != step:
-                    log(f"SIGUSR1 at step {step}: saving a checkpoint and continuing")
-                    with clock.aside():
-                        save_periodic(step, gather=False)  # only this rank was signalled: no collective
-                if clock.over_budget():
-                    status = "time_budget"
-                    log(f"time budget of {cfg.time_budget:g} min reached at step {step}")
-                    break
-                inputs, targets = get_batch(train_tokens, local_batch, model_config.context_length, device, sampler)
-                if cfg.compile and step == start:  # the first call compiles: time it aside, say so
-                    params, opt_state, m = _compile_first_step(
-                        step_fn, clock, log, device, params, opt_state, inputs, targets
-                    )
-                    interval_start = step + 1  # its tokens and time are left out of tokens/s and the ETA
-                else:
-                    params, opt_state, m = step_fn(params, opt_state, inputs, targets)
-                step += 1
-                pending.append(m)
-                at_eval = main and evaluator is not None and evaluator.due(step)
-                if step % cfg.log_interval and not at_eval and not ckpt.due(step) and step != cfg.max_iters:
-                    continue
-                rate = clock.throughput.update((step - interval_start) * tokens_per_step)
-                record = {
-                    "step": step,
-                    "wall_time": round(clock.elapsed(), 3),
-                    "tokens": step * tokens_per_step,
-                    **_summarise(pending, step, ckpt),
-                    "val_loss": None,
-                    "val_perplexity": None,
-                    "tokens_per_sec": round(rate, 1),
-                    "mfu": _round(clock.throughput.mfu),
-                }
-                pending.clear()
-                interval_start = step
-                if at_eval:
-                    with clock.aside():
-                        res = evaluator(params, step)
-                        record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
-                        ckpt.save_best(step, params, res["loss"])
-                metrics.write(record)
-                log(_log_line(record, cfg))
-                if ckpt.due(step):
-                    with clock.aside():
-                        save_periodic(step)
-    except KeyboardInterrupt:
-        status = "terminated" if signals.terminated else "interrupted"
-        log(f"{'SIGTERM' if signals.terminated else 'interrupted'} at step {step}: saving a checkpoint")
+    def __init__(
+        self,
+        model_config: TransformerConfig,
+        cfg: TrainConfig,
+        train_tokens: np.ndarray,
+        evaluator: Evaluator | None,
+        out: Path,
+        *,
+        resume: bool,
+        run_config: dict[str, Any],
+        fingerprint: str | None,
+        log: Callable[[str], None],
+        dist_info: distributed.DistInfo,
+        device: torch.device,
+        local_batch: int,
+    ) -> None:
+        main = dist_info.is_main
+        self.model_config, self.cfg, self.train_tokens, self.local_batch = model_config, cfg, train_tokens, local_batch
+        self.log, self.dist_info, self.device = log, dist_info, device
+        self.evaluator = evaluator if main else None
+        # The loop owns its params, optimiser state and gradients, so the step updates them in place
+        # (donated buffers: no allocation per step); Ctrl-C is deferred to the end of the step
+        # (_interrupt_guard), so an interrupted run never saves a half-applied update.
+        tx = make_optimizer(cfg, inplace=True)
+        self.params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
+        self.opt_state = tx.init(self.params)
+        self.sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * dist_info.rank)
+        self.ckpt = Checkpointer(
+            out,
+            interval=cfg.checkpoint_interval,
+            keep=cfg.keep_checkpoints,
+            run_config=run_config,
+            tokenizer_fingerprint=fingerprint,
+            enabled=main,
+            log=log,
+        )
+        self.start, wall_offset = 0, 0.0
+        like = {"params": self.params, "opt_state": self.opt_state}
+        loaded = _resume(self.ckpt, like, model_config, self.sampler, dist_info, log) if resume else None
+        if loaded is not None:
+            self.params, self.opt_state, self.start, wall_offset = loaded
+        self.step = self.start
+        self.metrics = MetricsLogger(
+            out,
+            tensorboard=cfg.tensorboard,
+            wandb=cfg.wandb,
+            run_config=run_config,
+            resume_step=self.start if loaded is not None else None,
+            enabled=main,
+        )
+        self.meter = StepMeter(cfg.log_interval)
+        self.step_fn = make_train_step(
+            model_config,
+            tx,
+            compile=cfg.compile,
+            donate=True,
+            compute_dtype=cfg.compute_dtype,
+            grad_accum_steps=cfg.grad_accum_steps,
+            grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
+        )
+        peak = cfg.peak_flops or (device_peak_flops(device, cfg.compute_dtype) if main else None)
+        self.clock = Clock(
+            Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak),
+            tokens_per_step=cfg.batch_size * model_config.context_length,
+            max_iters=cfg.max_iters,
+            start_step=self.start,
+            offset=wall_offset,
+            budget_minutes=cfg.time_budget,
+        )
+
+    def train(self) -> dict[str, Any]:
+        """Run the step loop, then finish: the final evaluation and checkpoint (unless stopped by a
+        signal), and the summary that :func:`train_loop` returns."""
+        status, signals = "done", _Signals()
         try:
-            save_periodic(step, gather=False)  # other ranks may be gone: no collective here
-        except NonFiniteLossError as err:
-            log(f"not saved: {err}")
-    finally:
-        metrics.close()
-        if main:
-            plot_metrics(metrics.path, out / "loss.png")
-    if status not in ("interrupted", "terminated"):
-        if evaluator is not None and main:
-            last = evaluator.last
-            final_val = last[1] if last and last[0] == step else evaluator(params, step)["loss"]
-            ckpt.save_best(step, params, final_val)
-        if ckpt.last_saved_step != step:
-            save_periodic(step)
-    return {
-        "step": step,
-        "status": status,
-        "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
-        "best_step": ckpt.best_step,
-        "final_val_loss": final_val,
-        "wall_time": clock.elapsed(),
-        "tokens": step * tokens_per_step,
-        "tokens_per_sec": clock.throughput.rate,
-        "mfu": clock.throughput.mfu,
-    }
+            with _interrupt_guard(signals):
+                status = self.steps(signals)
+        except KeyboardInterrupt:
+            status = "terminated" if signals.terminated else "interrupted"
+            self.log(f"{'SIGTERM' if signals.terminated else 'interrupted'} at step {self.step}: saving a checkpoint")
+            try:
+                self.save_periodic(gather=False)  # other ranks may be gone: no collective here
+            except NonFiniteLossError as err:
+                self.log(f"not saved: {err}")
+        finally:
+            self.metrics.close()
+            if self.dist_info.is_main:
+                plot_metrics(self.metrics.path, self.metrics.path.parent / "loss.png")
+        final_val = None
+        if status not in ("interrupted", "terminated"):
+            if self.evaluator is not None:
+                last = self.evaluator.last
+                final_val = last[1] if last and last[0] == self.step else self.evaluator(self.params, self.step)["loss"]
+                self.ckpt.save_best(self.step, self.params, final_val)
+            if self.ckpt.last_saved_step != self.step:
+                self.save_periodic()
+        ckpt, throughput = self.ckpt, self.clock.throughput
+        return {
+            "step": self.step,
+            "status": status,
+            "best_val_loss": ckpt.best_loss if math.isfinite(ckpt.best_loss) else None,
+            "best_step": ckpt.best_step,
+            "final_val_loss": final_val,
+            "wall_time": self.clock.elapsed(),
+            "tokens": self.step * self.clock.tokens_per_step,
+            "tokens_per_sec": throughput.rate,
+            "mfu": throughput.mfu,
+        }
+
+    def steps(self, signals: _Signals) -> str:
+        """The step loop: draw a batch, run the step, and :meth:`record` at a step some component
+        asks for. Returns ``"done"`` or ``"time_budget"``; Ctrl-C and SIGTERM raise
+        ``KeyboardInterrupt`` at a step boundary."""
+        cfg = self.cfg
+        while self.step < cfg.max_iters:
+            if signals.stop:  # Ctrl-C or SIGTERM, deferred to this step boundary
+                raise KeyboardInterrupt
+            if signals.take_checkpoint_request() and self.ckpt.last_saved_step != self.step:
+                self.log(f"SIGUSR1 at step {self.step}: saving a checkpoint and continuing")
+                with self.clock.aside():
+                    self.save_periodic(gather=False)  # only this rank was signalled: no collective
+            if self.clock.over_budget():
+                self.log(f"time budget of {cfg.time_budget:g} min reached at step {self.step}")
+                return "time_budget"
+            batch = get_batch(
+                self.train_tokens, self.local_batch, self.model_config.context_length, self.device, self.sampler
+            )
+            if cfg.compile and self.step == self.start:  # the first call compiles: time it aside, say so
+                self.params, self.opt_state, m = _compile_first_step(self, *batch)
+            else:
+                self.params, self.opt_state, m = self.step_fn(self.params, self.opt_state, *batch)
+            self.step += 1
+            self.meter.add(m)
+            at_eval = self.evaluator is not None and self.evaluator.due(self.step)
+            if self.meter.due(self.step) or at_eval or self.ckpt.due(self.step) or self.step == cfg.max_iters:
+                self.record(at_eval)
+        return "done"
+
+    def record(self, at_eval: bool) -> None:
+        """The interval record at the current step: one host sync summarises the steps since the
+        last one (stopping at the first non-finite loss, naming its step), then the evaluation and
+        best model if due, the metrics and log lines, and the periodic checkpoint if due."""
+        step, clock = self.step, self.clock
+        rate = clock.tick(step)
+        wall_time = clock.elapsed()
+        summary = self.meter.summarise()
+        losses = summary["losses"]
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise NonFiniteLossError(
+                f"the training loss became {losses[i].item()} at step {step - len(losses) + i + 1}; stopping: "
+                f"{self.ckpt._last_good_text()}"
+            )
+        record = metrics_record(
+            step,
+            wall_time=wall_time,
+            tokens=step * clock.tokens_per_step,
+            train_loss=float(summary["train_loss"]),
+            lr=None if summary["lr"] is None else float(summary["lr"]),
+            grad_norm=float(summary["grad_norm"]),
+            val_loss=None,
+            val_perplexity=None,
+            tokens_per_sec=rate,
+            mfu=clock.throughput.mfu,
+        )
+        if at_eval:
+            with clock.aside():
+                res = self.evaluator(self.params, step)
+                record["val_loss"], record["val_perplexity"] = res["loss"], res["perplexity"]
+                self.ckpt.save_best(step, self.params, res["loss"])
+        self.metrics.write(record)
+        self.log(_log_line(record, self.cfg.max_iters, clock.eta(step, record["tokens_per_sec"])))
+        if self.ckpt.due(step):
+            with clock.aside():
+                self.save_periodic()
+
+    def save_periodic(self, gather: bool = True) -> None:
+        """Checkpoint the current step (``gather``: with every rank's sampler state, a collective)."""
+        states = None
+        if self.dist_info.enabled and gather:  # a collective: every rank takes part
+            states = [_encode_state(t) for t in distributed.all_gather_bytes(self.sampler.get_state())]
+        meta = {"wall_time": self.clock.elapsed(), **({"rng_states": states} if states else {})}
+        self.ckpt.save(self.step, self.params, self.opt_state, sampler=self.sampler, metadata=meta)
 
 
 class CompileError(RuntimeError):
     """``torch.compile`` failed on the train step (the CLI names ``--no-compile``)."""
 
 
-def _compile_first_step(
-    step_fn: Callable, clock: _Clock, log: Callable[[str], None], device: torch.device, *args: Any
-) -> Any:
+def _compile_first_step(run: _Run, *batch: torch.Tensor) -> Any:
     """Run the first call of a compiled step, which compiles it: logged, timed, and left out of the
-    throughput (not kept in the time budget's reserve, which is for evaluations and checkpoints);
-    a failure of ``torch.compile`` itself becomes one :class:`CompileError`."""
-    log("compiling the train step…")
+    throughput and the ETA (not kept in the time budget's reserve, which is for evaluations and
+    checkpoints); a failure of ``torch.compile`` itself becomes one :class:`CompileError`."""
+    run.log("compiling the train step…")
     t = time.perf_counter()
     try:
-        out = step_fn(*args)
+        out = run.step_fn(run.params, run.opt_state, *batch)
     except Exception as err:
         if not is_compile_error(err):
             raise
@@ -390,16 +391,12 @@ def _compile_first_step(
         raise CompileError(
             f"torch.compile failed on the train step ({type(err).__name__}: {first}); run again with --no-compile"
         ) from err
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # once, so the time printed is the compile's, not a queue's
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)  # once, so the time printed is the compile's, not a queue's
     seconds = time.perf_counter() - t
-    clock.throughput.exclude(seconds)
-    log(f"compiled the train step in {seconds:.1f} s")
+    run.clock.skip(seconds, run.step + 1)  # its tokens and time are left out of tokens/s and the ETA
+    run.log(f"compiled the train step in {seconds:.1f} s")
     return out
-
-
-def _round(x: float | None, digits: int = 4) -> float | None:
-    return None if x is None else round(x, digits)
 
 
 class _Signals:
@@ -466,9 +463,8 @@ def _interrupt_guard(signals: _Signals):
             signal.signal(sig, handler)
 
 
-def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:
+def _log_line(record: dict[str, Any], max_iters: int, eta: float | None) -> str:
     rate = record["tokens_per_sec"]
-    eta = (cfg.max_iters - record["step"]) * (record["tokens"] / record["step"]) / rate if rate else None
     lr = f" | lr {record['lr']:.2e}" if record["lr"] is not None else ""
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
     val = (
@@ -477,6 +473,6 @@ def _log_line(record: dict[str, Any], cfg: TrainConfig) -> str:
         else ""
     )
     return (
-        f"step {record['step']:6d}/{cfg.max_iters} | loss {record['train_loss']:.4f}{lr} | grad norm "
+        f"step {record['step']:6d}/{max_iters} | loss {record['train_loss']:.4f}{lr} | grad norm "
         f"{record['grad_norm']:.3f} | {rate:,.0f} tok/s{mfu} | ETA {format_duration(eta) if eta is not None else '?'}{val}"
     )

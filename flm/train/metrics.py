@@ -35,6 +35,8 @@ __all__ = [
     "plot_metrics",
     "Throughput",
     "device_peak_flops",
+    "StepMeter",
+    "metrics_record",
 ]
 
 logger = logging.getLogger("flm")
@@ -132,6 +134,103 @@ class Throughput:
         if self.rate is None or not self.peak_flops:
             return None
         return self.rate * self.flops_per_token / self.peak_flops
+
+
+class StepMeter:
+    """The log interval of a run: when a metrics line is due, and the steps' metrics since the last one.
+
+    The train step returns its metrics as device tensors; they wait here until a logged step, where
+    :meth:`summarise` reads them back with one host sync (so the steps between logged steps run
+    without waiting for the device).
+
+    Args:
+        interval: a metrics line every this many steps (0: only when another component asks).
+
+    Raises:
+        ValueError: a negative ``interval``.
+    """
+
+    def __init__(self, interval: int) -> None:
+        if interval < 0:
+            raise ValueError(f"StepMeter: interval must be >= 0, got {interval}")
+        self.interval = interval
+        self.pending: list[dict[str, torch.Tensor]] = []
+
+    def due(self, step: int) -> bool:
+        """Whether a metrics line falls on ``step``."""
+        return self.interval > 0 and step % self.interval == 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Keep one step's metrics (``loss``, ``grad_norm``, optionally ``lr``; scalars, or ``(K,)``
+        for K models trained together)."""
+        self.pending.append(metrics)
+
+    def summarise(self) -> dict[str, torch.Tensor | None]:
+        """Read the kept steps back (one host sync) and start a new interval.
+
+        Returns:
+            ``losses``: ``(n, ...)`` every step's loss, on the CPU; ``train_loss``: their mean over
+            the steps (NaN for a model with a NaN step); ``lr`` (``None`` when the step reports
+            none) and ``grad_norm``: the last step's, on the CPU.
+
+        Raises:
+            ValueError: no step since the last summary.
+        """
+        if not self.pending:
+            raise ValueError("StepMeter.summarise: no step since the last summary")
+        losses = torch.stack([p["loss"] for p in self.pending]).cpu()
+        last = self.pending[-1]
+        self.pending = []
+        return {
+            "losses": losses,
+            "train_loss": losses.mean(0),
+            "lr": last["lr"].cpu() if "lr" in last else None,
+            "grad_norm": last["grad_norm"].cpu(),
+        }
+
+
+def metrics_record(
+    step: int,
+    *,
+    wall_time: float,
+    tokens: int,
+    train_loss: float | None,
+    lr: float | None,
+    grad_norm: float | None,
+    val_loss: float | None,
+    val_perplexity: float | None,
+    tokens_per_sec: float,
+    mfu: float | None,
+) -> dict[str, Any]:
+    """One line of ``metrics.jsonl``: the fields in their order, rounded as written.
+
+    Args:
+        step: the logged step.
+        wall_time: seconds since the run started (resumes included).
+        tokens: tokens trained by this model up to ``step``.
+        train_loss: the mean training loss over the steps since the last line (``None``: non-finite).
+        lr: the last step's learning rate (``None``: unknown).
+        grad_norm: the last step's gradient norm before clipping.
+        val_loss: the validation loss at ``step``, or ``None`` when not evaluated.
+        val_perplexity: ``exp(val_loss)``, or ``None``.
+        tokens_per_sec: this model's smoothed training throughput.
+        mfu: model FLOP utilisation, or ``None`` without a known peak.
+
+    Returns:
+        The record (``wall_time`` to ms, ``tokens_per_sec`` to 0.1, ``mfu`` to 4 digits).
+    """
+    return {
+        "step": step,
+        "wall_time": round(wall_time, 3),
+        "tokens": tokens,
+        "train_loss": train_loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "val_loss": val_loss,
+        "val_perplexity": val_perplexity,
+        "tokens_per_sec": round(tokens_per_sec, 1),
+        "mfu": None if mfu is None else round(mfu, 4),
+    }
 
 
 class Sink(Protocol):
