@@ -88,7 +88,9 @@ class Checkpointer:
         """Whether a periodic checkpoint falls on ``step``."""
         return self.interval > 0 and step % self.interval == 0
 
-    def _last_good_text(self) -> str:
+    def last_good_text(self) -> str:
+        """Where a run can resume from, for an error message: the last good checkpoint's path and
+        ``--resume``, or that no checkpoint was written yet."""
         if self.last_good is None:
             return "no checkpoint was written yet"
         return f"the last good checkpoint is {self.last_good} (--resume continues from it)"
@@ -96,7 +98,7 @@ class Checkpointer:
     def _check_finite(self, step: int, *trees: PyTree) -> None:
         if not all_finite(trees):
             raise NonFiniteLossError(
-                f"the parameters or optimiser state became NaN/inf by step {step}; not saving them: {self._last_good_text()}"
+                f"the parameters or optimiser state became NaN/inf by step {step}; not saving them: {self.last_good_text()}"
             )
 
     def save(

@@ -338,7 +338,7 @@ class _Run:
             i = int(bad[0])
             raise NonFiniteLossError(
                 f"the training loss became {losses[i].item()} at step {step - len(losses) + i + 1}; stopping: "
-                f"{self.ckpt._last_good_text()}"
+                f"{self.ckpt.last_good_text()}"
             )
         record = metrics_record(
             step,
