@@ -1,12 +1,11 @@
-"""Tests for flm.download (resumable, size-checked, SHA-256-verified, gzip) against a loopback HTTP server,
-and flm.progress."""
+"""Tests for flm.download (resumable, size-checked, SHA-256-verified, gzip) against a loopback HTTP server
+(flm.progress has tests/test_progress.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -24,7 +23,6 @@ import flm.download as download_mod
 from flm.cli import main as flm_cli_main
 from flm.data import DATASETS, download
 from flm.download import FilePin
-from flm.progress import ProgressBar, format_count, format_duration
 
 TIMEOUT = 5  # seconds; everything is on loopback
 
@@ -534,51 +532,6 @@ def test_cli(server, tinystories, tmp_path, capsys, monkeypatch):
     assert (dest / "TinyStoriesV2-GPT4-valid.txt").read_bytes() == tinystories["valid"]
     rc = flm_cli_main(["download", "owt", str(tmp_path / "d2"), "--base-url", server.url, "--no-progress"])
     assert rc == 1 and "owt_train.txt.gz" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------
-# flm.progress
-# ------------------------------------------------------------------------------------------------
-def test_format_helpers():
-    assert format_count(512) == "512 B"
-    assert format_count(1536) == "1.5 KiB"
-    assert format_count(3 * 2**30) == "3.0 GiB"
-    assert format_count(12_000, "tok") == "12.0k tok"
-    assert format_duration(59) == "0:59" and format_duration(3725) == "1:02:05"
-    assert format_duration(float("inf")) == "?"
-
-
-def test_progress_bar_render_and_close():
-    f = io.StringIO()
-    with ProgressBar(200, "file.bin", file=f, log_interval=0) as bar:
-        bar.update(50)
-        assert "25%" in bar.render() and "50 B/200 B" in bar.render()
-        bar.update(150)
-    text = f.getvalue()
-    assert text.splitlines()[-1].startswith("file.bin  100%")
-    bar.close()  # idempotent
-    assert f.getvalue() == text
-    assert ProgressBar(None, "n", unit="it").render().startswith("n  0 it [")  # unknown total: no percentage
-
-
-def test_progress_bar_throttles_and_can_be_disabled():
-    f = io.StringIO()
-    bar = ProgressBar(10**6, "x", file=f, log_interval=3600)
-    for _ in range(1000):
-        bar.update(1)
-    bar.close()
-    assert len(f.getvalue().splitlines()) == 2  # the first update and the final state
-    g = io.StringIO()
-    with ProgressBar(10, "y", enabled=False, file=g) as quiet:
-        quiet.update(10)
-    assert g.getvalue() == "" and quiet.n == 10
-    with pytest.raises(ValueError):
-        ProgressBar(-1)
-
-
-def test_progress_bar_resumed_initial_is_shown_but_not_in_rate():
-    bar = ProgressBar(100, "r", initial=40, file=io.StringIO())
-    assert "40 B/100 B" in bar.render() and "0 B/s" in bar.render()
 
 
 def test_a_wrong_size_file_already_on_disk_is_refused_not_used(tmp_path, capsys):
