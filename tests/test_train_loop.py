@@ -8,6 +8,7 @@ import torch
 import flm.data
 import flm.train
 import flm.train.loop
+import flm.tree
 from flm.checkpoint import load_checkpoint
 from flm.model import TransformerConfig
 from flm.train import NonFiniteLossError, TrainConfig, list_checkpoints, read_metrics, train_loop
@@ -173,3 +174,34 @@ def test_clock_counts_tokens_since_the_last_tick_and_leaves_pauses_out(monkeypat
     assert clock.over_budget() and not Clock(Throughput(1.0, None), tokens_per_step=1, max_iters=1).over_budget()
     with pytest.raises(ValueError, match="offset=-1"):
         Clock(Throughput(1.0, None), tokens_per_step=1, max_iters=1, offset=-1)
+
+
+def test_a_one_model_sweep_writes_the_lines_train_loop_writes(tokens, tmp_path):
+    """vmapped_train and train_loop share their components: the same metrics lines (fields in the
+    same order, logged and evaluated at the same steps, the same numbers up to float rounding)."""
+    from flm.config import RunConfig
+    from flm.experiments.vmapped import vmapped_train
+
+    cfg = _cfg(max_iters=8, checkpoint_interval=0, device="cpu")
+    single = train_loop(CONFIG, cfg, *tokens, tmp_path / "single", log=lambda s: None)
+    (swept,) = vmapped_train(
+        RunConfig(model=CONFIG, train=cfg), *tokens, tmp_path, [{"label": "one"}], log=lambda s: None
+    )
+    a, b = read_metrics(tmp_path / "single" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [list(r) for r in a] == [list(r) for r in b] and [r["step"] for r in b] == [2, 4, 6, 8]
+    for x, y in zip(a, b):
+        for key in ("step", "tokens", "train_loss", "lr", "grad_norm", "val_loss", "val_perplexity"):
+            assert (x[key] is None) == (y[key] is None), (x["step"], key)
+            assert x[key] is None or x[key] == pytest.approx(y[key], rel=1e-5), (x["step"], key)
+    assert swept["best_val_loss"] == pytest.approx(single["best_val_loss"], rel=1e-5)
+
+
+def test_evaluator_each_skips_diverged_models(tokens):
+    from flm.model import init_params
+    from flm.train import Evaluator
+
+    ev = Evaluator(tokens[1], CONFIG, 4, 2, 0)
+    good = init_params(CONFIG, torch.Generator().manual_seed(0))
+    bad = flm.tree.tree_map(lambda t: torch.full_like(t, float("nan")), good)
+    losses = ev.each([good, bad, good], step=3)
+    assert losses[0] == losses[2] == ev(good, 3)["loss"] and losses[1] is None and ev.last[0] == 3

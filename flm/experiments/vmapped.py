@@ -4,8 +4,11 @@ Every model has the base config's shape and sees the same batches; each has its 
 rate (the final rate keeps the base ``min_lr / lr`` ratio, so every model follows the same cosine
 shape), weight decay and init seed. The K parameter trees and optimiser states are stacked along
 a leading model axis and trained by one :func:`flm.train.make_vmapped_train_step` call per step.
-Each model's metrics go to ``OUT/<label>/metrics.jsonl`` in the training loop's format, so the
-same readers and plots serve sweeps and single runs. A model whose loss turns NaN (diverged)
+The sweep runs on the training loop's components (:mod:`flm.train.loop`): a ``StepMeter`` for the
+log interval, an ``Evaluator``, a ``Clock`` and, per model, a ``MetricsLogger`` and a
+``Checkpointer`` that tracks the best validation loss (a sweep writes no checkpoints). So each
+model's ``OUT/<label>/metrics.jsonl`` is the training loop's format, and the same readers and
+plots serve sweeps and single runs. A model whose loss turns NaN (diverged)
 keeps training inside the vmap without affecting the others; its losses are recorded as null.
 
 Source: CS336 assignment 1 handout §7.2 (learning_rate: a sweep including a divergent run).
@@ -13,10 +16,8 @@ Source: CS336 assignment 1 handout §7.2 (learning_rate: a sweep including a div
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,13 @@ from flm.data import get_batch
 from flm.loss import perplexity
 from flm.model import train_step_flops
 from flm.progress import info
-from flm.train import decay_mask, evaluate, init_vmapped, make_vmapped_train_step
+from flm.train import decay_mask, init_vmapped, make_vmapped_train_step
+from flm.train.checkpointer import Checkpointer
+from flm.train.clock import Clock
 from flm.train.config import resolve_auto
-from flm.train.metrics import Throughput, device_peak_flops
-from flm.tree import all_finite, unstack
+from flm.train.evaluate import Evaluator
+from flm.train.metrics import MetricsLogger, StepMeter, Throughput, device_peak_flops, metrics_record
+from flm.tree import unstack
 
 __all__ = ["vmapped_train", "Variant"]
 
@@ -92,8 +96,7 @@ def vmapped_train(
     t = cfg.train
     ctx, k, device = cfg.model.context_length, len(variants), t.resolved_device()
     t, _ = resolve_auto(t, device)  # "auto" dtype/compile: the same per-device defaults as flm train
-    if int(valid_tokens.shape[0]) < ctx + 1:
-        raise ValueError(f"the validation data has {int(valid_tokens.shape[0])} tokens; need {ctx + 1}")
+    evaluator = Evaluator(valid_tokens, cfg.model, t.batch_size, t.eval_batches, t.eval_interval)  # checks the length
     lrs = [float(v.get("lr", t.lr)) for v in variants]
     ratio = t.min_lr / t.lr
     hparams = {
@@ -117,73 +120,61 @@ def vmapped_train(
     )
     sampler = torch.Generator().manual_seed(t.seed + 1)
     out = Path(out_dir)
-    files = {}
     # Only flm's own files are replaced, never through a link (flm.manifest): all checked first.
     manifest.check_replace([*(out / x for x in labels), *(out / x / "metrics.jsonl" for x in labels)], where=out)
     for label in labels:
         manifest.claim(out / label)
-        manifest.remove(out / label / "metrics.jsonl")
-        files[label] = open(out / label / "metrics.jsonl", "w", encoding="utf-8")
-    clock = Throughput(k * train_step_flops(cfg.model, 1) / ctx, device_peak_flops(device, t.compute_dtype))
-    best = [math.inf] * k
+    # The training loop's components, one per model where each model has its own: metrics.jsonl,
+    # and the best validation loss (a Checkpointer that writes nothing: a sweep keeps no checkpoints).
+    loggers = [MetricsLogger(out / label) for label in labels]
+    bests = [Checkpointer(out / label, interval=0, keep=1, run_config={}, enabled=False, log=log) for label in labels]
+    meter = StepMeter(t.log_interval)
+    peak = device_peak_flops(device, t.compute_dtype)
+    clock = Clock(
+        Throughput(k * train_step_flops(cfg.model, 1) / ctx, peak),
+        tokens_per_step=k * t.batch_size * ctx,
+        max_iters=t.max_iters,
+    )
     last_val: list[float | None] = [None] * k
     log(f"vmapped: {k} models x {t.max_iters} steps ({', '.join(labels)}), batch {t.batch_size} x {ctx} tokens")
-    t0, pending, interval_start = time.perf_counter(), [], 0
-
-    def evaluate_all() -> list[float | None]:
-        vals: list[float | None] = []
-        for p in unstack(params):
-            if not all_finite(p):  # a diverged model: no evaluation of NaN weights
-                vals.append(None)
-                continue
-            loss = evaluate(p, cfg.model, valid_tokens, t.batch_size, ctx, t.eval_batches)["loss"]
-            vals.append(loss if math.isfinite(loss) else None)
-        return vals
-
     try:
         for step in range(1, t.max_iters + 1):
             x, y = get_batch(train_tokens, t.batch_size, ctx, device, sampler)
             params, opt_state, m = step_fn(params, opt_state, hparams, x, y)
-            pending.append(m)
-            at_eval = (t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.max_iters
-            if step % t.log_interval and not at_eval:
+            meter.add(m)
+            at_eval = evaluator.due(step) or step == t.max_iters
+            if not (meter.due(step) or at_eval):
                 continue
-            losses = torch.stack([p["loss"] for p in pending]).mean(0)  # NaN if any step of the interval was
-            rate = clock.update((step - interval_start) * t.batch_size * ctx * k)
-            interval_start, last = step, pending[-1]
-            pending.clear()
+            rate = clock.tick(step)
+            summary = meter.summarise()  # a model's train_loss is NaN if any step of the interval was
             vals = None
             if at_eval:
-                t_eval = time.perf_counter()
-                vals = evaluate_all()
-                clock.exclude(time.perf_counter() - t_eval)
-            train_l, lrs_now, norms = (
-                _finite_or_none(losses),
-                _finite_or_none(last["lr"]),
-                _finite_or_none(last["grad_norm"]),
-            )
-            for i, label in enumerate(labels):
+                with clock.aside():
+                    models = unstack(params)
+                    vals = evaluator.each(models, step)
+                for best, model, val in zip(bests, models, vals):
+                    if val is not None:
+                        best.save_best(step, model, val)
+                last_val = vals
+            train_l, lrs_now, norms = (_finite_or_none(summary[n]) for n in ("train_loss", "lr", "grad_norm"))
+            wall_time = clock.elapsed()
+            for i, logger in enumerate(loggers):
                 val = vals[i] if vals else None
-                if val is not None:
-                    best[i] = min(best[i], val)
-                if vals:
-                    last_val[i] = val
-                rec = {
-                    "step": step,
-                    "wall_time": round(time.perf_counter() - t0, 3),
-                    "tokens": step * t.batch_size * ctx,
-                    "train_loss": train_l[i],
-                    "val_loss": val,
-                    "val_perplexity": None
+                record = metrics_record(
+                    step,
+                    wall_time=wall_time,
+                    tokens=step * t.batch_size * ctx,
+                    train_loss=train_l[i],
+                    lr=lrs_now[i],
+                    grad_norm=norms[i],
+                    val_loss=val,
+                    val_perplexity=None
                     if val is None
                     else _finite_or_none(perplexity(val, dtype=torch.float64)[None])[0],
-                    "lr": lrs_now[i],
-                    "grad_norm": norms[i],
-                    "tokens_per_sec": round(rate / k, 1),
-                    "mfu": None if clock.mfu is None else round(clock.mfu, 4),
-                }
-                files[label].write(json.dumps(rec) + "\n")
-                files[label].flush()
+                    tokens_per_sec=rate / k,
+                    mfu=clock.throughput.mfu,
+                )
+                logger.write(record)
             fmt = lambda vs: " ".join("   nan" if v is None else f"{v:6.3f}" for v in vs)
             log(
                 f"step {step:5d} | train {fmt(train_l)}"
@@ -191,20 +182,19 @@ def vmapped_train(
                 + f" | {rate:,.0f} tok/s"
             )
     finally:
-        for label, f in files.items():
-            f.close()
-            manifest.record(out / label / "metrics.jsonl", append=True)
-    wall = time.perf_counter() - t0
+        for logger in loggers:
+            logger.close()
+    wall, rate = clock.elapsed(), clock.throughput.rate
     return [
         {
             "label": label,
             "lr": lrs[i],
             "weight_decay": float(hparams["weight_decay"][i]),
             "final_val_loss": last_val[i],
-            "best_val_loss": best[i] if math.isfinite(best[i]) else None,
+            "best_val_loss": bests[i].best_loss if math.isfinite(bests[i].best_loss) else None,
             "diverged": diverged(last_val[i], cfg.model.vocab_size),
             "wall_time": wall,
-            "tokens_per_sec": clock.rate / k if clock.rate else None,
+            "tokens_per_sec": rate / k if rate else None,
         }
         for i, label in enumerate(labels)
     ]

@@ -5,7 +5,9 @@ Source: CS336 assignment 1 handout §4.1 eqs. (16), (18); §5.3.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from flm.loss import perplexity, token_cross_entropy
 from flm.model import TransformerConfig, transformer_lm
 from flm.progress import progress_bar
-from flm.tree import tree_leaves
+from flm.tree import all_finite, tree_leaves
 
 __all__ = ["evaluate", "Evaluator"]
 
@@ -155,3 +157,20 @@ class Evaluator:
         res["seconds"] = time.perf_counter() - t0
         self.last = (step, res["loss"])
         return res
+
+    def each(self, models: Sequence[PyTree], step: int) -> list[float | None]:
+        """Evaluate several models on the same windows (the K models of a vmapped sweep,
+        ``flm.tree.unstack``-ed); a model with NaN/inf parameters (diverged) is not evaluated.
+
+        Args:
+            models: parameter trees of one config.
+            step: the step evaluated at (``last`` then holds the last evaluated model's loss).
+
+        Returns:
+            Each model's loss (nats/token); ``None`` for a diverged model or a non-finite loss.
+        """
+        losses: list[float | None] = []
+        for params in models:
+            loss = self(params, step)["loss"] if all_finite(params) else math.nan
+            losses.append(loss if math.isfinite(loss) else None)
+        return losses
