@@ -7,9 +7,11 @@ One module per concern:
 - :mod:`flm.train.evaluate` — ``evaluate`` (loss and perplexity on held-out tokens), ``Evaluator``;
 - :mod:`flm.train.config` — ``TrainConfig``, ``make_optimizer`` (clip → AdamW on warm-up + cosine);
 - :mod:`flm.train.checkpointer` — ``Checkpointer`` (interval, rotation, best model, resume);
-- :mod:`flm.train.metrics` — ``MetricsLogger`` (JSONL + TensorBoard/wandb sinks), ``read_metrics``,
-  ``plot_metrics``, throughput and MFU;
-- :mod:`flm.train.loop` — ``train_loop``, a short loop over those components.
+- :mod:`flm.train.metrics` — ``MetricsLogger`` (JSONL + TensorBoard/wandb sinks), ``StepMeter`` (the
+  log interval and its one host sync), ``read_metrics``, ``plot_metrics``, throughput and MFU;
+- :mod:`flm.train.clock` — ``Clock`` (wall time, time budget, throughput, ETA);
+- :mod:`flm.train.loop` — ``train_loop``, a short loop over those components (which the vmapped
+  sweep, :mod:`flm.experiments.vmapped`, runs on too).
 
 Source: CS336 assignment 1 handout §4–§5, §7.1.
 """
