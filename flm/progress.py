@@ -1,9 +1,9 @@
 """Progress bars for long loops (downloads, BPE training, encoding, evaluation), on stderr.
 
-:func:`progress_bar` returns a ``tqdm`` bar (``tqdm.auto``: a widget in notebooks) when stderr is
-a terminal or a notebook runs the code, and otherwise a :class:`ProgressBar` that prints a plain
-line at most every ``log_interval`` seconds, so CI logs and files stay short and free of ``\\r``.
-Both have ``update(n)``, ``close()`` and work as context managers.
+:func:`progress_bar` returns a :class:`ProgressBar`: tqdm's bar, redrawn in place on a terminal,
+and a plain line at most every ``log_interval`` seconds anywhere else, so CI logs and files stay
+short and free of ``\\r`` (in a notebook, ``tqdm.auto``'s widget). Both have ``update(n)``,
+``close()`` and work as context managers.
 
 Example::
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any, TextIO
+
+from tqdm import tqdm
 
 __all__ = ["progress_bar", "want_progress", "ProgressBar", "format_count", "format_duration", "info"]
 
@@ -71,8 +72,31 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class ProgressBar:
-    """A throttled, single-line progress bar with rate and ETA, written to stderr.
+class _Lines:
+    """The stream a :class:`ProgressBar` writes to off a terminal: each redraw (``\\r``, the text,
+    padding) becomes one plain line, blank writes are dropped, and a stream that fails is given up on
+    (the work goes on)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        text = s.lstrip("\r").rstrip()
+        if text and self.stream is not None:
+            try:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed or broken stream
+                self.stream = None
+
+
+class ProgressBar(tqdm):
+    """A ``tqdm`` bar, redrawn in place on a terminal and written as plain throttled lines elsewhere.
+
+    On a terminal it is tqdm's bar (``\\r`` redraws at most every ``min_interval`` seconds). In a
+    file, a pipe or a CI log those redraws would pile up in one endless line, so there each redraw is
+    a plain line (:meth:`render`): one at the start, then at most one every ``log_interval`` seconds,
+    and the final state on ``close()`` unless that line was just written.
 
     Args:
         total: the expected final count, or ``None`` when unknown (no percentage or ETA then).
@@ -81,13 +105,15 @@ class ProgressBar:
         enabled: when ``False`` the bar counts but never writes anything.
         initial: the count already done (e.g. the size of a resumed partial download); it is
             shown, but excluded from the rate.
-        file: the stream to write to; ``None`` means ``sys.stderr`` at the time of each write.
+        file: the stream to write to; ``None`` means ``sys.stderr``.
         min_interval: the least number of seconds between redraws on a terminal.
         log_interval: the least number of seconds between lines when the stream is not a terminal.
 
     Raises:
         ValueError: a negative ``total`` or ``initial``.
     """
+
+    monitor_interval = 0  # no tqdm monitor thread: miniters=1 already redraws whenever one is due
 
     def __init__(
         self,
@@ -105,116 +131,64 @@ class ProgressBar:
             raise ValueError(f"ProgressBar total must be non-negative or None, got {total!r}")
         if initial < 0:
             raise ValueError(f"ProgressBar initial must be non-negative, got {initial!r}")
-        self.total = total
-        self.desc = desc
-        self.unit = unit
-        self.enabled = enabled
-        self.n = initial
-        self._initial = initial
-        self._file = file
-        self._min_interval = min_interval
-        self._log_interval = log_interval
-        self._start = time.monotonic()
-        self._last_draw = float("-inf")
-        self._last_len = 0
-        self._last_drawn_n: int | float | None = None
-        self._closed = False
-
-    # -- stream helpers -------------------------------------------------------------------------
-    @property
-    def file(self) -> TextIO:
-        """The stream the bar writes to."""
-        return self._file if self._file is not None else sys.stderr
-
-    def _is_tty(self) -> bool:
-        try:
-            return bool(self.file.isatty())
-        except (AttributeError, ValueError):
-            return False
-
-    # -- public API -----------------------------------------------------------------------------
-    def update(self, n: int | float = 1) -> None:
-        """Add ``n`` to the count and redraw if enough time has passed since the last redraw.
-
-        Args:
-            n: the amount of progress made since the last call.
-        """
-        self.n += n
-        if not self.enabled or self._closed:
-            return
-        now = time.monotonic()
-        interval = self._min_interval if self._is_tty() else self._log_interval
-        if now - self._last_draw >= interval:
-            self._draw(now)
+        stream = sys.stderr if file is None else file
+        self._plain = not (enabled and _isatty(stream))
+        super().__init__(
+            total=total,
+            desc=desc,
+            unit=unit,
+            initial=initial,
+            file=_Lines(stream if enabled else None) if self._plain else stream,  # disabled: counts, writes nowhere
+            mininterval=log_interval if self._plain else min_interval,
+            miniters=1,
+            position=0 if self._plain else None,  # tqdm moves the cursor for bars at other positions
+            dynamic_ncols=not self._plain,
+            unit_scale=True,
+            unit_divisor=1024 if unit == "B" else 1000,
+        )
 
     def close(self) -> None:
-        """Draw the final state and end the line (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.enabled:
-            self._draw(time.monotonic(), final=True)
+        """Draw the final state and end the line (idempotent); off a terminal, only if that state's
+        line is not the last one written."""
+        if getattr(self, "_plain", False) and getattr(self, "last_print_n", None) == self.n:
+            self.leave = False
+        super().close()
 
-    def __enter__(self) -> ProgressBar:
-        return self
+    def __str__(self) -> str:
+        return self.render() if self._plain else super().__str__()
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    # -- rendering ------------------------------------------------------------------------------
     def render(self, now: float | None = None) -> str:
-        """Return the bar's current text (without line control characters).
+        """Return the bar's plain-line text (what it writes off a terminal).
 
         Args:
-            now: the ``time.monotonic()`` reading to compute the rate with; ``None`` means now.
+            now: the reading of the bar's clock (``time.time()``) to compute the rate with; ``None`` means now.
 
         Returns:
             A line such as ``"train.txt  45%|#########...........| 1.2 MiB/2.7 MiB [0:03<0:04, 410.0 KiB/s]"``.
         """
-        now = time.monotonic() if now is None else now
-        elapsed = max(now - self._start, 1e-9)
-        rate = (self.n - self._initial) / elapsed
+        now = self._time() if now is None else now
+        elapsed = max(now - getattr(self, "start_t", now), 1e-9)  # tqdm draws once before it sets start_t
+        rate = (self.n - self.initial) / elapsed
+        prefix, count = f"{self.desc}  " if self.desc else "", format_count(self.n, self.unit)
         rate_text = f"{format_count(rate, self.unit)}/s"
-        prefix = f"{self.desc}  " if self.desc else ""
-        if self.total:
-            frac = min(max(self.n / self.total, 0.0), 1.0)
-            width = 20
-            filled = int(frac * width)
-            bar = "#" * filled + "." * (width - filled)
-            remaining = max(self.total - self.n, 0)
-            eta = remaining / rate if rate > 0 else float("inf")
-            return (
-                f"{prefix}{frac * 100:3.0f}%|{bar}| {format_count(self.n, self.unit)}/"
-                f"{format_count(self.total, self.unit)} [{format_duration(elapsed)}<{format_duration(eta)}, {rate_text}]"
-            )
-        return f"{prefix}{format_count(self.n, self.unit)} [{format_duration(elapsed)}, {rate_text}]"
-
-    def _draw(self, now: float, final: bool = False) -> None:
-        if final and not self._is_tty() and self._last_drawn_n == self.n:
-            return  # a log line for this exact state was already written
-        self._last_draw = now
-        self._last_drawn_n = self.n
-        text = self.render(now)
-        f = self.file
-        try:
-            if self._is_tty():
-                pad = " " * max(self._last_len - len(text), 0)
-                f.write("\r" + text + pad + ("\n" if final else ""))
-            else:
-                f.write(text + "\n")
-            f.flush()
-        except (OSError, ValueError):  # a closed or broken stream must not break the work itself
-            self.enabled = False
-        self._last_len = len(text)
+        if not self.total:
+            return f"{prefix}{count} [{format_duration(elapsed)}, {rate_text}]"
+        frac = min(max(self.n / self.total, 0.0), 1.0)
+        bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+        eta = max(self.total - self.n, 0) / rate if rate > 0 else float("inf")
+        return (
+            f"{prefix}{frac * 100:3.0f}%|{bar}| {count}/{format_count(self.total, self.unit)} "
+            f"[{format_duration(elapsed)}<{format_duration(eta)}, {rate_text}]"
+        )
 
 
 def _in_notebook() -> bool:
     return "ipykernel" in sys.modules
 
 
-def _stderr_is_tty() -> bool:
+def _isatty(stream: Any) -> bool:
     try:
-        return bool(sys.stderr.isatty())
+        return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
 
@@ -222,8 +196,8 @@ def _stderr_is_tty() -> bool:
 def progress_bar(
     total: int | float | None, desc: str = "", unit: str = "B", enabled: bool = True, *, initial: int | float = 0
 ) -> Any:
-    """A progress bar suited to where the output goes: ``tqdm`` on a terminal or in a notebook,
-    plain throttled lines (:class:`ProgressBar`) in logs and files.
+    """A progress bar suited to where the output goes: a :class:`ProgressBar` (tqdm's bar on a
+    terminal, plain throttled lines in logs and files), or ``tqdm.auto``'s widget in a notebook.
 
     Args:
         total: expected final count, or ``None`` when unknown.
@@ -235,19 +209,11 @@ def progress_bar(
     Returns:
         An object with ``update(n)``, ``close()`` and context-manager support.
     """
-    if enabled and (_stderr_is_tty() or _in_notebook()):
-        from tqdm.auto import tqdm
+    if enabled and _in_notebook():
+        from tqdm.auto import tqdm as auto_tqdm
 
-        binary = unit == "B"
-        return tqdm(
-            total=total,
-            desc=desc,
-            unit=unit,
-            unit_scale=True,
-            unit_divisor=1024 if binary else 1000,
-            initial=initial,
-            dynamic_ncols=True,
-        )
+        divisor = 1024 if unit == "B" else 1000
+        return auto_tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=divisor, initial=initial)
     return ProgressBar(total, desc, unit, enabled, initial=initial)
 
 
