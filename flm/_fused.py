@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flm._mask import causal_mask
+
 
 def fused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False
@@ -35,8 +37,6 @@ def fused_attention(
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         # PyTorch's is_causal aligns the mask top-left; flm's causal mask aligns it bottom-right
         # (queries are the last positions of the keys), so pass it explicitly.
-        from flm.nn import causal_mask
-
         mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

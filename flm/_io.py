@@ -5,7 +5,9 @@ is flushed and fsynced, gets ordinary permissions (``0666 & ~umask``, i.e. 0644 
 umask: ``mkstemp`` alone would make it 0600), and is renamed over the target; the directory is
 then fsynced so the rename survives a power cut. A reader therefore sees the old file or the new
 one, never a torn one, and an interrupted write leaves at most an orphan ``.…tmp`` file, which
-:func:`remove_orphan_temps` clears at the next start.
+:func:`remove_orphan_temps` clears at the next start. The primitives (the temporary, the rename,
+:func:`fsync_dir`, :func:`is_temp_name`) live in :mod:`flm._fs`, under :mod:`flm.manifest`, and
+are re-exported here; this module adds the manifest's check before every rename.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from flm import manifest
+from flm._fs import LOCK_NAME, TEMP_SUFFIX, fsync_dir, is_temp_name, replacing
 
 __all__ = [
     "atomic_write_bytes",
@@ -34,29 +37,6 @@ __all__ = [
     "TEMP_SUFFIX",
     "LOCK_NAME",
 ]
-
-TEMP_SUFFIX = ".tmp"
-LOCK_NAME = ".lock"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(directory: str | os.PathLike[str]) -> None:
-    """Make a rename in ``directory`` durable where the platform allows it (POSIX); best effort elsewhere."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -93,48 +73,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         flm.manifest.ForeignFilesError: in a tracked directory, ``path`` is a link or a file flm
             did not write (nothing is replaced).
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())
-        # In a directory flm tracks (flm.manifest): refuse a target flm did not write, and record
-        # the new file before it appears, so a kill at any moment leaves the manifest truthful.
-        from flm import manifest
-
-        manifest.before_replace(tmp, target)
-        os.replace(tmp, target)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        named = _name_write_error(err, target)
-        if named is not None:
-            raise named from err
-        raise
-    fsync_dir(target.parent)
-
-
-def _name_write_error(err: BaseException, target: Path) -> OSError | None:
-    """An ``OSError`` naming ``target`` for a failed write that named no file: a plain write or
-    flush error (a full disk), or the I/O error safetensors' Rust writer reports as text
-    (``… (os error 28)``); ``None`` for anything else."""
-    if isinstance(err, OSError):
-        if err.filename is not None or err.errno is None:
-            return None
-        return OSError(err.errno, err.strerror or str(err), str(target))
-    if type(err).__name__ != "SafetensorError":
-        return None
-    m = re.search(r"\(os error (\d+)\)", str(err))
-    if m is None:
-        return None
-    code = int(m.group(1))
-    return OSError(code, os.strerror(code), str(target))
+    with replacing(path, manifest.before_replace) as tmp:
+        yield tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], Any]) -> None:
@@ -168,15 +108,6 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
         OSError: as :func:`atomic_writer`.
     """
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-_RUST_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
-
-
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is a temporary a write in progress makes: ``.<name>.<random>.tmp`` (flm)
-    or ``.tmp<6 random>`` (safetensors' writer)."""
-    return (name.startswith(".") and name.endswith(TEMP_SUFFIX)) or _RUST_TEMP.fullmatch(name) is not None
 
 
 def remove_orphan_temps(directory: str | os.PathLike[str]) -> list[Path]:

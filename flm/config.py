@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from flm.model import TransformerConfig
+from flm.sampling import check_sampling
 from flm.train.config import TrainConfig
 
 __all__ = [
@@ -80,7 +80,7 @@ class SampleConfig:
         max_new_tokens: most tokens to generate per prompt.
         temperature: softmax temperature (0 = greedy).
         top_p: nucleus threshold in (0, 1].
-        top_k: keep only the k most likely tokens (0 = off).
+        top_k: keep only the k most likely tokens (0 or ``None`` = off).
         seed: seeds the sampling generator.
     """
 
@@ -94,14 +94,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or not 0 <= self.max_new_tokens <= 1_000_000:
             raise ValueError(f"SampleConfig: max_new_tokens must be in [0, 1000000], got {self.max_new_tokens!r}")
-        if not (
-            isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0
-        ):
-            raise ValueError(f"SampleConfig: temperature must be a finite number ≥ 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"SampleConfig: top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"SampleConfig: top_k must be an integer ≥ 0, got {self.top_k!r}")
+        check_sampling(self.temperature, self.top_p, self.top_k, where="SampleConfig: ")
 
 
 # Partial configs. "handout" is the handout's TinyStories model and budget (§7.2): 128 × 10,000

@@ -20,8 +20,8 @@ from flm.download import DATASETS, DatasetInfo, download
 from flm.tokens import (
     TOKEN_FORMAT,
     TOKEN_FORMAT_VERSION,
-    _positive_int,
     load_tokens,
+    positive_int,
     read_sidecar,
     sidecar_path,
     write_tokens,
@@ -124,10 +124,10 @@ def get_batch(
 
     Source: CS336 assignment 1 handout §5.1 (data_loading).
     """
-    batch_size = _positive_int("batch_size", batch_size)
-    context_length = _positive_int("context_length", context_length)
+    batch_size = positive_int("batch_size", batch_size)
+    context_length = positive_int("context_length", context_length)
     if vocab_size is not None:
-        vocab_size = _positive_int("vocab_size", vocab_size)
+        vocab_size = positive_int("vocab_size", vocab_size)
     dev = resolve_device(device)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
@@ -183,9 +183,11 @@ def _to_device(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return x.to(dev)
 
 
-if __name__ == "__main__":  # ``python -m flm.data download …`` is kept for existing scripts: flm download
+if __name__ == "__main__":  # the old entry point; the one command line is ``flm`` (issue 20)
     import sys
 
-    from flm.download import _main
-
-    sys.exit(_main())
+    print(
+        "error: python -m flm.data is no longer a command; run: flm download … (or python -m flm download …)",
+        file=sys.stderr,
+    )
+    sys.exit(2)

@@ -575,13 +575,9 @@ def download(
     return out
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m flm.data download …`` / ``python -m flm.download download …``: the ``flm download`` command."""
-    from flm.cli import main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return main(argv if argv[:1] == ["download"] else ["download", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
+if __name__ == "__main__":  # the old entry point; the one command line is ``flm`` (issue 20)
+    print(
+        "error: python -m flm.download is no longer a command; run: flm download … (or python -m flm download …)",
+        file=sys.stderr,
+    )
+    sys.exit(2)

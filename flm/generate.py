@@ -34,8 +34,7 @@ and written in place at the new slots (no O(n²) concatenation); nothing else gr
 the old cache stays valid for its own ``length``, but branching from it overwrites the newer one;
 :func:`clone_cache` first if you need to branch.
 
-Command line: ``flm generate RUN_DIR --prompt "Once upon a time"`` (``flm.cli.generate``;
-``python -m flm.generate`` runs the same).
+Command line: ``flm generate RUN_DIR --prompt "Once upon a time"`` (``flm.cli.generate``).
 
 Source: CS336 assignment 1 handout §6 (decoding, temperature, top-p); Holtzman et al. (2019),
 "The Curious Case of Neural Text Degeneration" (nucleus sampling); Fan et al. (2018),
@@ -52,9 +51,7 @@ import torch
 from flm import nn
 from flm.model import TransformerConfig, check_token_ids, transformer_lm
 from flm.sampling import (
-    _check_temperature,
-    _check_top_k,
-    _check_top_p,
+    check_sampling,
     sample_next_token,
     top_k_mask,
     top_p_filter,
@@ -360,9 +357,7 @@ def _check_generate_args(
     top_k: int | None,
     eos_id: int | None,
 ) -> None:
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    _check_top_k(top_k)
+    check_sampling(temperature, top_p, top_k)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < config.vocab_size):
@@ -514,9 +509,11 @@ def generate(
     return rows
 
 
-if __name__ == "__main__":  # ``python -m flm.generate …``: the ``flm generate`` command
+if __name__ == "__main__":  # the old entry point; the one command line is ``flm`` (issue 20)
     import sys
 
-    from flm.cli import main
-
-    sys.exit(main(["generate", *sys.argv[1:]]))
+    print(
+        "error: python -m flm.generate is no longer a command; run: flm generate … (or python -m flm generate …)",
+        file=sys.stderr,
+    )
+    sys.exit(2)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flm._io import LOCK_NAME, atomic_write_text, is_temp_name
+from flm._fs import LOCK_NAME, is_temp_name, replacing
 
 __all__ = [
     "MANIFEST_NAME",
@@ -99,9 +99,9 @@ def _load(d: Path) -> dict[str, dict[str, Any]] | None:
 
 
 def _save(d: Path, files: dict[str, dict[str, Any]]) -> None:
-    atomic_write_text(
-        d / MANIFEST_NAME, json.dumps({"format": _FORMAT, "version": _VERSION, "files": files}, indent=1) + "\n"
-    )
+    text = json.dumps({"format": _FORMAT, "version": _VERSION, "files": files}, indent=1) + "\n"
+    with replacing(d / MANIFEST_NAME) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
 
 
 def _sha256(path: Path, limit: int | None = None) -> str:

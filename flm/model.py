@@ -24,6 +24,7 @@ from flm._compat import checks_enabled
 
 __all__ = [
     "TransformerConfig",
+    "CHOICES",
     "init_params",
     "param_template",
     "check_params",
@@ -38,12 +39,9 @@ __all__ = [
 
 Params = dict[str, Any]
 
-_CHOICES = {
-    "norm": ("pre", "post", "none"),
-    "ffn": ("swiglu", "silu"),
-    "position": ("rope", "nope"),
-    "attention": nn.ATTENTION_IMPLEMENTATIONS,
-}
+#: The allowed values of each choice of :class:`TransformerConfig`: the block's
+#: (:data:`flm.nn.BLOCK_CHOICES`) and the position encoding; the ``flm`` command's flags read it.
+CHOICES: dict[str, tuple[str, ...]] = {**nn.BLOCK_CHOICES, "position": ("rope", "nope")}
 # The longest context a config may claim (2**24 tokens): a guard against corrupt or hand-edited
 # configs, far above anything this library trains.
 MAX_CONTEXT_LENGTH = 1 << 24
@@ -102,7 +100,7 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
             )
-        for name, allowed in _CHOICES.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TransformerConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.position == "rope":

@@ -3,7 +3,7 @@
 Every layer is a function ``f(params, x, ...)`` of a nested dict of tensors (its parameters) and
 its inputs; nothing is stored between calls. Weights are kept ``(d_out, d_in)`` as in the handout
 (§3.3.1: ``y = x Wᵀ``). Norms and softmax compute in float32 (float64 for float64 inputs) and cast back to the input dtype.
-RoPE lives in :mod:`flm.rope` and is re-exported here.
+RoPE lives in :mod:`flm.rope` and the causal mask in :mod:`flm._mask`; both are re-exported here.
 
 Source: CS336 assignment 1 handout §3.4–3.5 (Linear, Embedding, RMSNorm, SwiGLU, RoPE, softmax,
 scaled dot-product attention, causal multi-head self-attention, the pre-norm block).
@@ -20,6 +20,8 @@ import torch
 from einops import rearrange
 
 from flm._compat import checks_enabled, in_forward_mode, is_compiling, is_vmapped
+from flm._fused import fused_attention
+from flm._mask import causal_mask
 from flm.init import (
     init_embedding,
     init_linear,
@@ -43,6 +45,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "dot_product_attention",
     "ATTENTION_IMPLEMENTATIONS",
+    "BLOCK_CHOICES",
     "causal_mask",
     "rope",
     "rope_tables",
@@ -63,7 +66,15 @@ __all__ = [
 Params = dict[str, Any]
 # The attention hook: per-head queries, keys and values (after RoPE) -> per-head outputs.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: The attention implementations :func:`dot_product_attention` takes.
 ATTENTION_IMPLEMENTATIONS = ("auto", "flm", "sdpa")
+#: The allowed values of each choice of :class:`BlockConfig`: the one definition that
+#: ``TransformerConfig`` (which adds ``position``) and the ``flm`` command's flags read.
+BLOCK_CHOICES: dict[str, tuple[str, ...]] = {
+    "norm": ("pre", "post", "none"),
+    "ffn": ("swiglu", "silu"),
+    "attention": ATTENTION_IMPLEMENTATIONS,
+}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -317,30 +328,6 @@ def scaled_dot_product_attention(
     return torch.matmul(probs, v)  # (..., queries, keys) @ (..., keys, d_v) -> (..., queries, d_v)
 
 
-def causal_mask(
-    num_queries: int, num_keys: int | None = None, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Boolean causal mask: query ``i`` attends to key ``j`` iff ``j ≤ i + (keys − queries)``.
-
-    With ``num_keys > num_queries`` the queries are the last ``num_queries`` positions of the
-    key sequence (the KV-cache case).
-
-    Args:
-        num_queries: number of query positions.
-        num_keys: number of key positions (default: ``num_queries``).
-        device: where to build the mask.
-
-    Returns:
-        ``(num_queries, num_keys)`` bool tensor.
-
-    Source: handout §3.5.5 ("Causal masking").
-    """
-    num_keys = num_queries if num_keys is None else num_keys
-    q_pos = torch.arange(num_queries, device=device) + (num_keys - num_queries)
-    k_pos = torch.arange(num_keys, device=device)
-    return k_pos[None, :] <= q_pos[:, None]
-
-
 def attention_qkv(
     params: Params,
     x: torch.Tensor,
@@ -436,8 +423,6 @@ def dot_product_attention(
     if mask is not None and causal:
         raise ValueError("dot_product_attention: give a mask or causal=True, not both")
     if _use_fused(implementation, q):
-        from flm._fused import fused_attention
-
         _check_attention_inputs(q, k, v)
         return fused_attention(q, k, v, mask, causal=causal)
     if causal:
@@ -484,9 +469,6 @@ def multihead_self_attention(
     return linear(params["output_proj"], rearrange(out, "... heads seq d_head -> ... seq (heads d_head)"))
 
 
-_BLOCK_CHOICES = {"norm": ("pre", "post", "none"), "ffn": ("swiglu", "silu"), "attention": ATTENTION_IMPLEMENTATIONS}
-
-
 @dataclass(frozen=True)
 class BlockConfig:
     """What one Transformer block needs to know (``TransformerConfig.block`` builds it).
@@ -513,7 +495,7 @@ class BlockConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_heads, int) or self.num_heads <= 0:
             raise ValueError(f"BlockConfig: num_heads must be a positive int, got {self.num_heads!r}")
-        for name, allowed in _BLOCK_CHOICES.items():
+        for name, allowed in BLOCK_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BlockConfig: {name} must be one of {allowed}, got {getattr(self, name)!r}")
 

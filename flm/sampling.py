@@ -17,17 +17,34 @@ import torch
 from flm import nn
 from flm._compat import checks_enabled
 
-__all__ = ["top_p_mask", "top_p_filter", "top_k_mask", "sample_next_token"]
+__all__ = ["top_p_mask", "top_p_filter", "top_k_mask", "sample_next_token", "check_sampling"]
 
 
-def _check_top_p(top_p: float) -> None:
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"temperature must be a finite number ≥ 0, got {temperature!r}")
+def check_sampling(temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, *, where: str = "") -> None:
+    """Validate decoding settings: the one check behind :func:`sample_next_token`,
+    :func:`flm.generate.generate` and :class:`flm.config.SampleConfig`.
+
+    Booleans are refused everywhere (``temperature=True`` or ``top_k=True`` is a mistake, not 1).
+
+    Args:
+        temperature: ``τ``, a finite number ≥ 0 (0 = greedy).
+        top_p: the nucleus threshold, a number in ``(0, 1]``.
+        top_k: ``None`` or an int ≥ 0 (``None`` and 0 = off).
+        where: a prefix for the message naming the caller (``"SampleConfig: "``).
+
+    Raises:
+        ValueError: naming the first offending setting and its value.
+    """
+    if not (_number(temperature) and math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"{where}temperature must be a finite number ≥ 0, got {temperature!r}")
+    if not (_number(top_p) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"{where}top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise ValueError(f"{where}top_k must be an int ≥ 0 (0 or None = off), got {top_k!r}")
 
 
 def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -49,7 +66,7 @@ def top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
     Source: handout §6 ("nucleus or top-p sampling"); Holtzman et al. (2019) §3.1.
     """
-    _check_top_p(top_p)
+    check_sampling(top_p=top_p)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     keep_sorted = mass_before < top_p
@@ -73,15 +90,10 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     Source: handout §6, nucleus sampling equation; Holtzman et al. (2019).
     """
     if top_p >= 1.0:
-        _check_top_p(top_p)
+        check_sampling(top_p=top_p)
         return probs
     kept = probs * top_p_mask(probs, top_p)
     return kept / kept.sum(dim=-1, keepdim=True)
-
-
-def _check_top_k(top_k: int | None) -> None:
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
-        raise ValueError(f"top_k must be an int ≥ 0 (0 or None = off), got {top_k!r}")
 
 
 def top_k_mask(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -155,9 +167,7 @@ def sample_next_token(
 
     Source: handout §6, eq. (24) and the nucleus equation; Holtzman et al. (2019); Fan et al. (2018).
     """
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    _check_top_k(top_k)
+    check_sampling(temperature, top_p, top_k)
     if check and logits.numel() and checks_enabled(logits):
         _check_logits(logits)
     if temperature == 0.0:

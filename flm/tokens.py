@@ -37,6 +37,7 @@ __all__ = [
     "read_sidecar",
     "load_tokens",
     "write_tokens",
+    "positive_int",
 ]
 
 TOKEN_FORMAT = "flm-tokens"
@@ -46,7 +47,20 @@ _TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _SCAN_CHUNK = 16 * 1024 * 1024
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as a Python int if it is a positive integer (an ``int`` or anything with
+    ``__index__``, such as a NumPy integer; not a bool).
+
+    Args:
+        name: the setting's name, for the message.
+        value: the value to check.
+
+    Returns:
+        ``operator.index(value)``.
+
+    Raises:
+        ValueError: ``value`` is a bool, not an integer, or ``≤ 0`` (the message names ``name``).
+    """
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     try:
@@ -70,7 +84,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     Raises:
         ValueError: ``vocab_size`` is not positive or exceeds 2**32.
     """
-    vocab_size = _positive_int("vocab_size", vocab_size)
+    vocab_size = positive_int("vocab_size", vocab_size)
     if vocab_size > 2**32:
         raise ValueError(f"vocab_size {vocab_size} does not fit the uint32 token format")
     return _TOKEN_DTYPES["uint16"] if vocab_size <= 1 << 16 else _TOKEN_DTYPES["uint32"]
@@ -215,7 +229,7 @@ def load_tokens(
     """
     path_s = os.fspath(path)
     if vocab_size is not None:
-        vocab_size = _positive_int("vocab_size", vocab_size)
+        vocab_size = positive_int("vocab_size", vocab_size)
     if not os.path.isfile(path_s):
         raise FileNotFoundError(f"token file {path_s!r} does not exist")
     size = os.path.getsize(path_s)

@@ -123,7 +123,7 @@ def test_every_config_field_is_a_flag(capsys):
     """All of TransformerConfig, TrainConfig, DataConfig and SampleConfig are reachable."""
     import dataclasses
 
-    from flm.cli.args import _flag
+    from flm.cli.args import flag_name
     from flm.config import SECTIONS
 
     with pytest.raises(SystemExit):
@@ -131,7 +131,7 @@ def test_every_config_field_is_a_flag(capsys):
     text = capsys.readouterr().out
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            assert _flag(section, f.name) in text, (section, f.name)
+            assert flag_name(section, f.name) in text, (section, f.name)
     for preset in PRESETS:
         assert preset in text
     argv = [
@@ -256,16 +256,30 @@ def test_sweep_is_one_vmapped_run(tiny_run, texts, tmp_path, capsys):
     assert (out / result[0]["label"] / "notes.txt").read_text() == "mine"
 
 
-def test_python_dash_m_entry_points_are_the_same_command(tiny_run):
-    for module, args in (
-        ("flm", ["--version"]),
-        ("flm.generate", ["--help"]),
-        ("flm.tokenizer", ["train", "--help"]),
-        ("flm.data", ["download", "--help"]),
-    ):
-        r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
-        assert r.returncode == 0, (module, r.stderr)
-        assert "flm" in r.stdout
+def test_python_dash_m_flm_is_the_command():
+    r = subprocess.run(
+        [sys.executable, "-m", "flm", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert r.returncode == 0 and "flm" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize(
+    "module, command",
+    [
+        ("flm.generate", "generate"),
+        ("flm.tokenizer", "tokenize"),
+        ("flm.data", "download"),
+        ("flm.download", "download"),
+    ],
+)
+def test_old_python_dash_m_entry_points_point_to_the_flm_command(module, command):
+    """The old ``python -m flm.generate`` etc. imported flm.cli from the library (an import cycle,
+    issue 20); they now say, in one line and exit 2, which ``flm`` command to run."""
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"error: python -m {module} is no longer a command; run: flm {command} … (or python -m flm {command} …)"
+    ]
 
 
 def test_examples_script_is_flm_train(texts, tmp_path):
@@ -282,7 +296,7 @@ def test_examples_script_is_flm_train(texts, tmp_path):
 def test_python_dash_m_entry_points_run_without_a_runpy_warning(module):
     """Regression: ``import flm`` imported flm.data, so ``python -m flm.data`` warned from runpy."""
     r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"], capture_output=True)
-    assert r.returncode == 0 and b"RuntimeWarning" not in r.stderr, r.stderr.decode()[-500:]
+    assert r.returncode == 2 and b"RuntimeWarning" not in r.stderr, r.stderr.decode()[-500:]
 
 
 @pytest.mark.parametrize("command", [["generate"], ["eval", "--text", "README.md"], ["export-hf", "--out", "x"]])

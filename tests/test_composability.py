@@ -358,6 +358,8 @@ ROW = {r.name: r for r in ROWS}
 # Public names that are not tensor functions to transform, with the reason.
 OUT_OF_SCOPE = {
     "flm.nn.ATTENTION_IMPLEMENTATIONS": "a tuple of names",
+    "flm.nn.BLOCK_CHOICES": "a dict of tuples of names",
+    "flm.model.CHOICES": "a dict of tuples of names",
     "flm.nn.BlockConfig": "a config dataclass",
     "flm.nn.causal_mask": "no tensor input: sizes in, a bool mask out",
     "flm.nn.truncated_normal": "an initialiser: shapes and a generator in, random draws out",
@@ -369,6 +371,7 @@ OUT_OF_SCOPE = {
     "flm.nn.init_multihead_self_attention": "an initialiser",
     "flm.nn.init_transformer_block": "an initialiser",
     "flm.rope.check_rope": "argument validation (ints and floats, no tensors)",
+    "flm.sampling.check_sampling": "argument validation (numbers, no tensors)",
     "flm.model.TransformerConfig": "a config dataclass",
     "flm.model.init_params": "an initialiser",
     "flm.model.param_template": "shapes on the meta device, no values",

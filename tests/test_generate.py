@@ -363,6 +363,49 @@ def test_top_k_one_is_greedy_and_bad_top_k_raises():
         generate(params, cfg, [[1]], 2, top_k=-1)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"temperature": True},
+        {"top_p": True},
+        {"top_k": True},
+        {"top_k": False},
+        {"top_k": -1},
+        {"top_k": 2.0},
+        {"top_p": 0.0},
+        {"temperature": float("nan")},
+        {"temperature": -0.5},
+    ],
+)
+def test_sample_config_sampling_and_generate_refuse_the_same_settings(setting):
+    """Regression (issue 20): ``SampleConfig`` and ``flm.sampling`` had their own checks and
+    disagreed about bools (``SampleConfig(top_k=True)`` passed, ``sample_next_token(top_k=True)``
+    raised; ``temperature=True`` passed ``sample_next_token``). One validator now refuses each."""
+    from flm.config import SampleConfig
+    from flm.sampling import check_sampling
+
+    (name,) = setting
+    with pytest.raises(ValueError, match=f"^SampleConfig: {name} must"):
+        SampleConfig(**setting)
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        sample_next_token(torch.zeros(1, 4), **setting)
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        check_sampling(**setting)
+    cfg, params = make()
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        generate(params, cfg, [[1]], 1, **setting)
+
+
+@pytest.mark.parametrize(
+    "setting", [{"temperature": 0}, {"temperature": 2}, {"top_p": 1}, {"top_k": 0}, {"top_k": None}]
+)
+def test_sample_config_and_sampling_accept_the_same_settings(setting):
+    from flm.config import SampleConfig
+
+    SampleConfig(**setting)
+    assert sample_next_token(torch.zeros(1, 4), **setting, generator=torch.Generator().manual_seed(0)).shape == (1,)
+
+
 def test_stream_yields_the_same_tokens_as_generate_one_step_at_a_time():
     cfg, params = make(context_length=6)
     prompts = [[1, 2], [3]]

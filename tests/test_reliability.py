@@ -450,17 +450,17 @@ def test_debug_shows_the_traceback(tiny_run, tmp_path, monkeypatch):
 def test_an_unwritable_run_dir_is_one_line(texts, tmp_path, capsys, monkeypatch):
     """A run directory the user cannot write: one line naming the file (simulated, since the test
     may run as root, whom permissions do not stop)."""
-    import flm._io
+    import flm._fs
 
     run = tmp_path / "ro"
-    real = flm._io.tempfile.mkstemp
+    real = flm._fs.tempfile.mkstemp
 
     def denied(*a, dir=None, **k):
         if dir is not None and Path(dir).resolve() == run.resolve():
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(run))
         return real(*a, dir=dir, **k)
 
-    monkeypatch.setattr(flm._io.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(flm._fs.tempfile, "mkstemp", denied)
     assert main(train_argv(texts, run)) == 1
     err = one_line_error(capsys)
     assert "permission denied" in err and str(run) in err and "check the permissions" in err
@@ -469,16 +469,16 @@ def test_an_unwritable_run_dir_is_one_line(texts, tmp_path, capsys, monkeypatch)
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tiny_run, texts, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    import flm._io
+    import flm._fs
 
-    real = flm._io.os.replace
+    real = flm._fs.os.replace
 
     def full(src, dst):
         if str(dst).endswith(".safetensors"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return real(src, dst)
 
-    monkeypatch.setattr(flm._io.os, "replace", full)
+    monkeypatch.setattr(flm._fs.os, "replace", full)
     assert main(train_argv(texts, run, "--resume", "--max-iters", "60")) == 1
     err = one_line_error(capsys)
     assert "no space left on device" in err and "free some space" in err

@@ -22,10 +22,10 @@ from typing import Any
 
 from flm.config import PRESET_NOTES, PRESETS, SECTIONS, RunConfig, default_preset, load_config_file
 from flm.download import DATASETS
-from flm.model import _CHOICES as MODEL_CHOICES
+from flm.model import CHOICES as MODEL_CHOICES
 from flm.train.config import COMPUTE_DTYPES
 
-__all__ = ["add_config_flags", "config_from_args", "field_docs", "presets_epilog", "pre_parse"]
+__all__ = ["add_config_flags", "config_from_args", "field_docs", "flag_name", "presets_epilog", "pre_parse"]
 
 _FLAG_NAMES = {("model", "eps"): "norm-eps", ("train", "eps"): "adam-eps", ("sample", "seed"): "sample-seed"}
 _CHOICES = {
@@ -68,7 +68,16 @@ def _parse_optional(kind: type) -> Any:
     return parse
 
 
-def _flag(section: str, name: str) -> str:
+def flag_name(section: str, name: str) -> str:
+    """The command-line flag of a config field: ``flag_name("train", "batch_size") == "--batch-size"``.
+
+    Args:
+        section: ``"model"``, ``"train"``, ``"data"`` or ``"sample"``.
+        name: the field's name in that section's dataclass.
+
+    Returns:
+        The flag, with the renames that keep flags unique (``model.eps`` is ``--norm-eps``).
+    """
     return "--" + _FLAG_NAMES.get((section, name), name.replace("_", "-"))
 
 
@@ -112,7 +121,7 @@ def add_config_flags(
                 if (section, f.name) in _CHOICES:
                     kw["choices"] = _CHOICES[(section, f.name)]
                     del kw["metavar"]
-            group.add_argument(_flag(section, f.name), **kw)
+            group.add_argument(flag_name(section, f.name), **kw)
         if section == "train":
             group.add_argument(
                 "--device",
@@ -184,7 +193,7 @@ def flag_error(err: ValueError) -> ValueError:
     def repl(n: re.Match[str]) -> str:
         name, before, after = n.group(1), body[: n.start()], body[n.end() : n.end() + 1]
         if n.start() == 0 or "_" in name or after == "=" or re.search(r"(?:[≤≥<>]|\bby) $", before):
-            return _flag(section, name)
+            return flag_name(section, name)
         return name
 
     return ValueError(re.sub(r"(?<![\w\-.'\"])(" + "|".join(names) + r")\b(?![-'\"])", repl, body))

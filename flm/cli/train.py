@@ -365,7 +365,7 @@ def memory_driver(cfg: RunConfig) -> str:
     Returns:
         Advice naming the flag, e.g. ``"--vocab-size 40000000 drives it: lower it"``.
     """
-    from flm.cli.args import _flag
+    from flm.cli.args import flag_name
     from flm.config import RunConfig as _RunConfig
 
     batch_advice = "lower it, or raise --grad-accum-steps to split each step into micro-batches"
@@ -389,7 +389,7 @@ def memory_driver(cfg: RunConfig) -> str:
     if best is not None:
         section, name, value = best
         advice = batch_advice if name == "batch_size" else "lower it"
-        return f"{_flag(section, name)} {value} drives it: {advice}"
+        return f"{flag_name(section, name)} {value} drives it: {advice}"
     if need["activations"] >= need["state"]:
         return f"the activations of --batch-size {cfg.train.batch_size} drive it: {batch_advice}"
     return "the model's parameters and optimiser state drive it: lower --d-model, --num-layers or --vocab-size"

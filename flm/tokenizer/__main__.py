@@ -1,8 +1,11 @@
-"""``python -m flm.tokenizer train|encode …``: the ``flm tokenize`` command (see :mod:`flm.cli.tools`)."""
+"""``python -m flm.tokenizer`` is no longer a command: it says to run ``flm tokenize`` (the one
+command line is ``flm``; nothing imports :mod:`flm.cli`, issue 20)."""
 
 import sys
 
-from flm.cli import main
-
 if __name__ == "__main__":
-    sys.exit(main(["tokenize", *sys.argv[1:]]))
+    print(
+        "error: python -m flm.tokenizer is no longer a command; run: flm tokenize … (or python -m flm tokenize …)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
