@@ -15,6 +15,12 @@ allows). The questions:
 - :func:`is_compile_error`: did ``torch.compile`` itself fail (not the compiled program)?
 - :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
   host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
+
+And the private kernels flm calls: ``foreach_add``, ``foreach_add_``, ``foreach_mul``,
+``foreach_mul_``, ``foreach_div``, ``foreach_sqrt``, ``foreach_lerp``, ``foreach_lerp_``,
+``foreach_addcmul_`` and ``foreach_norm`` are ``torch._foreach_*`` (one kernel launch for a list
+of tensors, what ``torch.optim`` runs on; no public equivalent), as plain aliases, so a call costs
+exactly what the torch function costs. :mod:`flm.optim` uses them on eager, untransformed leaves.
 """
 
 from __future__ import annotations
@@ -24,9 +30,39 @@ from typing import Any
 
 import torch
 
-__all__ = ["checks_enabled", "in_forward_mode", "is_compile_error", "is_compiling", "is_transformed", "is_vmapped"]
+__all__ = [
+    "checks_enabled",
+    "in_forward_mode",
+    "is_compile_error",
+    "is_compiling",
+    "is_transformed",
+    "is_vmapped",
+    "foreach_add",
+    "foreach_add_",
+    "foreach_addcmul_",
+    "foreach_div",
+    "foreach_lerp",
+    "foreach_lerp_",
+    "foreach_mul",
+    "foreach_mul_",
+    "foreach_norm",
+    "foreach_sqrt",
+]
 
 _functorch = torch._C._functorch
+
+# torch._foreach_*: list-of-tensors kernels (private; torch.optim's fast path). Plain aliases, not
+# wrappers: no call overhead. Each is tested against per-tensor ops in tests/test_compat.py.
+foreach_add = torch._foreach_add
+foreach_add_ = torch._foreach_add_
+foreach_addcmul_ = torch._foreach_addcmul_
+foreach_div = torch._foreach_div
+foreach_lerp = torch._foreach_lerp
+foreach_lerp_ = torch._foreach_lerp_
+foreach_mul = torch._foreach_mul
+foreach_mul_ = torch._foreach_mul_
+foreach_norm = torch._foreach_norm
+foreach_sqrt = torch._foreach_sqrt
 
 
 def is_compiling() -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from flm._compat import is_compiling
+
 __all__ = ["rope", "rope_tables", "apply_rope", "check_rope"]
 
 
@@ -56,7 +58,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     Source: handout §3.5.3, eq. (8) (the block-diagonal rotation applied pairwise).
     """
     x_c = x.to(cos.dtype)
-    if torch.compiler.is_compiling():
+    if is_compiling():
         pairs = rearrange(x_c, "... (half two) -> ... half two", two=2)
         x_even, x_odd = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)

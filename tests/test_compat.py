@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.func import grad, jacrev, jvp, vmap
 
+from flm import _compat
 from flm._compat import checks_enabled, is_compile_error, is_compiling, is_transformed, is_vmapped
 
 
@@ -147,3 +148,72 @@ def test_is_compile_error_on_real_dynamo_errors():
         torch.compile(lambda x: torch.linalg.cholesky(x) + 1, backend="eager")(-torch.eye(2))
     assert not is_compile_error(info.value), repr(info.value)
     assert not is_compile_error(ValueError("x")) and not is_compile_error(RuntimeError("x"))
+
+
+# --------------------------------------------------------------------------------------------
+# torch._foreach_* aliases: each form flm.optim calls, against per-tensor ops
+# --------------------------------------------------------------------------------------------
+
+
+def _lists(n: int = 3) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3,), (2, 5), ()]
+    return [[torch.rand(s, generator=g, dtype=torch.float32) + 0.5 for s in shapes] for _ in range(n)]
+
+
+_HALF = torch.tensor(0.5)
+# name -> [(call on lists a, b, c; per-tensor reference on one triple x, y, z)]; in-place forms
+# (trailing "_") are checked on what they leave in ``a``.
+FOREACH = {
+    "foreach_add": [
+        (lambda a, b, c: _compat.foreach_add(a, b), lambda x, y, z: x + y),
+        (lambda a, b, c: _compat.foreach_add(a, b, alpha=-0.25), lambda x, y, z: x - 0.25 * y),
+    ],
+    "foreach_add_": [
+        (lambda a, b, c: _compat.foreach_add_(a, b), lambda x, y, z: x + y),
+        (lambda a, b, c: _compat.foreach_add_(a, b, alpha=3.0), lambda x, y, z: x + 3.0 * y),
+        (lambda a, b, c: _compat.foreach_add_(a, 1e-3), lambda x, y, z: x + 1e-3),
+        (lambda a, b, c: _compat.foreach_add_(a, _HALF), lambda x, y, z: x + 0.5),
+    ],
+    "foreach_addcmul_": [(lambda a, b, c: _compat.foreach_addcmul_(a, b, c, 0.1), lambda x, y, z: x + 0.1 * y * z)],
+    "foreach_div": [(lambda a, b, c: _compat.foreach_div(a, b), lambda x, y, z: x / y)],
+    "foreach_lerp": [(lambda a, b, c: _compat.foreach_lerp(a, b, 0.1), lambda x, y, z: x.lerp(y, 0.1))],
+    "foreach_lerp_": [(lambda a, b, c: _compat.foreach_lerp_(a, b, 0.1), lambda x, y, z: x.lerp(y, 0.1))],
+    "foreach_mul": [
+        (lambda a, b, c: _compat.foreach_mul(a, 0.9), lambda x, y, z: x * 0.9),
+        (lambda a, b, c: _compat.foreach_mul(a, _HALF), lambda x, y, z: x * 0.5),
+    ],
+    "foreach_mul_": [
+        (lambda a, b, c: _compat.foreach_mul_(a, 0.9), lambda x, y, z: x * 0.9),
+        (lambda a, b, c: _compat.foreach_mul_(a, _HALF), lambda x, y, z: x * 0.5),
+    ],
+    "foreach_norm": [
+        (lambda a, b, c: _compat.foreach_norm(a), lambda x, y, z: torch.linalg.vector_norm(x)),
+        (
+            lambda a, b, c: _compat.foreach_norm([t.bfloat16() for t in a], dtype=torch.float32),
+            lambda x, y, z: torch.linalg.vector_norm(x.bfloat16(), dtype=torch.float32),
+        ),
+    ],
+    "foreach_sqrt": [(lambda a, b, c: _compat.foreach_sqrt(a), lambda x, y, z: x.sqrt())],
+}
+
+
+def test_every_foreach_alias_is_tested_and_is_torchs_own_function():
+    """Plain aliases (no wrapper, no call overhead), one entry above per alias in ``__all__``."""
+    names = {n for n in _compat.__all__ if n.startswith("foreach_")}
+    assert names == set(FOREACH)
+    for name in names:
+        assert getattr(_compat, name) is getattr(torch, f"_{name}")
+
+
+@pytest.mark.parametrize("name", sorted(FOREACH))
+def test_foreach_alias_equals_per_tensor_ops(name):
+    for call, reference in FOREACH[name]:
+        a, b, c = _lists()
+        want = [reference(x, y, z) for x, y, z in zip(a, b, c)]
+        out = call(a, b, c)
+        got = a if name.endswith("_") else out
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            torch.testing.assert_close(g, w)

@@ -413,7 +413,7 @@ def test_clip_scales_each_leaf_of_a_mixed_dtype_tree_in_its_own_dtype(inplace, f
     off by up to ~0.4% on the float32 and float64 leaves. Each leaf must be the float64 clipped
     value rounded once to its dtype (within that dtype's precision)."""
     if not foreach:
-        monkeypatch.setattr(optim.base, "_use_foreach", lambda leaves: False)
+        monkeypatch.setattr(optim._kernels, "use_foreach", lambda leaves: False)
     gen = torch.Generator().manual_seed(3)
     grads = {
         "a": (torch.randn(64, generator=gen) * 100).bfloat16(),
@@ -644,7 +644,7 @@ def test_scale_by_adam_matches_textbook_formula(inplace, scale, host, monkeypatc
     """d = m̂ / (√v̂ + ε) with m̂ = m/(1 − β1ᵗ), v̂ = v/(1 − β2ᵗ) (Kingma & Ba, Algorithm 1), float64.
     ``device-scalars`` forces the tensor-scalar kernels used on accelerators."""
     if not host:
-        monkeypatch.setattr(optim.base, "_host_scalars", lambda *a: False)
+        monkeypatch.setattr(optim._kernels, "host_scalars", lambda *a: False)
     b1, b2, eps = 0.8, 0.95, 1e-6
     params = _random_tree(SMALL_SHAPES, 0, 1.0)
     tx = optim.scale_by_adam(b1, b2, eps, inplace=inplace)
@@ -842,7 +842,7 @@ def test_adamw_fused_kernel_equals_its_chain(case, monkeypatch):
     have the same structure. ``device-scalars`` forces the tensor-scalar kernels used on GPUs."""
     kw = dict(FUSED_CASES[case])
     if not kw.pop("host", True):
-        monkeypatch.setattr(optim.base, "_host_scalars", lambda *a: False)
+        monkeypatch.setattr(optim._kernels, "host_scalars", lambda *a: False)
     betas, eps = (0.9, 0.95), 1e-8
     fused = optim.adamw(kw["lr"], betas, eps, kw["wd"], kw["mask"], inplace=kw["inplace"])
     chain = _composed(kw["lr"], betas, eps, kw["wd"], kw["mask"], kw["inplace"])

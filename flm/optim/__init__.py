@@ -13,7 +13,7 @@ Optimisers are chains of small transformations, each with its own state: AdamW i
 ``torch.func.vmap``. Learning rates may be schedules ``step -> lr`` evaluated on the 0-d step
 tensor (no host sync).
 
-For speed the transformations run on flattened leaves with ``torch._foreach_*`` kernels (falling
+For speed the transformations run on flattened leaves with torch's foreach kernels (falling
 back to per-leaf ops inside ``vmap``, which has no batching rule for them, and under
 ``torch.compile``); :func:`adamw` runs its whole chain as one fused kernel on eager tensors.
 Semantics stay pure: the caller's params, grads and state are never written unless

@@ -1,18 +1,20 @@
-"""The core of flm's optimisers: ``GradientTransformation``, ``chain``, ``apply_updates`` and the
-leaf-list kernels (``torch._foreach_*`` on eager tensors, per-leaf ops inside functorch transforms).
+"""The core of flm's optimisers: ``GradientTransformation``, ``chain`` and ``apply_updates``. The
+leaf-list kernels the transformations share (torch's foreach kernels on eager tensors, per-leaf ops
+inside functorch transforms) are in :mod:`flm.optim._kernels`.
 
 Source: the optax design (Babuschkin et al., 2020); CS336 assignment 1 handout §4.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-from flm._compat import is_compiling, is_transformed
+from flm._compat import foreach_add, foreach_add_, is_compiling
+from flm.optim import _kernels
 from flm.tree import tree_leaves, tree_structure
 
 __all__ = ["GradientTransformation", "EmptyState", "Schedule", "PyTree", "identity", "chain", "apply_updates"]
@@ -41,48 +43,6 @@ class GradientTransformation(NamedTuple):
 
 class EmptyState(NamedTuple):
     """State of a stateless transformation."""
-
-
-# --------------------------------------------------------------------------------------------
-# Leaf-list kernels: torch._foreach_* when possible, per-leaf ops inside functorch transforms.
-# --------------------------------------------------------------------------------------------
-
-
-def _use_foreach(leaves: Sequence[torch.Tensor]) -> bool:
-    """Eager, untransformed leaves get ``_foreach`` kernels; inside ``vmap``/``grad`` (which have
-    no batching rules for them) and under ``torch.compile`` (which fuses per-leaf ops itself)
-    the same math runs leaf by leaf."""
-    if len(leaves) == 0 or is_compiling():
-        return False
-    return not is_transformed(leaves)
-
-
-def _host_scalars(leaves: Sequence[torch.Tensor], *scalars: float | torch.Tensor) -> bool:
-    """Whether the leaves live on the CPU and the scalars are floats or 0-d CPU tensors, so the
-    foreach kernels can take the scalars as Python floats without a device sync."""
-    if any(t.device.type != "cpu" for t in leaves):
-        return False
-    return all(not isinstance(x, torch.Tensor) or (x.dim() == 0 and x.device.type == "cpu") for x in scalars)
-
-
-def _step_tensor(device: torch.device | None = None) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64, device=device)
-
-
-def _first_device(tree: PyTree) -> torch.device | None:
-    leaves = tree_leaves(tree)
-    return leaves[0].device if leaves else None
-
-
-def _mul_scalar(leaves: list[torch.Tensor], factor: torch.Tensor) -> list[torch.Tensor]:
-    """``[x · factor]`` for a 0-d float64 ``factor``: one foreach kernel with a host float on
-    the CPU, a tensor scalar (no sync) on accelerators, per-leaf ops inside transforms."""
-    if _use_foreach(leaves):
-        if _host_scalars(leaves, factor):
-            return torch._foreach_mul(leaves, float(factor))
-        if len({x.dtype for x in leaves}) == 1:
-            return torch._foreach_mul(leaves, factor.to(leaves[0].dtype))
-    return [x * factor.to(x.dtype) for x in leaves]
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,15 +114,15 @@ def apply_updates(params: PyTree, updates: PyTree, *, inplace: bool = False) -> 
         raise ValueError(f"apply_updates: {len(p_leaves)} parameter leaves but {len(update_leaves)} update leaves")
     u_leaves = [u.to(p.dtype) for p, u in zip(p_leaves, update_leaves)]
     if inplace:
-        if _use_foreach(p_leaves):
-            torch._foreach_add_(p_leaves, u_leaves)
+        if _kernels.use_foreach(p_leaves):
+            foreach_add_(p_leaves, u_leaves)
         else:
             for p, u in zip(p_leaves, u_leaves):
                 p.add_(u)
         return params
     new = (
-        torch._foreach_add(p_leaves, u_leaves)
-        if _use_foreach(p_leaves)
+        foreach_add(p_leaves, u_leaves)
+        if _kernels.use_foreach(p_leaves)
         else [p + u for p, u in zip(p_leaves, u_leaves)]
     )
     return optree.tree_unflatten(spec, new)

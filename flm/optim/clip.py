@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from flm.optim import base
+from flm._compat import foreach_mul, foreach_mul_, foreach_norm
+from flm.optim import _kernels
 from flm.optim.base import GradientTransformation, PyTree
 from flm.tree import tree_leaves
 
@@ -42,10 +43,10 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    if base._use_foreach(leaves):
+    if _kernels.use_foreach(leaves):
         norms: list[torch.Tensor] = [torch.zeros(())] * len(leaves)
         for dtype, idx in _by_dtype(leaves).items():
-            group = torch._foreach_norm([leaves[i] for i in idx], dtype=torch.promote_types(dtype, torch.float32))
+            group = foreach_norm([leaves[i] for i in idx], dtype=torch.promote_types(dtype, torch.float32))
             for i, n in zip(idx, group):
                 norms[i] = n
     else:
@@ -102,7 +103,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
         raise ValueError(f"clip_by_global_norm: max_norm must be positive, got {max_norm!r}")
 
     def init(params: PyTree) -> ClipState:
-        return ClipState(torch.zeros((), device=base._first_device(params)))
+        return ClipState(torch.zeros((), device=_kernels.first_device(params)))
 
     def update(grads: PyTree, state: Any, params: PyTree = None) -> tuple[PyTree, ClipState]:
         leaves, spec = optree.tree_flatten(grads, namespace="")
@@ -110,15 +111,15 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
             return grads, ClipState(torch.zeros(()))
         norm = global_norm(grads)
         scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
-        if base._use_foreach(leaves):  # one foreach call per dtype, each with the scale in that dtype
+        if _kernels.use_foreach(leaves):  # one foreach call per dtype, each with the scale in that dtype
             groups = _by_dtype(leaves)
             if inplace:
                 for dtype, idx in groups.items():
-                    torch._foreach_mul_([leaves[i] for i in idx], scale.to(dtype))
+                    foreach_mul_([leaves[i] for i in idx], scale.to(dtype))
                 return grads, ClipState(norm)
             scaled = list(leaves)
             for dtype, idx in groups.items():
-                for i, out in zip(idx, torch._foreach_mul([leaves[i] for i in idx], scale.to(dtype))):
+                for i, out in zip(idx, foreach_mul([leaves[i] for i in idx], scale.to(dtype))):
                     scaled[i] = out
         else:
             scaled = [g * scale.to(g.dtype) for g in leaves]

@@ -12,17 +12,12 @@ from typing import Any
 import optree
 import torch
 
-from flm.optim import base
+from flm._compat import foreach_add_, foreach_mul, foreach_sqrt
+from flm.optim import _kernels
 from flm.optim.base import GradientTransformation, PyTree, Schedule, chain
-from flm.optim.schedules import _hyper
 from flm.optim.transforms import (
     ScaleByAdamState,
     ScaleByLearningRateState,
-    _adam_coefficients,
-    _adam_direction,
-    _adam_moments,
-    _check_leaf_shapes,
-    _decay_mask,
     add_decayed_weights,
     scale_by_adam,
     scale_by_learning_rate,
@@ -78,26 +73,26 @@ def _adamw_kernel(
     and one new tensor per leaf (``torch.optim.AdamW(foreach=True)`` makes 8 passes and one).
     Elsewhere, or when ``1/s`` would not be representable, the direction is scaled separately.
     """
-    m_new, v_new = _adam_moments(m, v, g, b1, b2, inplace)
-    eps_t, k = _adam_coefficients(step, b1, b2, eps)
+    m_new, v_new = _kernels.adam_moments(m, v, g, b1, b2, inplace)
+    eps_t, k = _kernels.adam_coefficients(step, b1, b2, eps)
     scale = -lr_t * k
     foldable = {x.dtype for x in m_new} <= {torch.float32, torch.float64, torch.bfloat16}
-    if base._host_scalars(m_new, eps_t, scale) and foldable and abs(float(scale)) > 1e-30:
-        upd = torch._foreach_sqrt(v_new)
+    if _kernels.host_scalars(m_new, eps_t, scale) and foldable and abs(float(scale)) > 1e-30:
+        upd = foreach_sqrt(v_new)
         shift, inv = eps_t / scale, float(1.0 / scale)
         for mi, ui in zip(m_new, upd):
             torch.add(shift, ui, alpha=inv, out=ui)
             torch.div(mi, ui, out=ui)
     else:
-        upd = _adam_direction(m_new, v_new, eps_t, k, out_scale=-lr_t)
+        upd = _kernels.adam_direction(m_new, v_new, eps_t, k, out_scale=-lr_t)
     idx = [i for i, f in enumerate(flags) if f]
     if idx:
         u_sel, p_sel = [upd[i] for i in idx], [p[i] for i in idx]
         decay = -lr_t * weight_decay
-        if base._host_scalars(u_sel, decay):
-            torch._foreach_add_(u_sel, p_sel, alpha=float(decay))
+        if _kernels.host_scalars(u_sel, decay):
+            foreach_add_(u_sel, p_sel, alpha=float(decay))
         else:
-            torch._foreach_add_(u_sel, torch._foreach_mul(p_sel, decay.to(u_sel[0].dtype)))
+            foreach_add_(u_sel, foreach_mul(p_sel, decay.to(u_sel[0].dtype)))
     return upd, m_new, v_new
 
 
@@ -180,10 +175,10 @@ def adamw(
             if params is None:
                 raise ValueError("adamw: update needs params when weight_decay > 0")
             p = tree_leaves(params)
-            flags = _decay_mask(mask, params, len(p))
+            flags = _kernels.decay_mask(mask, params, len(p))
         if len(g) == len(m) == len(v) and len(p) in (0, len(g)):  # before any (donated) moment is written
-            _check_leaf_shapes("adamw", grads, g, m, p)
-        if not (len(g) == len(m) == len(v) and len(p) in (0, len(g)) and base._use_foreach(g + m + v + p)):
+            _kernels.check_leaf_shapes("adamw", grads, g, m, p)
+        if not (len(g) == len(m) == len(v) and len(p) in (0, len(g)) and _kernels.use_foreach(g + m + v + p)):
             return composed.update(grads, state, params)
         step = adam_state.step + 1
         upd, m_new, v_new = _adamw_kernel(
@@ -197,7 +192,7 @@ def adamw(
             eps=float(eps),
             step=step,
             lr_t=composed.learning_rate(lr_state.step).to(torch.float64),
-            weight_decay=_hyper(weight_decay),
+            weight_decay=_kernels.hyper(weight_decay),
             inplace=inplace,
         )
         m_tree = optree.tree_unflatten(tree_structure(adam_state.m), m_new)

@@ -9,9 +9,10 @@ import math
 
 import torch
 
+from flm.optim._kernels import hyper
 from flm.optim.base import Schedule
 
-__all__ = ["constant_schedule", "cosine_schedule"]
+__all__ = ["constant_schedule", "cosine_schedule", "as_schedule"]
 
 
 def constant_schedule(lr: float) -> Schedule:
@@ -56,7 +57,7 @@ def cosine_schedule(
         raise ValueError(
             f"cosine_schedule: need 0 ≤ warmup_iters ≤ cosine_cycle_iters, got {warmup_iters}, {cosine_cycle_iters}"
         )
-    a_max, a_min = _hyper(max_learning_rate), _hyper(min_learning_rate)
+    a_max, a_min = hyper(max_learning_rate), hyper(min_learning_rate)
     t_w, t_c = int(warmup_iters), int(cosine_cycle_iters)
 
     def schedule(step: torch.Tensor | int) -> torch.Tensor:
@@ -70,12 +71,19 @@ def cosine_schedule(
     return schedule
 
 
-def _hyper(x: float | torch.Tensor) -> float | torch.Tensor:
-    """A hyperparameter as a float, or as the tensor it is (a per-model value under ``vmap``)."""
-    return x.to(torch.float64) if isinstance(x, torch.Tensor) else float(x)
+def as_schedule(lr: float | torch.Tensor | Schedule) -> Schedule:
+    """A learning rate as a schedule ``step -> lr``.
 
+    Args:
+        lr: a schedule (returned as it is), a float ≥ 0 (:func:`constant_schedule`), or a tensor
+            (one learning rate per model in a vmapped sweep; returned as float64 at every step).
 
-def _as_schedule(lr: float | torch.Tensor | Schedule) -> Schedule:
+    Returns:
+        The schedule.
+
+    Raises:
+        ValueError: ``lr`` is a negative number or neither a number, a tensor nor a callable.
+    """
     if callable(lr):
         return lr
     if isinstance(lr, torch.Tensor):  # e.g. one learning rate per model in a vmapped sweep

@@ -13,10 +13,11 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from flm.optim import base
+from flm._compat import foreach_add, foreach_add_, foreach_mul
+from flm.optim import _kernels
 from flm.optim.base import EmptyState, GradientTransformation, PyTree, Schedule, identity
-from flm.optim.schedules import _as_schedule, _hyper
-from flm.tree import leaf_paths, tree_leaves, tree_map, tree_structure
+from flm.optim.schedules import as_schedule
+from flm.tree import tree_leaves, tree_map, tree_structure
 
 __all__ = [
     "ScaleByAdamState",
@@ -63,16 +64,6 @@ class TraceState(NamedTuple):
     trace: PyTree
 
 
-def _decay_mask(mask: PyTree | Callable[[PyTree], PyTree] | None, params: PyTree, n: int) -> list[bool]:
-    if mask is None:
-        return [True] * n
-    tree = mask(params) if callable(mask) else mask
-    flags = [bool(x) for x in tree_leaves(tree)]
-    if len(flags) != n:
-        raise ValueError(f"add_decayed_weights: weight-decay mask has {len(flags)} leaves, params have {n}")
-    return flags
-
-
 def trace(decay: float) -> GradientTransformation:
     """Heavy-ball momentum: keep ``b ← μ b + g`` and output ``b`` (``g`` itself when μ = 0).
 
@@ -102,74 +93,14 @@ def trace(decay: float) -> GradientTransformation:
         b = tree_leaves(state.trace)
         if len(b) != len(g):
             raise ValueError(f"trace: {len(g)} gradient leaves but state has {len(b)} buffers")
-        if base._use_foreach(g + b):
-            new = torch._foreach_mul(b, mu)
-            torch._foreach_add_(new, g)
+        if _kernels.use_foreach(g + b):
+            new = foreach_mul(b, mu)
+            foreach_add_(new, g)
         else:
             new = [bi * mu + gi for bi, gi in zip(b, g)]
         return optree.tree_unflatten(spec, new), TraceState(optree.tree_unflatten(tree_structure(state.trace), new))
 
     return GradientTransformation(init, update)
-
-
-def _check_leaf_shapes(where: str, grads: PyTree, g: list, m: list, p: list | None = None) -> None:
-    """Raise ``ValueError`` naming the first gradient leaf whose shape differs from its moment (and
-    parameter) leaf: torch would otherwise fail deep in a kernel, or silently broadcast."""
-    for i, (gi, mi) in enumerate(zip(g, m)):
-        pi = p[i] if p else None
-        if gi.shape == mi.shape and (pi is None or pi.shape == gi.shape):
-            continue
-        name = leaf_paths(grads)[i] or "<root>"
-        want = mi.shape if gi.shape != mi.shape else pi.shape
-        held = "the optimiser state holds" if gi.shape != mi.shape else "the parameter has"
-        raise ValueError(
-            f"{where}: gradient leaf {name!r} has shape {tuple(gi.shape)}, but {held} shape {tuple(want)}; "
-            "each gradient leaf must have its parameter's shape"
-        )
-
-
-def _adam_moments(m: list, v: list, g: list, b1: float, b2: float, inplace: bool) -> tuple[list, list]:
-    """``m ← lerp(m, g, 1 − β1)``, ``v ← β2 v + (1 − β2) g²`` (into ``m``, ``v`` when ``inplace``)."""
-    if base._use_foreach(g + m + v):
-        if inplace:
-            torch._foreach_lerp_(m, g, 1.0 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, g, g, 1.0 - b2)
-            return m, v
-        m_new, v_new = torch._foreach_lerp(m, g, 1.0 - b1), torch._foreach_mul(v, b2)
-        torch._foreach_addcmul_(v_new, g, g, 1.0 - b2)
-        return m_new, v_new
-    m_new = [mi.lerp(gi, 1.0 - b1) for mi, gi in zip(m, g)]
-    return m_new, [torch.addcmul(vi * b2, gi, gi, value=1.0 - b2) for vi, gi in zip(v, g)]
-
-
-def _adam_coefficients(step: torch.Tensor, b1: float, b2: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ε√(1 − β2ᵗ), √(1 − β2ᵗ)/(1 − β1ᵗ))`` as float64 0-d tensors, for ``t = step``."""
-    t = step.to(torch.float64)
-    bias2_sqrt = torch.sqrt(1.0 - b2**t)
-    return eps * bias2_sqrt, bias2_sqrt / (1.0 - b1**t)
-
-
-def _adam_direction(
-    m: list, v: list, eps_t: torch.Tensor, k: torch.Tensor, out_scale: torch.Tensor | None = None
-) -> list:
-    """``k · m / (√v + ε_t)`` leaf by leaf, then ``× out_scale`` (in the same buffer) if given."""
-    scale = k if out_scale is None else k * out_scale
-    if base._use_foreach(m + v) and base._host_scalars(m, eps_t, scale):
-        d = torch._foreach_sqrt(v)
-        torch._foreach_add_(d, float(eps_t))
-        for mi, di in zip(m, d):  # m / denom into the denominator's buffer: one allocation, not two
-            torch.div(mi, di, out=di)
-        torch._foreach_mul_(d, float(scale))
-        return d
-    if base._use_foreach(m + v) and len({x.dtype for x in m}) == 1:
-        dtype = m[0].dtype
-        d = torch._foreach_sqrt(v)
-        torch._foreach_add_(d, eps_t.to(dtype))
-        d = torch._foreach_div(m, d)
-        torch._foreach_mul_(d, scale.to(dtype))
-        return d
-    return [mi / (vi.sqrt() + eps_t.to(vi.dtype)) * scale.to(mi.dtype) for mi, vi in zip(m, v)]
 
 
 def scale_by_adam(
@@ -218,7 +149,7 @@ def scale_by_adam(
     def init(params: PyTree) -> ScaleByAdamState:
         zeros = tree_map(torch.zeros_like, params)
         return ScaleByAdamState(
-            step=base._step_tensor(base._first_device(params)), m=zeros, v=tree_map(torch.zeros_like, params)
+            step=_kernels.step_tensor(_kernels.first_device(params)), m=zeros, v=tree_map(torch.zeros_like, params)
         )
 
     def update(grads: PyTree, state: ScaleByAdamState, params: PyTree = None) -> tuple[PyTree, ScaleByAdamState]:
@@ -226,12 +157,12 @@ def scale_by_adam(
         m, v = tree_leaves(state.m), tree_leaves(state.v)
         if not (len(g) == len(m) == len(v)):
             raise ValueError(f"scale_by_adam: {len(g)} gradient leaves but state has {len(m)} m / {len(v)} v leaves")
-        _check_leaf_shapes("scale_by_adam", grads, g, m)
+        _kernels.check_leaf_shapes("scale_by_adam", grads, g, m)
         step = state.step + 1
         if not g:
             return grads, state._replace(step=step)
-        m_new, v_new = _adam_moments(m, v, g, b1, b2, inplace)
-        d = _adam_direction(m_new, v_new, *_adam_coefficients(step, b1, b2, eps))
+        m_new, v_new = _kernels.adam_moments(m, v, g, b1, b2, inplace)
+        d = _kernels.adam_direction(m_new, v_new, *_kernels.adam_coefficients(step, b1, b2, eps))
         m_tree = optree.tree_unflatten(tree_structure(state.m), m_new)
         v_tree = optree.tree_unflatten(tree_structure(state.v), v_new)
         return optree.tree_unflatten(spec, d), ScaleByAdamState(step, m_tree, v_tree)
@@ -266,7 +197,7 @@ def add_decayed_weights(
     """
     if not isinstance(weight_decay, torch.Tensor) and not (0.0 <= weight_decay < math.inf):
         raise ValueError(f"add_decayed_weights: weight_decay must be a finite value ≥ 0, got {weight_decay!r}")
-    lam = _hyper(weight_decay)
+    lam = _kernels.hyper(weight_decay)
     if not isinstance(lam, torch.Tensor) and lam == 0.0:
         return identity()
 
@@ -279,12 +210,12 @@ def add_decayed_weights(
         p = tree_leaves(params)
         if len(p) != len(u):
             raise ValueError(f"add_decayed_weights: {len(u)} update leaves but params have {len(p)}")
-        idx = [i for i, f in enumerate(_decay_mask(mask, params, len(p))) if f]
+        idx = [i for i, f in enumerate(_kernels.decay_mask(mask, params, len(p))) if f]
         if not idx:
             return updates, state
         out, u_sel, p_sel = list(u), [u[i] for i in idx], [p[i] for i in idx]
-        if base._use_foreach(u_sel + p_sel) and base._host_scalars(u_sel, lam):
-            new = torch._foreach_add(u_sel, p_sel, alpha=float(lam))
+        if _kernels.use_foreach(u_sel + p_sel) and _kernels.host_scalars(u_sel, lam):
+            new = foreach_add(u_sel, p_sel, alpha=float(lam))
         elif isinstance(lam, torch.Tensor):
             new = [ui + pi * lam.to(pi.dtype) for ui, pi in zip(u_sel, p_sel)]
         else:
@@ -312,14 +243,14 @@ def scale_by_learning_rate(learning_rate: float | torch.Tensor | Schedule) -> Gr
 
     Source: handout §4.2 (θ ← θ − α∇L) and §4.4 (schedules); optax ``scale_by_learning_rate``.
     """
-    schedule = _as_schedule(learning_rate)
+    schedule = as_schedule(learning_rate)
 
     def init(params: PyTree) -> ScaleByLearningRateState:
-        return ScaleByLearningRateState(step=base._step_tensor(base._first_device(params)))
+        return ScaleByLearningRateState(step=_kernels.step_tensor(_kernels.first_device(params)))
 
     def update(updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None) -> tuple[PyTree, Any]:
         u, spec = optree.tree_flatten(updates, namespace="")
-        scaled = base._mul_scalar(u, -schedule(state.step).to(torch.float64)) if u else u
+        scaled = _kernels.mul_scalar(u, -schedule(state.step).to(torch.float64)) if u else u
         return optree.tree_unflatten(spec, scaled), ScaleByLearningRateState(step=state.step + 1)
 
     return GradientTransformation(init, update, schedule)
