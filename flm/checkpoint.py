@@ -298,23 +298,10 @@ def _flm_version() -> str:
 
 
 def _header_metadata(f: BinaryIO, size: int) -> dict[str, str]:
-    """The ``__metadata__`` of the safetensors header at the start of ``f``, reading only the header.
-
-    The layout is an 8-byte little-endian length ``n``, then ``n`` bytes of JSON. The one reader of
-    it for paths (:func:`read_header`) and file objects (:func:`load_checkpoint`): ``safe_open``
-    takes only a path, and ``safetensors.torch.load`` returns no metadata.
-
-    Args:
-        f: a binary stream positioned at the start of the file.
-        size: the file's size in bytes.
-
-    Returns:
-        The metadata dict (``{}`` when the header has none).
-
-    Raises:
-        ValueError: a file shorter than the length prefix, a length beyond the file, or a header
-            (or its ``__metadata__``) that is not a JSON object.
-    """
+    """The ``__metadata__`` dict (``{}`` if none) of the safetensors header (an 8-byte little-endian
+    length, then that many bytes of JSON) at the start of ``f``, a file of ``size`` bytes; reads only
+    the header. The one reader for :func:`read_header` and for file objects (``safe_open`` takes only
+    a path, and ``safetensors.torch.load`` returns no metadata). Raises ``ValueError`` for a corrupt header."""
     head = f.read(8)
     if len(head) < 8:
         raise ValueError(f"file is {len(head)} bytes, shorter than a safetensors header")
