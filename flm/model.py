@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -285,6 +285,7 @@ def transformer_lm(
     check_ids: bool = True,
     attend: Sequence[nn.Attend] | None = None,
     last_only: bool = False,
+    block_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Map token ids to next-token logits: embed → blocks → final RMSNorm → LM head.
 
@@ -303,6 +304,9 @@ def transformer_lm(
             e.g. the KV cache of ``flm.generate``; ``None`` = causal self-attention.
         last_only: return the logits of the last position only, ``(..., 1, vocab_size)``
             (what sampling needs; skips the LM head for the other positions).
+        block_fn: what runs each layer, called as ``block_fn(layer_params, x, config.block,
+            token_positions, attend=hook)``; default :func:`flm.nn.transformer_block`. The train
+            step's ``compile="blocks"`` passes one ``torch.compile`` of it, shared by every layer.
 
     Returns:
         Logits ``(..., seq_len, vocab_size)`` in the parameters' dtype (unnormalised).
@@ -330,8 +334,9 @@ def transformer_lm(
         check_token_ids(token_ids, config.vocab_size)
     block = config.block
     x = nn.embedding(params["token_embeddings"], token_ids, check=False)  # the ids are checked above (check_ids)
+    run_block = nn.transformer_block if block_fn is None else block_fn
     for i, layer in enumerate(params["layers"]):
-        x = nn.transformer_block(layer, x, block, token_positions, attend=None if attend is None else attend[i])
+        x = run_block(layer, x, block, token_positions, attend=None if attend is None else attend[i])
     if last_only:
         x = x[..., -1:, :]
     if config.norm != "none":

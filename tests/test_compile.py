@@ -66,6 +66,49 @@ def test_whole_step_compiles_fullgraph_on_this_torch(compute_dtype):
         )
 
 
+DEEP = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=4, num_heads=2, d_ff=32)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_compile_blocks_equals_eager_with_one_graph_for_every_layer(compute_dtype):
+    """compile="blocks" compiles one Transformer block and reuses it for all four layers (the
+    backend sees one graph, so compile time does not grow with depth) and trains like eager."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
+    eager = make_train_step(DEEP, tx, compute_dtype=compute_dtype)
+    blocks = make_train_step(
+        DEEP, tx, compile="blocks", compute_dtype=compute_dtype, compile_kwargs={"backend": counting_aot_eager}
+    )
+    p = init_params(DEEP, torch.Generator().manual_seed(0))
+    pe, se, pb, sb = p, tx.init(p), p, tx.init(p)
+    for seed in range(3):
+        x, y = _batch(seed)
+        pe, se, me = eager(pe, se, x, y)
+        pb, sb, mb = blocks(pb, sb, x, y)
+        tol = dict(rtol=1e-5, atol=1e-6) if compute_dtype is None else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(mb["loss"], me["loss"], **tol)
+        torch.testing.assert_close(mb["grad_norm"], me["grad_norm"], **tol)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {DEEP.num_layers} layers"
+    for a, b in zip(tree_leaves(pb), tree_leaves(pe)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(
+            a, b, **(dict(rtol=1e-5, atol=1e-6) if compute_dtype is None else dict(rtol=0.05, atol=0.01))
+        )
+
+
+def test_make_train_step_rejects_an_unknown_compile_mode():
+    tx = optim.adamw(1e-3)
+    with pytest.raises(ValueError, match="compile must be True, False or 'blocks', got 'regional'"):
+        make_train_step(CFG, tx, compile="regional")
+
+
 @pytest.mark.compile
 def test_apply_updates_traces_and_still_checks_eagerly():
     torch._dynamo.reset()

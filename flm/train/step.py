@@ -18,7 +18,7 @@ from typing import Any
 import optree
 import torch
 
-from flm import optim
+from flm import nn, optim
 from flm._compat import is_compiling, is_transformed
 from flm.loss import cross_entropy
 from flm.model import TransformerConfig, init_params, transformer_lm
@@ -31,7 +31,10 @@ TrainStep = Callable[[PyTree, Any, torch.Tensor, torch.Tensor], tuple[PyTree, An
 
 
 def make_loss_fn(
-    config: TransformerConfig, *, compute_dtype: torch.dtype | None = None
+    config: TransformerConfig,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    block_fn: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[PyTree, torch.Tensor, torch.Tensor], torch.Tensor]:
     """Return ``loss(params, inputs, targets) -> mean cross-entropy`` for ``config``'s LM.
 
@@ -41,6 +44,7 @@ def make_loss_fn(
             (e.g. ``torch.bfloat16``) inside the loss, so matmuls run in it while gradients
             flow back to the masters in their own dtype; norms, softmax and the loss stay
             float32 (they upcast internally).
+        block_fn: what runs each Transformer block (see :func:`flm.model.transformer_lm`).
 
     Returns:
         A pure function of ``params``, ``inputs (..., seq_len)`` and ``targets (..., seq_len)``
@@ -53,7 +57,8 @@ def make_loss_fn(
     def loss_fn(params: PyTree, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if compute_dtype is not None:
             params = tree_map(lambda p: p.to(compute_dtype), params)
-        return cross_entropy(transformer_lm(params, inputs, config, check_ids=False), targets, check=False)
+        logits = transformer_lm(params, inputs, config, check_ids=False, block_fn=block_fn)
+        return cross_entropy(logits, targets, check=False)
 
     return loss_fn
 
@@ -137,7 +142,7 @@ def make_train_step(
     config: TransformerConfig,
     tx: optim.GradientTransformation,
     *,
-    compile: bool = False,
+    compile: bool | str = False,
     donate: bool = False,
     compile_kwargs: dict[str, Any] | None = None,
     compute_dtype: torch.dtype | None = None,
@@ -156,6 +161,12 @@ def make_train_step(
         compile: wrap the whole step in ``torch.compile(fullgraph=True)`` (one graph: forward,
             backward, clipping and the optimiser; compile the outermost function, never
             ``grad(compile(f))``). The first call compiles; a new input shape recompiles.
+            ``"blocks"``: compile one Transformer block and run it for every layer, the rest of
+            the step (embedding, head, loss, backward glue, optimiser) eager: the first call
+            compiles in a time independent of depth (dynamo unrolls the whole step's layer loop,
+            so its compile time grows with ``num_layers``), at some cost in step time where the
+            optimiser and glue are a large share (``bench/compile_time.py`` measures both). Not
+            usable inside ``torch.func`` transforms.
         donate: update the incoming params in place (their buffers are donated: the caller must
             not use the old ``params`` again). Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
@@ -177,14 +188,21 @@ def make_train_step(
     """
     if grad_accum_steps < 1:
         raise ValueError(f"make_train_step: grad_accum_steps must be ≥ 1, got {grad_accum_steps}")
-    loss_and_grad = grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype))
+    if compile not in (True, False, "blocks"):
+        raise ValueError(f"make_train_step: compile must be True, False or 'blocks', got {compile!r}")
+    block_fn = None
+    if compile == "blocks":
+        # One compiled block, shared by every layer (same shapes, so one graph); the step runs
+        # eagerly around it and differentiates with torch.autograd (grad_and_value's eager path).
+        block_fn = torch.compile(nn.transformer_block, **{"fullgraph": True, **(compile_kwargs or {})})
+    loss_and_grad = grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype, block_fn=block_fn))
 
     def step(
         params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
         return _step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
 
-    if compile:
+    if compile is True:
         return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
     return step
 
