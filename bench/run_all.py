@@ -1,7 +1,7 @@
 """Run every bench and write one JSON and a markdown table (the README's results section).
 
-Runs, in order, ``tokenizer``, ``generate``, ``train_step``, ``attention``, ``optimizer``, ``vmap``
-and ``checkpoint`` (each that exists under ``bench/``), each through its ``main(argv) -> dict`` in
+Runs, in order, ``tokenizer``, ``generate``, ``train_step``, ``attention``, ``cross_entropy``,
+``optimizer``, ``vmap`` and ``checkpoint`` (each that exists under ``bench/``), each through its ``main(argv) -> dict`` in
 this process, and writes ``<out-dir>/results.json`` (every bench's full result) and
 ``<out-dir>/RESULTS.md`` (machine, torch version, date, load average, one table per bench, the
 targets with their verdicts). A bench that fails is recorded with its error and the others still run.
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["tokenizer", "generate", "train_step", "attention", "optimizer", "vmap", "checkpoint"]
+BENCHES = ["tokenizer", "generate", "train_step", "attention", "cross_entropy", "optimizer", "vmap", "checkpoint"]
 # Benches that take --device (tokenizer and checkpoint run on the CPU only).
-DEVICE_AWARE = {"generate", "train_step", "attention", "optimizer", "vmap"}
+DEVICE_AWARE = {"generate", "train_step", "attention", "cross_entropy", "optimizer", "vmap"}
 # Benches with torch.compile rows (they take --no-compile).
 COMPILING = {"train_step", "optimizer"}
 # Default repetitions, chosen so the full run stays under ~15 min on 2 CPU cores.
@@ -42,6 +42,7 @@ FULL_ARGS = {
     "generate": ["--repeats", "3"],
     "train_step": ["--repeats", "5"],
     "attention": ["--repeats", "5"],
+    "cross_entropy": ["--repeats", "5"],
     "optimizer": ["--repeats", "20"],
     "vmap": [],
     "checkpoint": ["--repeats", "5"],

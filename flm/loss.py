@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from flm._compat import checks_enabled, in_forward_mode
+from flm._compat import checks_enabled, in_forward_mode, is_compiling, is_transformed
 
 __all__ = ["token_cross_entropy", "cross_entropy", "perplexity"]
 
@@ -75,6 +75,80 @@ class _CrossEntropy(torch.autograd.Function):
         return grad_x, None
 
 
+# Chunked path: logits with more elements than this are processed in row chunks of about
+# _CHUNK_ELEMENTS (64 MiB in float32), so a 50K-vocabulary batch is never upcast or exponentiated
+# whole (16 × 1,024 tokens × 50,304 classes is 3.3 GB per float32 copy).
+_CHUNK_ELEMENTS = 2**24
+
+
+def _chunk_rows(rows: int, vocab_size: int, chunk_rows: int | None) -> int:
+    """Rows per chunk: ``chunk_rows`` if given, else about ``_CHUNK_ELEMENTS / vocab_size`` when
+    the logits exceed ``2 × _CHUNK_ELEMENTS`` elements; ``rows`` (one chunk) otherwise."""
+    if chunk_rows is not None:
+        return max(1, min(chunk_rows, rows))
+    if rows * vocab_size <= 2 * _CHUNK_ELEMENTS:
+        return rows
+    return max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss of :class:`_CrossEntropy` over ``(rows, vocab_size)`` logits, a chunk of rows at a time.
+
+    Each chunk is upcast to float32 (float64 stays), reduced to its rows' ``lse = m + log Σ exp(o − m)``
+    and losses, and dropped: the forward keeps the logits (in their own dtype, e.g. bf16) and one
+    float32 ``lse`` per row, never a whole float32 copy or its exponentials. The backward
+    recomputes ``softmax(o) = exp(o − lse)`` per chunk (one more ``exp`` pass than
+    :class:`_CrossEntropy`), subtracts the one-hot target and writes the chunk's gradient in the
+    logits' dtype. Under ``create_graph=True`` (a double backward) the gradient is the plain
+    formula's, in differentiable ops, so second derivatives stay exact.
+    """
+
+    generate_vmap_rule = True  # eager vmap takes the whole path; a compiled vmap may come here
+
+    @staticmethod
+    def forward(logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        losses, lses = [], []
+        for x, t in zip(logits.split(chunk), targets.split(chunk)):
+            shifted = x.to(compute, copy=True)  # the chunk's only (…, vocab_size) temporary
+            m = shifted.amax(dim=-1, keepdim=True)
+            shifted_target = shifted.sub_(m).gather(-1, t.unsqueeze(-1))
+            log_total = shifted.exp_().sum(dim=-1, keepdim=True).log_()
+            losses.append((log_total - shifted_target).squeeze(-1))
+            lses.append((m + log_total).squeeze(-1))
+        return torch.cat(losses), torch.cat(lses)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor, int], output: tuple) -> None:
+        logits, targets, chunk = inputs
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, targets, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> tuple[Any, None, None]:
+        if grad is None:
+            return None, None, None
+        logits, targets, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops of the inputs
+            x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            m = x.amax(dim=-1, keepdim=True).detach()
+            e = (x - m).exp()
+            p = e / e.sum(dim=-1, keepdim=True)
+            onehot = torch.zeros_like(p).scatter_(-1, targets.unsqueeze(-1), 1.0)
+            return ((p - onehot) * grad.unsqueeze(-1)).to(logits.dtype), None, None
+        grad_logits = torch.empty_like(logits)
+        chunk = ctx.chunk
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        for x, t, s, g, out in zip(
+            logits.split(chunk), targets.split(chunk), lse.split(chunk), grad.split(chunk), grad_logits.split(chunk)
+        ):
+            p = x.to(compute, copy=True).sub_(s.unsqueeze(-1)).exp_()  # softmax(o) = exp(o − lse)
+            p.scatter_add_(-1, t.unsqueeze(-1), p.new_full((t.shape[0], 1), -1.0))
+            out.copy_(p.mul_(g.unsqueeze(-1)))
+        return grad_logits, None, None
+
+
 def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
     """Raise ``ValueError`` naming the first target outside ``[0, vocab_size)`` (reads values: a host sync)."""
     vocab_size = logits.shape[-1]
@@ -87,7 +161,9 @@ def _check_targets(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+def token_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True, chunk_rows: int | None = None
+) -> torch.Tensor:
     """Per-position cross-entropy ``logsumexp(o) − o[target]``, without averaging.
 
     Computed as ``log Σ exp(o − m) − (o[target] − m)`` with ``m`` the row maximum: nothing is
@@ -101,6 +177,12 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: b
     the plain formula: every ``torch.func`` transform gives the derivatives of the plain formula,
     of any order.
 
+    Large logits (more than 2²⁵ elements, e.g. a batch of 16 × 1,024 tokens over a 50K vocabulary)
+    are processed a chunk of rows at a time (about 2²⁴ elements each): their float32 upcast and
+    exponentials exist one chunk at a time, never whole, and the gradient is written in the
+    logits' dtype (tested equal to the unchunked loss and gradient). Inside ``torch.func``
+    transforms and in forward mode the loss is computed whole.
+
     Args:
         logits: ``(..., vocab_size)`` unnormalised scores, any float dtype, ``vocab_size ≥ 1``.
         targets: ``(...)`` integer class ids in ``[0, vocab_size)`` (same leading shape).
@@ -108,6 +190,8 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: b
             back to the host (a sync), so it is eager-only: it is skipped under ``torch.compile``
             and inside ``torch.func`` transforms (``vmap``, ``grad``), and the train step passes
             ``False``. Shape and dtype checks always run.
+        chunk_rows: rows (positions) per chunk; ``None`` chooses as above. A value ≥ the number
+            of positions computes the loss whole.
 
     Returns:
         ``(...)`` float32 losses in nats (float64 for float64 logits).
@@ -131,6 +215,14 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: b
         raise ValueError(f"cross_entropy: targets must be integer class ids, got {targets.dtype}")
     if check and targets.numel() and checks_enabled(logits, targets):
         _check_targets(logits, targets)
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"cross_entropy: chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+    vocab_size = logits.shape[-1]
+    rows = targets.numel()
+    chunk = _chunk_rows(rows, vocab_size, chunk_rows)
+    if chunk < rows and not in_forward_mode(logits) and (is_compiling() or not is_transformed(logits, targets)):
+        flat = logits.reshape(rows, vocab_size)
+        return _ChunkedCrossEntropy.apply(flat, targets.reshape(rows).long(), chunk)[0].view(targets.shape)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
     if in_forward_mode(x):  # jvp/jacfwd/hessian/forward_ad: plain ops (see _CrossEntropy)
         return _plain_cross_entropy(x, targets.long())
@@ -150,13 +242,16 @@ def _token_cross_entropy_autograd(logits: torch.Tensor, targets: torch.Tensor) -
     return _plain_cross_entropy(x, targets.long())
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, check: bool = True, chunk_rows: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over all leading (batch-like) dimensions.
 
     Args:
         logits: ``(..., vocab_size)``.
         targets: ``(...)`` integer ids, at least one.
         check: check the target values (eager-only; see :func:`token_cross_entropy`).
+        chunk_rows: rows per chunk for large logits (see :func:`token_cross_entropy`).
 
     Returns:
         0-d float32 tensor (float64 for float64 logits): the mean loss in nats per token.
@@ -171,7 +266,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, check: bool = 
         raise ValueError(
             f"cross_entropy: targets {tuple(targets.shape)} is empty; the mean over no tokens is undefined"
         )
-    return token_cross_entropy(logits, targets, check=check).mean()
+    return token_cross_entropy(logits, targets, check=check, chunk_rows=chunk_rows).mean()
 
 
 def perplexity(losses_or_mean: torch.Tensor | float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

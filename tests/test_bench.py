@@ -220,3 +220,13 @@ def test_train_step_shapes_name_the_gpu_models_and_bf16_mixed_runs_on_the_cpu():
     res = train_step.main(["--quick", "--dtype", "bf16-mixed", "--no-compile", "--no-hf"])
     rows = {r["row"]: r for r in res["rows"]}
     assert rows[train_step.DEFAULT]["tokens_per_s"] > 0
+
+
+def test_compile_time_bench_quick_runs_fresh_processes_and_reports_the_depth_ratio():
+    import compile_time
+
+    res = compile_time.main(["--quick", "--modes", "blocks"])
+    assert [r["layers"] for r in res["rows"]] == [1, 2]
+    assert all(r["first call (s)"] > 0 and r["step (ms)"] > 0 for r in res["rows"])
+    (name,) = res["targets"]
+    assert name.startswith("blocks: first call at 2 layers / at 1 layers")

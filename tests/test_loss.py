@@ -310,3 +310,120 @@ def test_forward_ad_dual_tensors():
     with fwAD.dual_level():
         out = fwAD.unpack_dual(token_cross_entropy(fwAD.make_dual(x, v), t)).tangent
     torch.testing.assert_close(out, torch.func.jvp(lambda x: _plain(x, t), (x,), (v,))[1], **SECOND)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked cross-entropy: large logits are upcast and exponentiated a chunk of rows at a time.
+# ---------------------------------------------------------------------------------------------
+
+
+@given(
+    n=st.integers(1, 12),
+    v=st.integers(1, 9),
+    chunk=st.integers(1, 13),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_chunked_equals_whole_loss_and_gradient(n, v, chunk, dtype, seed):
+    """Any chunk size gives the loss and gradient of the whole computation (float64 exactly to
+    round-off; bf16 logits: the gradient in bf16, rounded once from the same float32 values)."""
+    g = _gen(seed)
+    logits = ((torch.rand(2, n, v, generator=g, dtype=torch.float64) * 2 - 1) * 20).to(dtype)
+    y = torch.randint(0, v, (2, n), generator=g)
+    x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    whole = token_cross_entropy(x1, y, chunk_rows=2 * n)
+    chunked = token_cross_entropy(x2, y, chunk_rows=chunk)
+    tol = F64 if dtype == torch.float64 else F32
+    torch.testing.assert_close(chunked, whole, **tol)
+    w = torch.rand(2, n, generator=g, dtype=whole.dtype)  # an arbitrary upstream gradient
+    (gw,) = torch.autograd.grad((whole * w).sum(), x1)
+    (gc,) = torch.autograd.grad((chunked * w).sum(), x2)
+    assert gc.dtype == dtype
+    torch.testing.assert_close(gc, gw, **(tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=1e-3)))
+
+
+def test_chunked_matches_F_cross_entropy_in_float64():
+    g = _gen(3)
+    x = torch.randn(37, 50, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=g)
+    loss = cross_entropy(x, y, chunk_rows=5)
+    torch.testing.assert_close(loss, F.cross_entropy(x, y), **F64)
+    (grad,) = torch.autograd.grad(loss, x)
+    xr = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(xr, y), xr)
+    torch.testing.assert_close(grad, expected, **F64)
+
+
+def test_large_bf16_logits_are_never_upcast_whole():
+    """The point of chunking: with bf16 logits, no float32 tensor as large as the logits exists
+    during the loss or its backward (every float32 allocation is at most one chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    LargestFloat32.largest = max(LargestFloat32.largest, t.numel())
+            return out
+
+    rows, v, chunk = 64, 500, 8
+    x = torch.randn(rows, v, generator=_gen(0)).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, v, (rows,), generator=_gen(1))
+    with LargestFloat32():
+        loss = cross_entropy(x, y, chunk_rows=chunk)
+        (grad,) = torch.autograd.grad(loss, x)
+    assert grad.dtype == torch.bfloat16
+    assert LargestFloat32.largest <= chunk * v, LargestFloat32.largest
+    LargestFloat32.largest = 0
+    with LargestFloat32():  # the unchunked path does upcast whole: the probe sees it
+        cross_entropy(x, y, chunk_rows=rows)
+    assert LargestFloat32.largest >= rows * v
+
+
+def test_chunking_is_automatic_above_the_threshold(monkeypatch):
+    import flm.loss
+
+    assert flm.loss._chunk_rows(16 * 1024, 50_304, None) == 2**24 // 50_304  # GPT-2-small batch: chunked
+    assert flm.loss._chunk_rows(4 * 128, 10_000, None) == 512  # the handout batch: whole
+    monkeypatch.setattr(flm.loss, "_CHUNK_ELEMENTS", 40)
+    x = torch.randn(30, 10, dtype=torch.float64, generator=_gen(2))
+    y = torch.randint(0, 10, (30,), generator=_gen(3))
+    calls = []
+    monkeypatch.setattr(flm.loss._ChunkedCrossEntropy, "apply", staticmethod(lambda *a: calls.append(a[2]) or orig(*a)))
+    orig = torch.autograd.Function.apply.__get__(flm.loss._ChunkedCrossEntropy)
+    torch.testing.assert_close(cross_entropy(x, y), F.cross_entropy(x, y), **F64)
+    assert calls == [4]
+
+
+def test_chunked_second_order_equals_the_plain_formula():
+    """create_graph=True through the chunked path: Hessian-vector products are exact."""
+    g = _gen(5)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (6,), generator=g)
+    vec = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    (gx,) = torch.autograd.grad(cross_entropy(x, y, chunk_rows=2), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((gx * vec).sum(), x)
+    expected = torch.autograd.functional.hvp(lambda z: F.cross_entropy(z, y), x.detach(), vec)[1]
+    torch.testing.assert_close(hvp, expected, **F64)
+
+
+@pytest.mark.compile
+def test_chunked_cross_entropy_compiles_fullgraph():
+    x = torch.randn(10, 7, dtype=torch.float64, generator=_gen(6))
+    y = torch.randint(0, 7, (10,), generator=_gen(7))
+
+    def loss(x, y):
+        return cross_entropy(x, y, chunk_rows=3)
+
+    compiled = torch.compile(torch.func.grad_and_value(loss), fullgraph=True, backend="aot_eager")(x, y)
+    eager = torch.func.grad_and_value(lambda x, y: cross_entropy(x, y, chunk_rows=10))(x, y)
+    torch.testing.assert_close(compiled, eager, **F64)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_chunk_rows_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=f"chunk_rows must be a positive integer or None, got {bad!r}"):
+        cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), chunk_rows=bad)
