@@ -1,7 +1,7 @@
 """The clock of a training run: wall time (resumes included), the time budget, throughput and ETA.
 
 One :class:`Clock` serves :func:`flm.train.train_loop` and the vmapped sweep
-(:func:`flm.experiments.vmapped_train`): it counts the tokens trained since the last logged
+(:func:`flm.experiments.vmapped.vmapped_train`): it counts the tokens trained since the last logged
 step, keeps work that is not training (evaluation, checkpoints, the compiling first step) out of
 tokens/s, and keeps the longest such pause in reserve so a time budget still leaves room for the
 final evaluation and checkpoint.

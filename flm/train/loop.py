@@ -1,10 +1,13 @@
 """The training loop: a short loop over components that own their intervals.
 
 Per step: draw a batch (:func:`flm.data.get_batch`), run the pure train step. At a log, eval or
-checkpoint step: one host sync summarises the steps since the last one (and finds the exact first
-non-finite loss), the :class:`~flm.train.evaluate.Evaluator` measures the validation loss, the
+checkpoint step (the interval record): the :class:`~flm.train.metrics.StepMeter` summarises the
+steps since the last one with one host sync (and the loop finds the exact first non-finite loss),
+the :class:`~flm.train.clock.Clock` closes the throughput interval, the
+:class:`~flm.train.evaluate.Evaluator` measures the validation loss, the
 :class:`~flm.train.checkpointer.Checkpointer` saves the best model and the periodic checkpoint,
-and the :class:`~flm.train.metrics.MetricsLogger` writes the metrics line.
+and the :class:`~flm.train.metrics.MetricsLogger` writes the metrics line. The vmapped sweep
+(:func:`flm.experiments.vmapped.vmapped_train`) runs on the same components.
 
 Source: CS336 assignment 1 handout §5.3 (training_together), §7.1 (experiment_log).
 """
