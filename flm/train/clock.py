@@ -34,6 +34,8 @@ class Clock:
 
     Raises:
         ValueError: a negative ``tokens_per_step``, ``start_step`` or ``offset``.
+
+    Source: handout §7.1 (experiment_log: wall-clock time); the time budget of §7.2.
     """
 
     def __init__(

@@ -168,6 +168,8 @@ class Evaluator:
 
         Returns:
             Each model's loss (nats/token); ``None`` for a diverged model or a non-finite loss.
+
+        Source: handout §7.2 (learning_rate: a sweep including a divergent run).
         """
         losses: list[float | None] = []
         for params in models:

@@ -148,6 +148,8 @@ class StepMeter:
 
     Raises:
         ValueError: a negative ``interval``.
+
+    Source: handout §7.1 (experiment_log).
     """
 
     def __init__(self, interval: int) -> None:
@@ -218,6 +220,8 @@ def metrics_record(
 
     Returns:
         The record (``wall_time`` to ms, ``tokens_per_sec`` to 0.1, ``mfu`` to 4 digits).
+
+    Source: handout §7.1 (experiment_log: loss against steps and wall-clock time).
     """
     return {
         "step": step,
