@@ -147,6 +147,40 @@ def test_a_compile_failure_is_one_line_naming_no_compile(generated_texts, tmp_pa
     assert "--no-compile" in err[-1] and "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.compile
+def test_flm_train_compile_scope_blocks_trains_like_eager(generated_texts, tmp_path, monkeypatch, capsys):
+    """--compile --compile-scope blocks: the plan says so, config.json records it, and the run's
+    validation loss equals the eager run's (the aot_eager backend: the same math, no codegen)."""
+    import flm.train.loop as loop
+    from flm.cli import main
+
+    real = loop.make_train_step
+    scopes = []
+
+    def aot_eager(*args, **kwargs):
+        scopes.append(kwargs.get("compile"))
+        return real(*args, **{**kwargs, "compile_kwargs": {"backend": "aot_eager"}})
+
+    monkeypatch.setattr(loop, "make_train_step", aot_eager)
+    torch._dynamo.reset()
+    train, valid = generated_texts
+    argv = ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--device", "cpu"]
+    argv += ["--max-iters", "6", "--dtype", "float32", "--max-new-tokens", "2"]
+    assert main([*argv, "--out-dir", str(tmp_path / "eager"), "--no-compile"]) == 0
+    assert main([*argv, "--out-dir", str(tmp_path / "blocks"), "--compile", "--compile-scope", "blocks"]) == 0
+    assert scopes == [False, "blocks"]
+    assert "compiled (one block reused per layer)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "blocks" / "config.json").read_text())["train"]
+    assert saved["compile"] is True and saved["compile_scope"] == "blocks"
+    eager, blocks = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("eager", "blocks"))
+    assert blocks["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+
+
+def test_compile_scope_is_validated():
+    with pytest.raises(ValueError, match="compile_scope"):
+        TrainConfig(compile_scope="layers")
+
+
 def _train(texts, out, *flags, timeout=900):
     train, valid = texts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -23,7 +23,7 @@ from typing import Any
 from flm.config import PRESET_NOTES, PRESETS, SECTIONS, RunConfig, default_preset, load_config_file
 from flm.download import DATASETS
 from flm.model import CHOICES as MODEL_CHOICES
-from flm.train.config import COMPUTE_DTYPES
+from flm.train.config import COMPILE_SCOPES, COMPUTE_DTYPES
 
 __all__ = ["add_config_flags", "config_from_args", "field_docs", "flag_name", "presets_epilog", "pre_parse"]
 
@@ -31,6 +31,7 @@ _FLAG_NAMES = {("model", "eps"): "norm-eps", ("train", "eps"): "adam-eps", ("sam
 _CHOICES = {
     **{("model", k): v for k, v in MODEL_CHOICES.items()},
     ("train", "dtype"): ("auto", *COMPUTE_DTYPES),
+    ("train", "compile_scope"): COMPILE_SCOPES,
     ("data", "dataset"): tuple(sorted(DATASETS)),
 }
 _SKIP = {("train", "device")}  # added by hand: "auto" and a clearer help

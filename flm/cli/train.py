@@ -453,7 +453,7 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
         plan.train_changes = [
             f"{k} {was[k]!r} → {now[k]!r}"
             for k in now
-            if k in was and was[k] != now[k] and k not in ("device", "compile", "tensorboard", "wandb", "peak_flops")
+            if k in was and was[k] != now[k] and k not in ("device", "compile", "compile_scope", "tensorboard", "wandb", "peak_flops")
         ]
         try:
             ckpt = load_checkpoint(path, verify=True)
@@ -492,7 +492,11 @@ def describe(plan: Plan) -> list[str]:
     lines = [
         f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}, "
         + ("bf16 mixed precision" if t.compute_dtype is not None else "float32")
-        + (", compiled" if t.compile else ", eager")
+        + (
+            (", compiled (one block reused per layer)" if t.compile_scope == "blocks" else ", compiled")
+            if t.compile
+            else ", eager"
+        )
         + (", TF32 matmuls" if t.tf32 and t.device.startswith("cuda") else ""),
         f"  model: {count_params(m):,} parameters (d_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads, "
         f"d_ff {m.d_ff}, vocab {m.vocab_size}, context {m.context_length})",

@@ -22,6 +22,7 @@ __all__ = [
     "decay_mask",
     "default_device",
     "COMPUTE_DTYPES",
+    "COMPILE_SCOPES",
     "DeviceCapabilities",
     "resolve_auto",
     "tf32_matmuls",
@@ -34,6 +35,10 @@ COMPUTE_DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+# What TrainConfig.compile compiles: the whole step, or one block reused per layer
+# (flm.train.make_train_step's compile=True / compile="blocks").
+COMPILE_SCOPES = ("step", "blocks")
 
 
 def default_device() -> str:
@@ -67,7 +72,8 @@ class TrainConfig:
         log_interval: write a metrics line every this many steps (each one is a host sync).
         seed: seeds the parameter init and (separately) the batch sampler.
         device: cpu, cuda, cuda:1, mps, or auto (the best available).
-        compile: torch.compile the whole train step (auto: on with CUDA when triton is installed, off on CPU and MPS).
+        compile: torch.compile the train step (auto: on with CUDA when triton is installed, off on CPU and MPS).
+        compile_scope: what compile compiles: step (the whole step as one graph: fastest steps; compile time grows with num_layers) or blocks (one Transformer block reused by every layer, the rest eager: compile time independent of depth, for deep models).
         dtype: compute dtype, float32, bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss) or auto (bf16 on a CUDA GPU that supports it, else float32).
         tf32: let float32 matmuls use TensorFloat-32 on CUDA for the run's duration (auto: on with CUDA; no effect elsewhere).
         grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and average their gradients.
@@ -94,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool | str = "auto"
+    compile_scope: str = "step"
     dtype: str = "auto"
     tf32: bool | str = "auto"
     grad_accum_steps: int = 1
@@ -132,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: need min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.dtype != "auto" and self.dtype not in COMPUTE_DTYPES:
             raise bad("dtype", f"one of {sorted(COMPUTE_DTYPES)} or auto")
+        if self.compile_scope not in COMPILE_SCOPES:
+            raise bad("compile_scope", " or ".join(COMPILE_SCOPES))
         for name in ("compile", "tf32"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise bad(name, "true, false or auto")

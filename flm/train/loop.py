@@ -243,7 +243,7 @@ class _Run:
         self.step_fn = make_train_step(
             model_config,
             tx,
-            compile=cfg.compile,
+            compile="blocks" if cfg.compile and cfg.compile_scope == "blocks" else cfg.compile,
             donate=True,
             compute_dtype=cfg.compute_dtype,
             grad_accum_steps=cfg.grad_accum_steps,
