@@ -84,7 +84,7 @@ def grad_and_value(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[
     """
     functional = torch.func.grad_and_value(loss_fn)
 
-    def value_and_grad(params: PyTree, *args: Any) -> tuple[PyTree, torch.Tensor]:
+    def grads_and_loss(params: PyTree, *args: Any) -> tuple[PyTree, torch.Tensor]:
         leaves, spec = optree.tree_flatten(params, namespace="")
         if is_compiling() or is_transformed(leaves, args) or not torch.is_grad_enabled():
             return functional(params, *args)
@@ -93,7 +93,7 @@ def grad_and_value(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[
         grads = torch.autograd.grad(loss, leaf_vars)
         return optree.tree_unflatten(spec, list(grads)), loss.detach()
 
-    return value_and_grad
+    return grads_and_loss
 
 
 def _accumulated_grads(
