@@ -11,6 +11,8 @@ d_ff 1,344; 22.7M parameters), at each ``--shapes`` batch×sequence (default 4×
 * ``flm attention=flm``: flm's own masked-softmax attention (the reference kernel);
 * ``flm compile=True``: the train-loop step under ``torch.compile`` (timed after compilation; the
   compilation is its own row);
+* ``flm compile='blocks'``: the same step with one compiled Transformer block reused by every
+  layer and the rest eager (compile time independent of depth; its compilation is its own row);
 * ``HF LlamaForCausalLM``: ``transformers``' Llama at the same size, SDPA attention,
   ``F.cross_entropy``, ``loss.backward()``, ``clip_grad_norm_`` and ``torch.optim.AdamW(foreach=True)``
   (the peer of every row: ``speed`` = peer time / row time, > 1 means flm is faster);
@@ -222,7 +224,7 @@ def hf_llama(cfg: TransformerConfig, device: torch.device, dtype: torch.dtype, a
 # ------------------------------------------------------------------------------------------
 
 
-def flm_step_fn(cfg, params, x, y, *, donate: bool = False, compile: bool = False, compute_dtype=None):
+def flm_step_fn(cfg, params, x, y, *, donate: bool = False, compile: bool | str = False, compute_dtype=None):
     """``step() -> loss`` closing over flm's params/state (replaced each call, as a user's loop does);
     ``donate`` is the training loop's setting (clip and AdamW in place, donated params);
     ``compute_dtype`` bf16 is ``flm train``'s mixed precision (float32 params)."""
@@ -239,6 +241,7 @@ def flm_step_fn(cfg, params, x, y, *, donate: bool = False, compile: bool = Fals
 
 PEER = "HF LlamaForCausalLM (sdpa) + AdamW"
 PEER_COMPILED = "HF LlamaForCausalLM compiled (torch.compile(model))"
+BLOCKS = "flm compile='blocks'"
 DEFAULT = "flm default (train loop)"
 
 
@@ -301,7 +304,9 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
         fn = flm_step_fn(cfg, fresh_params(cfg), x, y, donate=True, compile=True, compute_dtype=compute_dtype)
         print(f"{batch}x{seq}: compiling ...", flush=True)
         first = common.measure_first_call(fn, device)
-        both = {"flm compile=True": fn}
+        blocks = flm_step_fn(cfg, fresh_params(cfg), x, y, donate=True, compile="blocks", compute_dtype=compute_dtype)
+        first_blocks = common.measure_first_call(blocks, device)
+        both = {"flm compile=True": fn, BLOCKS: blocks}
         if PEER in fns and device.type == "cuda":
             # On a GPU the peer is compiled too (torch.compile(model)), as a GPU user would run it.
             peer_c = reference_step_fn(torch.compile(hf), x, y, fused=fused_adam, autocast=compute_dtype)
@@ -312,16 +317,18 @@ def run_shape(cfg, batch: int, seq: int, device, dtype, args, peak: dict, notes:
         # timed alternately with the peer again, so both see the same load
         again = common.measure_interleaved(both, device=device, repeats=repeats, warmup=args.warmup)
         stats["flm compile=True"] = again["flm compile=True"]
+        stats[BLOCKS] = again[BLOCKS]
         if PEER_COMPILED in again:
             stats[PEER_COMPILED] = again[PEER_COMPILED]
         elif PEER in again:
             stats[f"{PEER} (timed with compile)"] = again[PEER]
         stats["flm compile=True: compilation (first call)"] = first
+        stats[f"{BLOCKS}: compilation (first call)"] = first_blocks
     rows = []
     for name, s in stats.items():
         is_compile = s.get("compile_row", False)
         peer_name = PEER
-        if name == "flm compile=True":
+        if name in ("flm compile=True", BLOCKS):
             peer_name = next((p for p in (PEER_COMPILED, f"{PEER} (timed with compile)") if p in stats), PEER)
         peer = stats.get(peer_name, {}).get("median")
         is_peer = name.startswith(PEER)

@@ -84,7 +84,7 @@ def leaf_paths(tree: PyTree) -> list[str]:
     """Return the dotted path of every leaf of ``tree``, in optree's canonical leaf order.
 
     Dict keys and list indices appear as they are; NamedTuple fields by name
-    (``AdamWState(step, m, v)`` gives ``step``, ``m.…``, ``v.…``).
+    (``ScaleByAdamState(step, m, v)`` gives ``step``, ``m.…``, ``v.…``).
     """
     accessors, _, _ = optree.tree_flatten_with_accessor(tree, namespace=_NS)
     return [".".join(_entry_name(e) for e in acc) for acc in accessors]

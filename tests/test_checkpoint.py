@@ -77,7 +77,7 @@ def test_round_trip_with_like(tmp_path, dest):
     assert _equal(ck.params, args["params"]) and _equal(ck.opt_state, args["opt_state"])
     # NamedTuples and their types come back exactly
     assert isinstance(ck.opt_state, tuple) and isinstance(ck.opt_state[0], optim.ClipState)
-    assert isinstance(ck.opt_state[1][0], optim.AdamWState) and isinstance(
+    assert isinstance(ck.opt_state[1][0], optim.ScaleByAdamState) and isinstance(
         ck.opt_state[1][2], optim.ScaleByLearningRateState
     )
     assert ck.opt_state[1][0].step.dtype == torch.int64 and int(ck.opt_state[1][0].step) == 2
@@ -93,7 +93,7 @@ def test_round_trip_with_like(tmp_path, dest):
     )
     # a Checkpoint works as a template too
     again = load_checkpoint(tmp_path / "c.safetensors" if dest == "path" else io.BytesIO(target.getvalue()), like=ck)
-    assert _equal(again.opt_state, ck.opt_state) and isinstance(again.opt_state[1][0], optim.AdamWState)
+    assert _equal(again.opt_state, ck.opt_state) and isinstance(again.opt_state[1][0], optim.ScaleByAdamState)
 
 
 def test_round_trip_dtypes_with_like(tmp_path):

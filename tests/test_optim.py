@@ -213,7 +213,7 @@ def test_adamw_state_layout_and_memory():
         optim.ScaleByLearningRateState,
     ]
     adam, _, lr_state = state
-    assert optim.AdamWState is optim.ScaleByAdamState and adam._fields == ("step", "m", "v")
+    assert adam._fields == ("step", "m", "v")
     for step in (adam.step, lr_state.step):
         assert step.dtype == torch.int64 and step.dim() == 0 and int(step) == 0
     n = num_elements(p)
@@ -479,9 +479,25 @@ def test_chain_equals_sequential_application(shape_list, seed, scale):
         ua, sa = a.update(g, sa, params)
         ub, sb = b.update(ua, sb, params)
         assert _tree_equal(u, ub) and _tree_equal(state, (sa, sb))
-    assert isinstance(state, tuple) and isinstance(state[1][0], optim.AdamWState)
+    assert isinstance(state, tuple) and isinstance(state[1][0], optim.ScaleByAdamState)
     with pytest.raises(ValueError):
         tx.update(g, (sa,), params)
+
+
+def test_adamw_state_name_is_deprecated_and_still_the_moments_class():
+    """``AdamWState`` named only the first part of adamw's 3-tuple state: it warns, naming the
+    replacement, and is still ``ScaleByAdamState`` (so ``isinstance`` and checkpoints keep working)."""
+    import flm.optim.transforms as transforms
+
+    for module in (optim, transforms):
+        with pytest.warns(DeprecationWarning, match="use ScaleByAdamState") as record:
+            assert module.AdamWState is optim.ScaleByAdamState
+        assert record[0].filename == __file__  # the warning names the caller's line
+    with pytest.warns(DeprecationWarning):
+        from flm.optim import AdamWState
+    assert AdamWState is optim.ScaleByAdamState and "AdamWState" not in optim.__all__
+    with pytest.raises(AttributeError, match="AdamWStat"):
+        optim.AdamWStat  # noqa: B018
 
 
 def test_chain_learning_rate_and_step_count():

@@ -24,12 +24,13 @@ Source: CS336 assignment 1 handout §4.2–4.5; Loshchilov & Hutter (2019), Algo
 design (Babuschkin et al., 2020: optimisers as chains of gradient transformations).
 """
 
+from typing import Any
+
 from flm.optim.base import EmptyState, GradientTransformation, Schedule, apply_updates, chain, identity
 from flm.optim.clip import ClipState, clip_by_global_norm, global_norm, recorded_grad_norm
 from flm.optim.optimizers import adamw, sgd
 from flm.optim.schedules import constant_schedule, cosine_schedule
 from flm.optim.transforms import (
-    AdamWState,
     ScaleByAdamState,
     ScaleByLearningRateState,
     TraceState,
@@ -44,7 +45,6 @@ from flm.optim.transforms import (
 __all__ = [
     "ClipState",
     "recorded_grad_norm",
-    "AdamWState",
     "EmptyState",
     "GradientTransformation",
     "ScaleByAdamState",
@@ -67,3 +67,12 @@ __all__ = [
     "step_count",
     "trace",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names, each with a ``DeprecationWarning``: ``AdamWState`` (use ``ScaleByAdamState``)."""
+    if name == "AdamWState":
+        from flm.optim import transforms
+
+        return transforms.__getattr__(name, stacklevel=3)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

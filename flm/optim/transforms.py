@@ -21,7 +21,6 @@ from flm.tree import tree_leaves, tree_map, tree_structure
 
 __all__ = [
     "ScaleByAdamState",
-    "AdamWState",
     "ScaleByLearningRateState",
     "TraceState",
     "trace",
@@ -47,8 +46,33 @@ class ScaleByAdamState(NamedTuple):
     v: PyTree
 
 
-AdamWState = ScaleByAdamState
-"""The moments part of :func:`adamw`'s state (an alias of :class:`ScaleByAdamState`)."""
+def __getattr__(name: str, stacklevel: int = 2) -> Any:
+    """``AdamWState``, deprecated: it is :class:`ScaleByAdamState`, only the moments part of
+    :func:`adamw`'s state ``(ScaleByAdamState, EmptyState, ScaleByLearningRateState)``, so the name
+    said more than it was. It still works (the same class, so ``isinstance`` and checkpoints are
+    unchanged) and warns with a ``DeprecationWarning``: use ``ScaleByAdamState``.
+
+    Args:
+        name: the attribute Python did not find on the module.
+        stacklevel: the frame the warning names (3 when ``flm.optim`` forwards the look-up).
+
+    Returns:
+        :class:`ScaleByAdamState` for ``"AdamWState"``.
+
+    Raises:
+        AttributeError: for any other name.
+    """
+    if name == "AdamWState":
+        import warnings
+
+        warnings.warn(
+            "flm.optim.AdamWState is deprecated: it is ScaleByAdamState, only the first part of adamw's "
+            "state (ScaleByAdamState, EmptyState, ScaleByLearningRateState); use ScaleByAdamState",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return ScaleByAdamState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ScaleByLearningRateState(NamedTuple):
