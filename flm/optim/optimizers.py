@@ -12,7 +12,7 @@ from typing import Any
 import optree
 import torch
 
-from flm._compat import foreach_add_, foreach_mul, foreach_sqrt
+from flm._compat import foreach_add_, foreach_sqrt
 from flm.optim import _kernels
 from flm.optim.base import GradientTransformation, PyTree, Schedule, chain
 from flm.optim.transforms import (
@@ -91,8 +91,8 @@ def _adamw_kernel(
         decay = -lr_t * weight_decay
         if _kernels.host_scalars(u_sel, decay):
             foreach_add_(u_sel, p_sel, alpha=float(decay))
-        else:
-            foreach_add_(u_sel, foreach_mul(p_sel, decay.to(u_sel[0].dtype)))
+        else:  # −αλ in each leaf's own dtype (not the first leaf's), as the chain rounds it
+            foreach_add_(u_sel, _kernels.mul_scalar(p_sel, decay))
     return upd, m_new, v_new
 
 
