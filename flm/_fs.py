@@ -2,20 +2,23 @@
 
 A leaf module (it imports nothing of flm), so the manifest can write itself atomically and
 :func:`flm._io.atomic_path` can consult the manifest before every rename without the two
-importing each other: ``_fs`` → ``manifest`` → ``_io``. Everything here is re-exported by
-:mod:`flm._io`, the module the rest of flm writes files through.
+importing each other: ``_fs`` → ``manifest`` → ``_io``. The write primitives are re-exported by
+:mod:`flm._io`, the module the rest of flm writes files through; :func:`safetensors_metadata` is
+the one safetensors header reader, of :mod:`flm.checkpoint` and :mod:`flm.manifest`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
-__all__ = ["TEMP_SUFFIX", "LOCK_NAME", "is_temp_name", "fsync_dir", "replacing"]
+__all__ = ["TEMP_SUFFIX", "LOCK_NAME", "is_temp_name", "fsync_dir", "replacing", "safetensors_metadata"]
 
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
@@ -109,3 +112,43 @@ def _name_write_error(err: BaseException, target: Path) -> OSError | None:
         return None
     code = int(m.group(1))
     return OSError(code, os.strerror(code), str(target))
+
+
+def safetensors_metadata(f: BinaryIO, size: int, *, max_header: int | None = None) -> dict[str, Any]:
+    """The ``__metadata__`` dict of the safetensors file ``f``, reading only its header.
+
+    A safetensors file starts with an 8-byte little-endian length ``n``, then ``n`` bytes of JSON:
+    an object whose optional ``__metadata__`` maps strings to strings. This reads those bytes, not
+    the tensors (``safetensors.safe_open`` takes only a path, and ``safetensors.torch.load``
+    returns no metadata, hence a reader of flm's own).
+
+    Args:
+        f: a binary file object positioned at the file's start.
+        size: the file's size in bytes (bounds ``n`` before anything is read).
+        max_header: refuse a header longer than this many bytes (``None``: only the file size bounds it).
+
+    Returns:
+        The ``__metadata__`` dict, ``{}`` when the header has none.
+
+    Raises:
+        ValueError: for a corrupt header: shorter than 8 bytes, a length beyond the file (or
+            ``max_header``), not JSON, or JSON that is not an object (nor its ``__metadata__``).
+        OSError: the file cannot be read.
+
+    Source: the safetensors format (https://github.com/huggingface/safetensors, "Format").
+    """
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"file is {len(head)} bytes, shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file size {size}")
+    if max_header is not None and n > max_header:
+        raise ValueError(f"header length {n} exceeds the {max_header} bytes read")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"the safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"the safetensors __metadata__ is a JSON {type(meta).__name__}, not an object")
+    return meta

@@ -30,6 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
+from flm._fs import safetensors_metadata
 from flm._io import atomic_path
 from flm.tree import flatten, leaf_paths, unflatten
 
@@ -297,26 +298,6 @@ def _flm_version() -> str:
     return __version__
 
 
-def _header_metadata(f: BinaryIO, size: int) -> dict[str, str]:
-    """The ``__metadata__`` dict (``{}`` if none) of the safetensors header (an 8-byte little-endian
-    length, then that many bytes of JSON) at the start of ``f``, a file of ``size`` bytes; reads only
-    the header. The one reader for :func:`read_header` and for file objects (``safe_open`` takes only
-    a path, and ``safetensors.torch.load`` returns no metadata). Raises ``ValueError`` for a corrupt header."""
-    head = f.read(8)
-    if len(head) < 8:
-        raise ValueError(f"file is {len(head)} bytes, shorter than a safetensors header")
-    n = int.from_bytes(head, "little")
-    if n > size - 8:
-        raise ValueError(f"header length {n} exceeds the file size {size}")
-    header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError(f"the safetensors header is a JSON {type(header).__name__}, not an object")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"the safetensors __metadata__ is a JSON {type(meta).__name__}, not an object")
-    return meta
-
-
 def _read_tensors(src: PathOrFile, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The file's tensors (each its own copy, independent of the file) and header metadata.
 
@@ -332,7 +313,7 @@ def _read_tensors(src: PathOrFile, name: str) -> tuple[dict[str, torch.Tensor], 
                 meta = f.metadata() or {}
                 return {k: f.get_tensor(k).clone() for k in f.keys()}, meta
         data = src.read()
-        return st_load(data), _header_metadata(io.BytesIO(data), len(data))
+        return st_load(data), safetensors_metadata(io.BytesIO(data), len(data))
     except OSError as err:
         raise ValueError(f"load_checkpoint: cannot read {name!r}: {err}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt/truncated files
@@ -395,7 +376,7 @@ def read_header(src: str | os.PathLike) -> dict[str, Any]:
     name = os.fspath(src)
     try:
         with open(src, "rb") as f:
-            meta = _header_metadata(f, os.fstat(f.fileno()).st_size)
+            meta = safetensors_metadata(f, os.fstat(f.fileno()).st_size)
     except OSError as err:
         raise ValueError(f"load_checkpoint: cannot read {name!r}: {err.strerror or err}") from None
     except ValueError as err:

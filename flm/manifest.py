@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flm._fs import LOCK_NAME, is_temp_name, replacing
+from flm._fs import LOCK_NAME, is_temp_name, replacing, safetensors_metadata
 
 __all__ = [
     "MANIFEST_NAME",
@@ -116,16 +116,13 @@ def _sha256(path: Path, limit: int | None = None) -> str:
 
 
 def _safetensors_meta(path: Path) -> dict[str, Any] | None:
-    """flm's checkpoint header (the ``flm`` entry of the safetensors metadata), or ``None``."""
+    """flm's checkpoint header (the ``flm`` entry of the safetensors metadata), or ``None`` for any
+    other file, an unreadable one, or a header over 64 MiB (never read whole)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(os.fstat(f.fileno()).st_size - 8, 1 << 26):
-                return None
-            meta = (json.loads(f.read(n)).get("__metadata__") or {}).get("flm")
+            meta = safetensors_metadata(f, os.fstat(f.fileno()).st_size, max_header=1 << 26).get("flm")
         header = json.loads(meta) if isinstance(meta, str) else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         return None
     return header if isinstance(header, dict) else None
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 import flm.checkpoint as ckpt_mod
 from flm import optim
+from flm._fs import safetensors_metadata
 from flm.checkpoint import Checkpoint, load_checkpoint, read_header, save_checkpoint
 from flm.model import TransformerConfig, init_params
 from flm.tree import leaf_paths, tree_leaves, tree_map, tree_structure
@@ -367,6 +368,27 @@ def test_a_bad_header_raises_value_error_naming_file_in_both_readers(tmp_path, h
         read_header(bad)
     with open(bad, "rb") as f, pytest.raises(ValueError, match="broken.safetensors"):
         load_checkpoint(f)
+
+
+def test_the_shared_header_reader_bounds_the_length_before_reading():
+    """``flm._fs.safetensors_metadata`` (of the checkpoint and the manifest) refuses a length beyond
+    the file or ``max_header`` without reading the header, and returns ``{}`` without metadata."""
+    body = b'{"__metadata__": {"flm": "{}"}}'
+    data = len(body).to_bytes(8, "little") + body
+    assert safetensors_metadata(io.BytesIO(data), len(data)) == {"flm": "{}"}
+    assert safetensors_metadata(io.BytesIO(data), len(data), max_header=len(body)) == {"flm": "{}"}
+    empty = (2).to_bytes(8, "little") + b"{}"
+    assert safetensors_metadata(io.BytesIO(empty), len(empty)) == {}
+
+    class Unread(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:  # only the 8-byte length may be read
+            assert n == 8
+            return super().read(n)
+
+    with pytest.raises(ValueError, match=f"header length {len(body)} exceeds the {len(body) - 1} bytes"):
+        safetensors_metadata(Unread(data), len(data), max_header=len(body) - 1)
+    with pytest.raises(ValueError, match=f"header length {len(body)} exceeds the file size {len(data) - 1}"):
+        safetensors_metadata(Unread(data), len(data) - 1)
 
 
 def test_missing_file_raises_value_error(tmp_path):

@@ -319,6 +319,62 @@ def test_manifest_rules(tmp_path):
     assert not manifest.owned(d / "b.txt")
 
 
+def _safetensors_bytes(header: bytes, pad: int = 0) -> bytes:
+    """A safetensors file with no tensors: the 8-byte length, then ``header`` padded with ``pad`` spaces."""
+    body = header + b" " * pad
+    return len(body).to_bytes(8, "little") + body
+
+
+FLM_HEADER = json.dumps({"__metadata__": {"flm": json.dumps({"format_version": 1, "step": 3})}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("data", "want"),
+    [
+        (_safetensors_bytes(FLM_HEADER), True),
+        (_safetensors_bytes(FLM_HEADER, pad=1000), True),  # JSON whitespace is legal
+        (_safetensors_bytes(b"[1, 2]"), False),  # JSON, but not an object
+        (_safetensors_bytes(b'{"__metadata__": [1]}'), False),
+        (_safetensors_bytes(b'{"__metadata__": {"flm": "{not json"}}'), False),
+        (_safetensors_bytes(b'{"__metadata__": {"flm": "[1]"}}'), False),
+        (_safetensors_bytes(b'{"__metadata__": {"other": "{}"}}'), False),
+        (_safetensors_bytes(b"{not json"), False),
+        ((10**12).to_bytes(8, "little") + FLM_HEADER, False),  # a length beyond the file
+        (b"\x01\x02", False),  # shorter than the length prefix
+        (b"", False),
+    ],
+    ids=[
+        "flm",
+        "padded",
+        "list",
+        "metadata-list",
+        "flm-not-json",
+        "flm-list",
+        "no-flm",
+        "bad-json",
+        "long",
+        "short",
+        "empty",
+    ],
+)
+def test_an_unrecorded_checkpoint_is_flms_only_by_a_readable_flm_header(tmp_path, data, want):
+    """Outside a manifest, a ``.safetensors`` file is flm's when its header (read by the reader
+    flm.checkpoint uses) holds flm's metadata; any corrupt header means "not flm's", never an error."""
+    from flm import manifest
+
+    (tmp_path / "ckpt_0000003.safetensors").write_bytes(data)
+    assert manifest.owned(tmp_path / "ckpt_0000003.safetensors") is want
+
+
+def test_an_unrecorded_checkpoint_header_over_64_mib_is_not_read(tmp_path):
+    """The manifest reads at most 64 MiB of header: a valid flm header padded past that is not flm's."""
+    from flm import manifest
+
+    path = tmp_path / "ckpt_0000003.safetensors"
+    path.write_bytes(_safetensors_bytes(FLM_HEADER, pad=(1 << 26) + 1 - len(FLM_HEADER)))
+    assert not manifest.owned(path)
+
+
 def test_tokenize_never_replaces_the_users_files(finished, gen_texts, tmp_path, capsys):
     """``flm tokenize encode IN OUT`` onto the user's own OUT, and ``tokenize train --overwrite`` onto
     a tokenizer flm did not write, are refused; a token file and tokenizer flm wrote are replaced."""
