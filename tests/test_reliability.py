@@ -612,6 +612,46 @@ def test_resume_warns_about_a_corrupt_best_checkpoint_and_names_it(tmp_path, bes
     assert len(warnings) == 1 and f"not counting {tmp_path / BEST_NAME}'s validation loss" in warnings[0]
 
 
+def test_the_resume_plan_and_the_loop_take_the_same_checkpoint(tmp_path):
+    """``newest_loadable`` is the one rule of ``flm train --resume``'s plan and of
+    ``Checkpointer.resume``: newest first, it skips an unreadable header, a failed checksum and
+    NaN values (each with its reason), stops at what ``check`` raises, and takes the first good one."""
+    from flm.train.checkpointer import newest_loadable
+
+    good = {"w": torch.ones(3)}
+    save_checkpoint(tmp_path / "ckpt_0000001.safetensors", params=good, step=1)
+    save_checkpoint(tmp_path / "ckpt_0000002.safetensors", params=good, step=2)
+    data = bytearray((tmp_path / "ckpt_0000002.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # a flipped data byte: the header reads, the checksum fails
+    (tmp_path / "ckpt_0000002.safetensors").write_bytes(bytes(data))
+    save_checkpoint(
+        tmp_path / "ckpt_0000003.safetensors",
+        params={"w": torch.full((3,), float("nan"))},
+        step=3,
+        allow_nonfinite=True,
+    )
+    (tmp_path / "ckpt_0000004.safetensors").write_bytes(b"\x05" + b"\x00" * 7 + b"{oops")
+    paths = list_checkpoints(tmp_path)
+    skipped: list[tuple[str, str]] = []
+    checked: list[int] = []
+    found = newest_loadable(
+        paths,
+        check=lambda p, h: checked.append(h["step"]),
+        skip=lambda p, why: skipped.append((p.name, why)),
+    )
+    assert found is not None and found[0].name == "ckpt_0000001.safetensors" and found[1]["step"] == 1
+    assert torch.equal(found[2].params["w"], good["w"]) and checked == [3, 2, 1]
+    assert [n for n, _ in skipped] == [f"ckpt_000000{i}.safetensors" for i in (4, 3, 2)]
+    assert "NaN/inf" in skipped[1][1] and "checksum" in skipped[2][1].lower()
+
+    def refuse(p: Path, h: dict) -> None:
+        raise ValueError(f"other model: {p.name}")
+
+    with pytest.raises(ValueError, match="other model: ckpt_0000003"):
+        newest_loadable(paths, check=refuse, skip=lambda p, why: None)
+    assert newest_loadable(paths[1:], skip=lambda p, why: None) is None
+
+
 def test_the_printed_resume_hint_continues_the_run_as_configured(texts, tmp_path, monkeypatch, capsys):
     """Regression: ``flm train --resume --out-dir RUN`` (the hint Ctrl-C prints) rebuilt the settings
     from the default preset, so it refused the run or silently cut it short; it now starts from

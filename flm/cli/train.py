@@ -28,7 +28,7 @@ import torch
 
 from flm import distributed, manifest
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
-from flm.checkpoint import load_checkpoint, read_header
+from flm.checkpoint import read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import (
     OutOfMemory,
@@ -57,10 +57,9 @@ from flm.runs import (
 )
 from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
-from flm.train.checkpointer import model_config_changes
+from flm.train.checkpointer import model_config_changes, newest_loadable
 from flm.train.config import resolve_auto
 from flm.train.metrics import device_peak_flops
-from flm.tree import all_finite
 
 __all__ = [
     "add_parser",
@@ -434,13 +433,9 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
         raise UsageError(
             f"--resume: {plan.out_dir} holds no checkpoint to resume from; run without --resume to start a new run"
         )
-    skipped = []
-    for path in reversed(checkpoints):
-        try:
-            header = read_header(path)
-        except ValueError as err:
-            skipped.append(f"{path.name}: {err}")
-            continue  # unreadable: the loop skips it too, and tries an older one
+    skipped: list[str] = []
+
+    def check(path: Path, header: dict[str, Any]) -> None:
         saved = header.get("config") or {}
         changes = model_config_changes(saved.get("model", {}), cfg.model)
         if changes:
@@ -453,17 +448,14 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
         plan.train_changes = [
             f"{k} {was[k]!r} → {now[k]!r}"
             for k in now
-            if k in was and was[k] != now[k] and k not in ("device", "compile", "compile_scope", "tensorboard", "wandb", "peak_flops")
+            if k in was
+            and was[k] != now[k]
+            and k not in ("device", "compile", "compile_scope", "tensorboard", "wandb", "peak_flops")
         ]
-        try:
-            ckpt = load_checkpoint(path, verify=True)
-        except ValueError as err:
-            skipped.append(f"{path.name}: {err}")
-            continue
-        if not all_finite((ckpt.params, ckpt.opt_state)):
-            skipped.append(f"{path.name}: it holds NaN/inf values")
-            continue
-        del ckpt
+
+    found = newest_loadable(checkpoints, check=check, skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
+    if found is not None:  # the one the loop's Checkpointer.resume takes (the same function)
+        path, header, _ = found
         plan.resume_from = (path, int(header.get("step", 0)))
         plan.notes.append(f"resume from {path.name} (step {plan.resume_from[1]})")
         return

@@ -29,7 +29,7 @@ from flm.model import TransformerConfig
 from flm.progress import info
 from flm.tree import all_finite
 
-__all__ = ["Checkpointer", "NonFiniteLossError", "model_config_changes", "BEST_NAME"]
+__all__ = ["Checkpointer", "NonFiniteLossError", "model_config_changes", "newest_loadable", "BEST_NAME"]
 
 PyTree = Any
 BEST_NAME = "best.safetensors"
@@ -50,6 +50,52 @@ def model_config_changes(saved: dict[str, Any], current: TransformerConfig) -> l
         for k in now
         if k not in _RUNTIME_FIELDS and saved.get(k, now[k]) != now[k]
     ]
+
+
+def newest_loadable(
+    paths: list[Path],
+    *,
+    like: Any = None,
+    check: Callable[[Path, dict[str, Any]], None] | None = None,
+    skip: Callable[[Path, str], None],
+) -> tuple[Path, dict[str, Any], Checkpoint] | None:
+    """The checkpoint a resume takes: the newest of ``paths`` whose header reads, that ``check``
+    accepts, that loads with its checksum verified and that holds only finite values.
+
+    The one rule behind :meth:`Checkpointer.resume` and ``flm train --resume``'s plan, so the plan
+    names the checkpoint the loop will resume from.
+
+    Args:
+        paths: checkpoint files, oldest first (:func:`flm.checkpoint.list_checkpoints`).
+        like: the template :func:`flm.checkpoint.load_checkpoint` restores to (``None``: as saved).
+        check: called with a readable checkpoint's path and header before it is loaded; what it
+            raises ends the search (e.g. another model's settings).
+        skip: called with each unusable checkpoint's path and the reason, newest first.
+
+    Returns:
+        ``(path, header, checkpoint)``, or ``None`` when no checkpoint qualifies.
+
+    Raises:
+        Exception: whatever ``check`` raises.
+    """
+    for path in reversed(paths):
+        try:
+            header = read_header(path)
+        except ValueError as err:
+            skip(path, str(err))
+            continue
+        if check is not None:
+            check(path, header)
+        try:
+            ckpt = load_checkpoint(path, like=like, verify=True)
+        except ValueError as err:
+            skip(path, str(err))
+            continue
+        if not all_finite((ckpt.params, ckpt.opt_state)):
+            skip(path, "it holds NaN/inf values")
+            continue
+        return path, header, ckpt
+    return None
 
 
 class Checkpointer:
@@ -177,37 +223,30 @@ class Checkpointer:
             ValueError: the newest readable checkpoint was made with another model config or
                 another tokenizer (naming the differences).
         """
-        for path in reversed(list_checkpoints(self.out)):
+        found = newest_loadable(
+            list_checkpoints(self.out),
+            like=like,
+            check=lambda path, header: self.check_compatible(header, model_config, path),
+            skip=lambda path, why: self.log(f"warning: skipping {path.name}: {why}"),
+        )
+        if found is None:
+            return None
+        path, _, ckpt = found
+        meta = ckpt.metadata
+        best = meta.get("best_val_loss")
+        self.best_loss = float(best) if best is not None else math.inf
+        self.best_step = meta.get("best_step")
+        best_path = self.out / BEST_NAME
+        if best_path.exists():
             try:
-                header = read_header(path)
-            except ValueError as err:
-                self.log(f"warning: skipping {path.name}: {err}")
-                continue
-            self.check_compatible(header, model_config, path)
-            try:
-                ckpt = load_checkpoint(path, like=like, verify=True)
-            except ValueError as err:
-                self.log(f"warning: skipping {path.name}: {err}")
-                continue
-            if not all_finite((ckpt.params, ckpt.opt_state)):
-                self.log(f"warning: skipping {path.name}: it holds NaN/inf values")
-                continue
-            meta = ckpt.metadata
-            best = meta.get("best_val_loss")
-            self.best_loss = float(best) if best is not None else math.inf
-            self.best_step = meta.get("best_step")
-            best_path = self.out / BEST_NAME
-            if best_path.exists():
-                try:
-                    b = read_header(best_path)
-                    loss = (b.get("metadata") or {}).get("val_loss")
-                    if loss is not None and float(loss) < self.best_loss:
-                        self.best_loss, self.best_step = float(loss), b.get("step")
-                except (ValueError, TypeError) as err:
-                    self.log(f"warning: not counting {best_path}'s validation loss as the best so far: {err}")
-            self.last_good, self.last_saved_step = path, ckpt.step
-            return ckpt
-        return None
+                b = read_header(best_path)
+                loss = (b.get("metadata") or {}).get("val_loss")
+                if loss is not None and float(loss) < self.best_loss:
+                    self.best_loss, self.best_step = float(loss), b.get("step")
+            except (ValueError, TypeError) as err:
+                self.log(f"warning: not counting {best_path}'s validation loss as the best so far: {err}")
+        self.last_good, self.last_saved_step = path, ckpt.step
+        return ckpt
 
     def check_compatible(self, header: dict[str, Any], model_config: TransformerConfig, path: Path) -> None:
         """Check that a checkpoint belongs to this run before resuming from it.
