@@ -15,11 +15,10 @@ import torch
 
 from flm._compat import foreach_add, foreach_add_, is_compiling
 from flm.optim import _kernels
-from flm.tree import tree_leaves, tree_structure
+from flm.tree import PyTree, tree_leaves, tree_structure
 
 __all__ = ["GradientTransformation", "EmptyState", "Schedule", "PyTree", "identity", "chain", "apply_updates"]
 
-PyTree = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 
 
