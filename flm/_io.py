@@ -154,7 +154,9 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
     Two processes writing one run directory would interleave metrics and delete each other's
     checkpoints, so the second one fails at once instead. The lock is an ``fcntl.flock`` on
     ``DIR/.lock``, released by the kernel when the process dies (a stale lock file is harmless);
-    the file records the holder's pid for the message. Re-entrant within a process. Where
+    the file records the holder's pid for the message, and is removed when the block ends, while
+    still locked and only if ``DIR/.lock`` is still that file (a process that opened it before the
+    removal sees, once it holds the lock, that the name is gone, and locks a new file). Re-entrant within a process. Where
     ``fcntl`` does not exist (Windows) the lock is advisory only: the pid is written, not enforced.
 
     Args:
@@ -195,6 +197,11 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
                     f"run directory {d} is in use by pid {holder} (another flm process); "
                     "wait for it to finish or use another --out-dir"
                 ) from None
+            if not _names_file(d / LOCK_NAME, f.fileno()):  # its holder removed it before we locked: retry
+                f.close()
+                with run_lock(d):
+                    yield
+                return
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -204,5 +211,19 @@ def run_lock(directory: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             del _HELD[key]
+            # Removed while still held, and only if DIR/.lock is still this file: a process that
+            # opened it before the unlink finds the name gone once it locks, and starts over.
+            if _names_file(d / LOCK_NAME, f.fileno()):
+                with contextlib.suppress(OSError):
+                    os.unlink(d / LOCK_NAME)
     finally:
         f.close()  # closing the file releases the flock
+
+
+def _names_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not followed if a link) is the open file ``fd``: same device and inode."""
+    try:
+        st, own = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

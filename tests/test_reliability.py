@@ -290,6 +290,61 @@ def test_a_second_process_on_the_same_run_dir_fails_naming_the_holder(texts, tmp
         holder.join(60)
 
 
+def test_a_finished_run_leaves_no_lock_file(tiny_run):
+    """Regression: ``RUN/.lock`` (holding a pid) stayed behind after a finished run (issue 21, 13)."""
+    assert not (tiny_run / ".lock").exists()
+    assert (tiny_run / "results.json").is_file()
+
+
+def test_the_lock_file_of_another_holder_is_never_removed(tmp_path, monkeypatch):
+    """The lock file is removed only by its holder, while it holds it: a process refused by the
+    lock leaves the holder's file as it is (same inode, same pid); a process that locked a file
+    its holder had removed meanwhile (it opened ``.lock`` before the removal) sees that the name
+    is gone and starts over on the current file, so it never holds a lock beside the real holder;
+    the holder removes its file when it lets go."""
+    import flm._io
+    from flm._io import RunLockedError, run_lock
+
+    run = tmp_path / "run"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(run), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        inode = (run / ".lock").stat().st_ino
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            with run_lock(run):
+                pass
+        assert (run / ".lock").stat().st_ino == inode and (run / ".lock").read_text() == str(holder.pid)
+        # A file opened before its holder removed it: here an unlinked file stands in for it.
+        (run / "removed").write_text("")
+        stale = os.open(run / "removed", os.O_RDWR)
+        (run / "removed").unlink()
+        real_open, opened = os.open, []
+
+        def open_(path, flags, mode=0o777, **kw):
+            if Path(path).name == ".lock" and not opened:
+                opened.append(path)
+                return os.dup(stale)
+            return real_open(path, flags, mode, **kw)
+
+        monkeypatch.setattr(flm._io.os, "open", open_)
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            with run_lock(run):
+                pass
+        monkeypatch.undo()
+        os.close(stale)
+        assert opened and (run / ".lock").stat().st_ino == inode
+    finally:
+        release.set()
+        holder.join(60)
+    assert holder.exitcode == 0 and not (run / ".lock").exists()
+    with run_lock(run):  # free again: taken, and removed when released
+        assert (run / ".lock").read_text() == str(os.getpid())
+    assert not (run / ".lock").exists()
+
+
 # ----------------------------------------------------------------- 6. checked up front
 
 
