@@ -199,6 +199,10 @@ def progress_bar(
     """A progress bar suited to where the output goes: a :class:`ProgressBar` (tqdm's bar on a
     terminal, plain throttled lines in logs and files), or ``tqdm.auto``'s widget in a notebook.
 
+    A bar is drawn only while the ``flm`` logger's own level is INFO or below (or unset): setting
+    it higher, as ``flm --quiet`` and ``logging.getLogger("flm").setLevel(logging.WARNING)`` do,
+    silences bars with the other progress messages.
+
     Args:
         total: expected final count, or ``None`` when unknown.
         desc: a short label (e.g. a file name).
@@ -209,6 +213,7 @@ def progress_bar(
     Returns:
         An object with ``update(n)``, ``close()`` and context-manager support.
     """
+    enabled = enabled and logging.getLogger("flm").level <= logging.INFO
     if enabled and _in_notebook():
         from tqdm.auto import tqdm as auto_tqdm
 

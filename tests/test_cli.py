@@ -4,8 +4,10 @@ generated flags and config files. Failure paths are in tests/test_reliability.py
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -306,3 +308,136 @@ def test_a_missing_run_is_a_usage_error_in_every_command(command, tmp_path, caps
     assert main([command[0], missing, *command[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {missing} does not exist"
+
+
+# Issue 21, items 8-10: what a new user sees on the terminal.
+
+
+def test_help_shows_plain_text_one_default_and_how_to_pass_none(capsys):
+    """``--help`` had Sphinx roles (:func:`…`), defaults twice ('"pre" (default) … (default: pre)')
+    and "(None: …)" with no way to pass None: roles are plain names, each flag shows its (preset's)
+    default once, and an optional field says ``none``, which the flag accepts."""
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "cpu-small", "--help"])
+    text = capsys.readouterr().out
+    assert not re.search(r":\w+:`", text) and "``" not in text
+    assert "see flm.nn.dot_product_attention" in text
+    settings = text.split("model settings:")[1].split("presets (--preset")[0]
+    entries = re.split(r"\n  (?=--)", settings)
+    assert len(entries) > 40
+    for entry in entries:
+        if entry.startswith("--"):
+            assert " ".join(entry.split()).count("(default") == 1, entry
+    assert '"pre", "post" or "none"' in " ".join(text.split())
+    assert "None" not in settings  # spelled as the flag takes it
+    assert "(none: the whole validation set) (default: none)" in " ".join(settings.split())
+    assert "0 or none" not in " ".join(settings.split())  # --top-k takes no none: it says "0 = off" only
+    # none parses to None, also over a preset's value (cpu-small reads 32 MiB of its training text).
+    assert (
+        main(["train", "--preset", "cpu-small", "--eval-batches", "none", "--train-bytes", "None", "--print-config"])
+        == 0
+    )
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["eval_batches"] is None and cfg["data"]["train_bytes"] is None
+    assert main(["train", "--preset", "cpu-small", "--eval-batches", "4", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["eval_batches"] == 4
+
+
+def test_help_text_of_docstring_markup():
+    from flm.cli.args import help_text
+
+    assert help_text(":func:`flm.nn.dot_product_attention`.") == "flm.nn.dot_product_attention"
+    assert help_text(":py:func:`~flm.nn.rms_norm` or ``x``") == "rms_norm or x"
+    assert help_text(":ref:`the guide <guide-label>`") == "the guide"
+    assert help_text('"a" (default) or "b" (default: off)') == '"a" or "b" (off)'
+    assert help_text("k (0 or None = off)") == "k (0 = off)"
+    assert help_text("k (None: all)", optional=True) == "k (none: all)"
+
+
+def test_quiet_train_shows_warnings_as_one_line_and_no_progress_bar(texts, tmp_path):
+    """``flm --quiet train`` printed the ``evaluate 100%|…`` bar, and BPE's early stop as Python's
+    raw ``UserWarning`` with its source line: now stdout is empty and stderr holds only
+    ``warning: …`` lines (a 4,000-token vocabulary cannot be reached on this text)."""
+    argv = train_argv(texts, tmp_path / "run", "--vocab-size", "4000", "--max-iters", "2", "--eval-interval", "0")
+    argv += ["--checkpoint-interval", "0", "--max-new-tokens", "0"]
+    r = subprocess.run(
+        [sys.executable, "-m", "flm", "--quiet", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines and all(line.startswith("warning: ") for line in lines), r.stderr
+    assert any(line.startswith("warning: BPE training stopped after ") for line in lines), r.stderr
+    assert "UserWarning" not in r.stderr and "bpe.py" not in r.stderr and "evaluate" not in r.stderr
+
+
+def test_a_cli_warning_is_one_logged_line_and_the_hook_is_restored(tiny_run, capsys, monkeypatch):
+    import warnings
+
+    import flm.cli.generate as generate_cli
+
+    before = warnings.showwarning
+
+    def warn(args):
+        warnings.warn("something odd\n  over two lines", UserWarning, stacklevel=1)
+        warnings.warn("old spelling", DeprecationWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(generate_cli, "run", warn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["generate", str(tiny_run)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: something odd over two lines",
+        "warning: DeprecationWarning: old spelling",
+    ]
+    assert warnings.showwarning is before
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+_CONTROL_PROMPT = "Lily\x1b[2J\x0e\x7f\x9b\tsaw\r"
+
+
+def test_samples_are_escaped_on_a_terminal_and_exact_in_a_pipe(tiny_run, tmp_path, monkeypatch):
+    """A small model's ESC or shift-out bytes drove the terminal: on a terminal ``flm generate``
+    shows C0 (but \\n, \\t), DEL and C1 controls escaped; a pipe gets the exact text."""
+    argv = ["generate", str(tiny_run), "--prompt", _CONTROL_PROMPT, "--max-new-tokens", "3", "--device", "cpu"]
+    for stream_flag in ([], ["--no-stream"]):
+        tty = _Terminal()
+        monkeypatch.setattr(sys, "stdout", tty)
+        assert main(argv + stream_flag) == 0
+        monkeypatch.undo()
+        shown = tty.getvalue()
+        assert shown.startswith("Lily\\x1b[2J\\x0e\\x7f\\x9b\tsaw\\x0d"), shown
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", shown)
+    r = subprocess.run(
+        [sys.executable, "-m", "flm", *argv], capture_output=True, cwd=tmp_path, timeout=300
+    )  # bytes: a pipe
+    assert r.returncode == 0 and r.stdout.startswith(_CONTROL_PROMPT.encode()), r.stdout
+
+
+def test_train_samples_are_escaped_on_a_terminal_and_exact_in_samples_txt(tiny_run, texts, tmp_path, monkeypatch):
+    again = tmp_path / "again"
+    shutil.copytree(tiny_run, again)
+    tty = _Terminal()
+    monkeypatch.setattr(sys, "stdout", tty)
+    assert main(train_argv(texts, again, "--resume", "--prompts", _CONTROL_PROMPT)) == 0
+    monkeypatch.undo()
+    assert "Lily\\x1b[2J\\x0e\\x7f\\x9b\tsaw\\x0d" in tty.getvalue()
+    assert "\x1b" not in tty.getvalue()
+    assert _CONTROL_PROMPT in (again / "samples.txt").read_bytes().decode("utf-8")
+
+
+def test_for_terminal_escapes_only_on_a_terminal():
+    from flm.cli.common import for_terminal
+
+    text = "a\x00b\x1bc\x7fd\x85e\nf\tg é ✓"
+    assert for_terminal(text, _Terminal()) == "a\\x00b\\x1bc\\x7fd\\x85e\nf\tg é ✓"
+    assert for_terminal(text, io.StringIO()) == text
+    assert for_terminal(text, object()) == text  # no isatty: not a terminal

@@ -20,7 +20,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from flm.cli.common import ArgumentParser, run_command, setup_logging
+from flm.cli.common import ArgumentParser, run_command, setup_logging, warnings_to_log
 
 __all__ = ["main", "build_parser"]
 
@@ -68,4 +68,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args.command_line = "flm " + shlex.join(argv)  # for reports that record how they were made
     setup_logging(quiet=getattr(args, "quiet", False))
-    return run_command(args.handler, args)
+    with warnings_to_log():
+        return run_command(args.handler, args)

@@ -20,12 +20,21 @@ import types
 import typing
 from typing import Any
 
+from flm.cli.common import plain_text
 from flm.config import PRESET_NOTES, PRESETS, SECTIONS, RunConfig, default_preset, load_config_file
 from flm.download import DATASETS
 from flm.model import CHOICES as MODEL_CHOICES
 from flm.train.config import COMPILE_SCOPES, COMPUTE_DTYPES
 
-__all__ = ["add_config_flags", "config_from_args", "field_docs", "flag_name", "presets_epilog", "pre_parse"]
+__all__ = [
+    "add_config_flags",
+    "config_from_args",
+    "field_docs",
+    "flag_name",
+    "help_text",
+    "presets_epilog",
+    "pre_parse",
+]
 
 _FLAG_NAMES = {("model", "eps"): "norm-eps", ("train", "eps"): "adam-eps", ("sample", "seed"): "sample-seed"}
 _CHOICES = {
@@ -54,6 +63,29 @@ def field_docs(cls: type) -> dict[str, str]:
         elif current and line.strip():
             docs[current] += " " + line.strip()
     return docs
+
+
+def help_text(doc: str, *, optional: bool = False) -> str:
+    """A field's docstring description as ``--help`` text: plain text
+    (:func:`flm.cli.common.plain_text`) without the docstring's own "(default)" marks (the help
+    appends the preset's default once), and with ``None`` written ``none``, the value the flag
+    takes for it (a field that cannot be ``None`` loses its "or None").
+
+    Args:
+        doc: the description from the ``Attributes:`` section.
+        optional: whether the field accepts ``None`` (``--flag none``).
+
+    Returns:
+        One line of help text, without a final full stop.
+    """
+    text = plain_text(doc)
+    text = re.sub(r"\s*\(default\)", "", text)  # '"pre" (default), "post"' → '"pre", "post"'
+    text = text.replace("(default: ", "(")  # '"auto" (default: fused kernels)' → '"auto" (fused kernels)'
+    if optional:
+        text = re.sub(r"\bNone\b", "none", text)
+    else:
+        text = re.sub(r"\s+or None\b", "", text)
+    return " ".join(text.split()).rstrip(".")
 
 
 def _parse_optional(kind: type) -> Any:
@@ -107,8 +139,8 @@ def add_config_flags(
             current = getattr(getattr(defaults, section), f.name)
             kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS}
             shown = " ".join(map(str, current)) if isinstance(current, tuple) else current
-            text = docs.get(f.name, "").replace("``", "").rstrip(".")
-            kw["help"] = f"{text} (default: {shown})".replace("%", "%%")
+            text = help_text(docs.get(f.name, ""), optional=optional)
+            kw["help"] = f"{text} (default: {'none' if current is None else shown})".replace("%", "%%")
             if base is bool or (isinstance(hint, types.UnionType) and set(args) == {bool, str}):
                 kw["action"] = argparse.BooleanOptionalAction  # bool | "auto": neither flag keeps auto
             elif typing.get_origin(base) is tuple:

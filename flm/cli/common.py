@@ -37,6 +37,9 @@ __all__ = [
     "is_memory_error",
     "memory_error_bytes",
     "format_bytes",
+    "for_terminal",
+    "plain_text",
+    "warnings_to_log",
 ]
 
 logger = logging.getLogger("flm")
@@ -50,8 +53,37 @@ class Terminated(KeyboardInterrupt):
     """The process was asked to stop by SIGTERM (exit code 143, ``128 + SIGTERM``)."""
 
 
+_ROLE = re.compile(r":[\w:]+:`(~?)([^`<]*?)\s*(<[^>]*>)?`")
+
+
+def plain_text(text: str) -> str:
+    """Docstring markup as a terminal shows it: a Sphinx role becomes its target
+    (``:func:`flm.nn.f``` → ``flm.nn.f``; ``:func:`~flm.nn.f``` → ``f``; ``:ref:`title <label>```
+    → ``title``) and ``literal`` loses its backquotes.
+
+    Args:
+        text: reStructuredText from a docstring.
+
+    Returns:
+        The text without that markup.
+    """
+
+    def role(m: re.Match[str]) -> str:
+        tilde, target, title = m.groups()
+        if title is None and tilde:
+            return target.rsplit(".", 1)[-1]
+        return target
+
+    return _ROLE.sub(role, text).replace("``", "")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with one-line errors: ``error: <message> (see <prog> --help)``, exit code 2."""
+    """``argparse`` with one-line errors: ``error: <message> (see <prog> --help)``, exit code 2,
+    and help without docstring markup (:func:`plain_text`: descriptions come from docstrings)."""
+
+    def format_help(self) -> str:
+        """The help text, as plain text."""
+        return plain_text(super().format_help())
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
@@ -63,20 +95,82 @@ def log(message: str) -> None:
     logger.info(message)
 
 
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 but \t and \n, DEL, C1
+
+
+def for_terminal(text: str, stream: Any) -> str:
+    """``text`` as it may be written to ``stream``: on a terminal, control characters (C0 but
+    ``\\n`` and ``\\t``, DEL, C1) are shown escaped (``\\x1b``) so a sample cannot move the cursor,
+    recolour or reset the terminal; files and pipes get the exact text.
+
+    Args:
+        text: the text to write.
+        stream: where it goes (a terminal when its ``isatty()`` says so).
+
+    Returns:
+        ``text``, escaped when ``stream`` is a terminal.
+    """
+    if not _CONTROLS.search(text) or not _isatty(stream):
+        return text
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class _Formatter(logging.Formatter):
+    """A plain-line formatter that escapes control characters when its stream is a terminal."""
+
+    def __init__(self, fmt: str, stream: Any) -> None:
+        super().__init__(fmt)
+        self.stream = stream
+
+    def format(self, record: logging.LogRecord) -> str:
+        return for_terminal(super().format(record), self.stream)
+
+
 def setup_logging(quiet: bool = False) -> None:
-    """Send the ``flm`` logger's messages to stdout as plain lines (warnings to stderr)."""
+    """Send the ``flm`` logger's messages to stdout as plain lines (warnings to stderr, as
+    ``warning: …``), with control characters escaped on a terminal (:func:`for_terminal`).
+    ``quiet`` shows only warnings and errors, and no progress bars (:func:`flm.progress.progress_bar`
+    draws none while the ``flm`` logger's level is above INFO)."""
     root = logging.getLogger("flm")
     root.handlers.clear()
     out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter("%(message)s"))
+    out.setFormatter(_Formatter("%(message)s", sys.stdout))
     out.addFilter(lambda r: r.levelno < logging.WARNING)
     err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(logging.Formatter("warning: %(message)s"))
+    err.setFormatter(_Formatter("warning: %(message)s", sys.stderr))
     err.setLevel(logging.WARNING)
     root.addHandler(out)
     root.addHandler(err)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+
+
+@contextlib.contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """While a command runs, each Python warning reaches the user as one ``warning: …`` line on
+    the ``flm`` logger (a ``UserWarning`` as its message, other categories prefixed with their
+    name) instead of Python's two lines with the source file and the offending code. The warning
+    filters are unchanged (a warning shown once still shows once); the previous
+    ``warnings.showwarning`` is restored afterwards, so a library user's handling is untouched."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        text = " ".join(str(message).split())
+        logger.warning(text if category is UserWarning else f"{category.__name__}: {text}")
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def pick_device(device: str | None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flm.cli.common import UsageError, checkpoint_arg, pick_device
+from flm.cli.common import UsageError, checkpoint_arg, for_terminal, pick_device
 from flm.config import SampleConfig
 
 __all__ = ["add_parser", "run"]
@@ -64,8 +64,16 @@ def sample_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> S
         raise UsageError(str(err).replace("SampleConfig: ", "--").replace("_", "-")) from None
 
 
+def _write(text: str) -> None:
+    """Write sampled text to stdout: exact to a file or a pipe, control characters escaped on a
+    terminal (a small model's ESC or shift-out bytes would otherwise drive it): see
+    :func:`flm.cli.common.for_terminal`."""
+    sys.stdout.write(for_terminal(text, sys.stdout))
+
+
 def run(args: argparse.Namespace) -> int:
-    """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout."""
+    """Load the run, then stream ``--num-samples`` continuations of ``--prompt`` to stdout
+    (control characters escaped when stdout is a terminal)."""
     from flm.generate import generate_stream
     from flm.runs import encode_prompt, load_model, load_tokenizer_beside
     from flm.tree import all_finite
@@ -111,18 +119,18 @@ def run(args: argparse.Namespace) -> int:
         )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out = [prompt]
-        sys.stdout.write(prompt)
+        _write(prompt)
         for step in stream:
             if step[0] is None:
                 break
             piece = decoder.decode(tokenizer.decode_bytes([step[0]]))
             out.append(piece)
             if not args.no_stream:
-                sys.stdout.write(piece)
+                _write(piece)
                 sys.stdout.flush()
         tail = decoder.decode(b"", final=True)
         if args.no_stream:
-            sys.stdout.write("".join(out[1:]))
-        sys.stdout.write(tail + "\n")
+            _write("".join(out[1:]))
+        _write(tail + "\n")
         sys.stdout.flush()
     return 0
