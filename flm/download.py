@@ -15,6 +15,7 @@ Source: CS336 assignment 1 handout §1 (data set links), §5.1.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -35,7 +36,15 @@ from typing import NamedTuple
 from flm._io import atomic_write_json, atomic_writer
 from flm.progress import progress_bar
 
-__all__ = ["DATASETS", "DatasetInfo", "FilePin", "check_local_size", "download", "stamp_path"]
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "DownloadUnavailable",
+    "FilePin",
+    "check_local_size",
+    "download",
+    "stamp_path",
+]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -199,6 +208,24 @@ def _hub_checksum(headers: Message) -> tuple[str | None, int | None]:
     return sha, _int_header(headers.get("X-Linked-Size"))
 
 
+class DownloadUnavailable(OSError):
+    """A data set file could not be fetched at all: the server was not reached (no network, a name
+    that does not resolve, a refused connection, a timeout) or answered with an HTTP error.
+
+    Nothing of that file was written. The message is one line naming the file, the URL and the
+    reason; a command line adds what works without the download (see ``flm train``).
+
+    Attributes:
+        file: the remote file name, e.g. ``"TinyStoriesV2-GPT4-train.txt"``.
+        url: the URL that was tried.
+        reason: what went wrong, e.g. ``"[Errno -2] Name or service not known"``.
+    """
+
+    def __init__(self, file: str, url: str, reason: str) -> None:
+        super().__init__(f"cannot download {file} from {url}: {reason}")
+        self.file, self.url, self.reason = file, url, reason
+
+
 class _HubRedirects(urllib.request.HTTPRedirectHandler):
     """Follows redirects as urllib does (the Range header is kept) and remembers the hub's checksum headers."""
 
@@ -283,9 +310,11 @@ def _fetch(
             if _allow_restart:  # the .part is longer than the remote file: it is stale, start over
                 part.unlink()
                 return again()
-        raise OSError(f"download of {desc} from {url} failed: HTTP {e.code} {e.reason}") from e
+        raise DownloadUnavailable(desc, url, f"HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise OSError(f"download of {desc} from {url} failed: {e.reason}") from e
+        raise DownloadUnavailable(desc, url, str(e.reason)) from e
+    except (TimeoutError, ConnectionError) as e:  # while waiting for the reply's headers
+        raise DownloadUnavailable(desc, url, f"{type(e).__name__}: {e}") from e
 
     with resp:
         hub.note(resp.headers)
@@ -337,7 +366,12 @@ def _fetch(
             except (OSError, EOFError, ValueError) as e:
                 error = e
     size = part.stat().st_size
-    if error is not None or (length is not None and received != length) or (total is not None and size != total):
+    short = error is not None or (length is not None and received != length) or (total is not None and size != total)
+    if short and size == 0:
+        part.unlink(missing_ok=True)  # created empty by this call: there is nothing to resume
+        why = f" ({type(error).__name__}: {error})" if error is not None else ""
+        raise DownloadUnavailable(desc, url, f"the connection closed before any data{why}")
+    if short:
         expected = total if total is not None else (have + length if length is not None else "?")
         why = f" ({type(error).__name__}: {error})" if error is not None else ""
         raise OSError(
@@ -424,7 +458,9 @@ def _write_stamp(path: Path, sha256: str) -> None:
         pass
 
 
-def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = False, progress: bool = False) -> None:
+def check_local_size(
+    path: str | os.PathLike, pin: FilePin, *, gzip: bool = False, progress: bool = False, record: bool = True
+) -> None:
     """Check a data file already on disk against its pin: the size (a ``stat``), then the SHA-256 once.
 
     Catches a file left by older versions or other tools: an HTML error page, a partial copy, or
@@ -438,6 +474,8 @@ def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = Fals
         pin: its pin; a pin without a size or digest skips that check.
         gzip: whether the data set is served gzipped (then ``pin.local_size``/``local_sha256`` apply).
         progress: show a progress bar on stderr while hashing.
+        record: write the stamp after a successful hash (``False``: write nothing, e.g. for
+            ``flm train --dry-run``).
 
     Raises:
         ValueError: naming the file, its size or digest and the expected one (the file is kept:
@@ -462,7 +500,7 @@ def check_local_size(path: str | os.PathLike, pin: FilePin, *, gzip: bool = Fals
                 hasher.update(block)
                 bar.update(len(block))
         have_sha = hasher.hexdigest()
-        if have_sha == want_sha and p.stat().st_mtime_ns == st.st_mtime_ns:  # unchanged while it was read
+        if record and have_sha == want_sha and p.stat().st_mtime_ns == st.st_mtime_ns:  # unchanged while read
             _write_stamp(p, have_sha)
     if have_sha != want_sha:
         raise ValueError(
@@ -512,7 +550,8 @@ def download(
 
     Args:
         name: a key of ``DATASETS`` (``"tinystories"`` or ``"owt"``).
-        dest_dir: the directory to save into (created if needed).
+        dest_dir: the directory to save into (created if needed; removed again on failure when
+            this call created it and it is still empty).
         base_url: overrides the data set's base URL (the file name is appended); default: the
             ``FLM_DATA_BASE_URL`` environment variable, else ``DATASETS[name].base_url``. A mirror is
             held to the same pins.
@@ -531,7 +570,10 @@ def download(
             gzip file that does not decompress (it is removed); a file already in ``dest_dir`` whose
             size or SHA-256 differs from its pin (it is kept).
         TypeError: ``pins`` is not a mapping of :class:`FilePin`.
-        OSError: a network or HTTP error or a short transfer (naming the file; the ``.part`` is kept);
+        DownloadUnavailable: (an OSError) the server could not be reached or answered an HTTP error:
+            nothing of that file was written, and directories this call created are removed again
+            when they are empty.
+        OSError: a short transfer (naming the file; the ``.part`` is kept to resume);
             an HTML reply (naming the URL); a size or SHA-256 that differs from a pin or from the hub's
             checksum (naming the file, the expected and the received value; the ``.part`` is removed).
 
@@ -549,8 +591,38 @@ def download(
     base = base_url or os.environ.get("FLM_DATA_BASE_URL") or info.base_url
     base = base.rstrip("/")
     dest = Path(os.fspath(dest_dir))
-    dest.mkdir(parents=True, exist_ok=True)
+    created = _make_dirs(dest)
+    try:
+        return _download_splits(info, dest, splits, table, base, timeout=timeout, progress=progress)
+    except BaseException:
+        for d in reversed(created):  # only the directories this call made, and only while empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
+
+def _make_dirs(dest: Path) -> list[Path]:
+    """``mkdir -p dest``; returns the directories it created, outermost first."""
+    missing = []
+    d = dest
+    while not d.exists() and not d.is_symlink() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    dest.mkdir(parents=True, exist_ok=True)
+    return list(reversed(missing))
+
+
+def _download_splits(
+    info: DatasetInfo,
+    dest: Path,
+    splits: Sequence[str],
+    table: Mapping[str, FilePin],
+    base: str,
+    *,
+    timeout: float,
+    progress: bool,
+) -> dict[str, Path]:
+    """The loop of :func:`download` over the splits (``dest`` exists)."""
     out: dict[str, Path] = {}
     for split in splits:
         remote = info.files[split]

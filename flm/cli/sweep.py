@@ -45,6 +45,9 @@ def add_parser(sub: Any, argv: list[str]) -> None:
     g.add_argument("--lrs", type=float, nargs="+", required=True, help="peak learning rates, one model each")
     g.add_argument("--weight-decays", type=float, nargs="+", help="weight decays (crossed with --lrs)")
     add_run_arguments(p)
+    from flm.cli.train import add_dry_run_argument
+
+    add_dry_run_argument(p)
     add_config_flags(p, defaults)
     p.set_defaults(handler=run)
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     set_threads(args.threads)
     out = Path(args.out_dir or f"runs/sweep-{cfg.preset}")
-    plan = make_plan(cfg, out, resume=False, overwrite=args.overwrite)
+    plan = make_plan(cfg, out, resume=False, overwrite=args.overwrite, dry_run=args.dry_run)
     existing = [out / v["label"] for v in vs if (out / v["label"]).exists()]
     if existing and not args.overwrite:
         raise UsageError(
@@ -105,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
     for line in describe(plan):
         log(line)
     log(f"  sweep: {len(vs)} models in one vmapped step: {', '.join(v['label'] for v in vs)}")
+    if args.dry_run:
+        from flm.cli.train import dry_run_checks
+
+        for line in dry_run_checks(plan):
+            log(line)
+        return 0
     checked = check_data(plan)
     with run_lock(out):
         _, tokens = write_data(plan, *checked)

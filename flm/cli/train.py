@@ -37,11 +37,12 @@ from flm.cli.common import (
     format_bytes,
     is_memory_error,
     log,
+    logger,
     memory_error_bytes,
     pick_device,
 )
 from flm.config import RunConfig, default_preset
-from flm.download import DATASETS, check_local_size, download
+from flm.download import DATASETS, DownloadUnavailable, check_local_size, download
 from flm.model import count_params, train_step_flops
 from flm.progress import format_count, format_duration
 from flm.runs import (
@@ -95,8 +96,19 @@ def add_parser(sub: Any, argv: list[str]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(p)
+    add_dry_run_argument(p)
     add_config_flags(p, defaults)
     p.set_defaults(handler=run)
+
+
+def add_dry_run_argument(p: argparse.ArgumentParser) -> None:
+    """``--dry-run``: print the plan and run every check, write nothing (``flm train``, ``flm sweep``)."""
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and run every check, then stop: nothing is written or downloaded "
+        "(a data set still to fetch is reported as 'would download N bytes')",
+    )
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,6 +148,9 @@ class Plan:
         notes: lines to print with the plan.
         auto: ``{field: reason}`` for the train settings resolved from ``"auto"`` (written to
             ``config.json`` under ``"auto"``).
+        train_text_bytes: bytes of training text the run reads (the file, or its ``--train-bytes``
+            prefix; a data set still to download: its pinned size), ``None`` when unknown.
+        dry_run: ``--dry-run``: the plan checks write nothing (no data-file stamps).
     """
 
     config: RunConfig
@@ -148,6 +163,8 @@ class Plan:
     train_changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     auto: dict[str, str] = field(default_factory=dict)
+    train_text_bytes: int | None = None
+    dry_run: bool = False
 
 
 def resolve_settings(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
@@ -184,8 +201,11 @@ def _check_text(path: str, role: str, min_bytes: int) -> None:
         )
 
 
-def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -> Plan:
+def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> Plan:
     """Check everything that can be checked before writing; return the plan.
+
+    With ``dry_run`` the checks write nothing at all (a data file's verified digest is not
+    recorded in its stamp).
 
     Raises:
         UsageError: contradictory flags, an unavailable device, missing or too-short texts, a run
@@ -204,7 +224,7 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
     ):
         if wanted and importlib.util.find_spec(package) is None:
             raise UsageError(f"{flag} needs the {package} package: pip install {package}")
-    plan = Plan(cfg, out_dir, resume, auto=auto)
+    plan = Plan(cfg, out_dir, resume, auto=auto, dry_run=dry_run)
     if cfg.model.vocab_size < 256 + 1:  # the tokenizer has one id per byte, plus <|endoftext|>
         raise UsageError(f"--vocab-size {cfg.model.vocab_size} is smaller than 256 bytes + 1 special token = 257")
     if cfg.data.train_bytes is not None and cfg.data.train_bytes < cfg.model.context_length + 1:
@@ -219,18 +239,25 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool) -
         _check_text(d.train_text, "train", need)
         _check_text(d.valid_text, "valid", need)
         plan.texts = {"train": (d.train_text, d.train_bytes), "valid": (d.valid_text, None)}
+        plan.train_text_bytes = Path(d.train_text).stat().st_size
     else:
         info = DATASETS[d.dataset]
         for split in info.files:
             local = Path(d.data_dir) / info.local_name(split)
             pin = info.pins.get(split)
+            if split == "train" and local.is_file():
+                plan.train_text_bytes = local.stat().st_size
+            elif split == "train" and pin is not None:
+                plan.train_text_bytes = pin.local_size if info.gzip else pin.size
             if not local.is_file():
                 plan.downloads.append((d.dataset, info.files[split], pin.size if pin else None))
             elif pin is not None:
                 try:
-                    check_local_size(local, pin, gzip=info.gzip)
+                    check_local_size(local, pin, gzip=info.gzip, record=not dry_run)
                 except ValueError as err:
                     raise UsageError(str(err)) from None
+    if plan.train_text_bytes is not None and d.train_bytes is not None:
+        plan.train_text_bytes = min(plan.train_text_bytes, d.train_bytes)
     try:
         state = run_state(out_dir)
     except ValueError as err:
@@ -476,6 +503,58 @@ def _estimate(cfg: RunConfig) -> tuple[float, float | None]:
     return flops, flops / (peak * eff)
 
 
+# Beyond this many passes over the training text, more steps mostly memorise it.
+MAX_EPOCHS = 20
+
+
+def bytes_per_token(vocab_size: int) -> float:
+    """A rough bytes-per-token ratio of a byte-level BPE tokenizer on English text, for the plan's
+    estimates only: 1 with the 256 bytes alone, rising to about 4 at 4,096 tokens and beyond
+    (TinyStories: 4.07 at 4,096, 4.25 at 10,000)."""
+    import math
+
+    return min(4.0, 1.0 + 3.0 * math.log(max(vocab_size, 256) / 256) / math.log(16))
+
+
+def epochs_warning(plan: Plan, train_tokens: int | None = None) -> str | None:
+    """The warning for a run that would pass over its training text more than :data:`MAX_EPOCHS`
+    times, or ``None``.
+
+    Args:
+        plan: the plan (its config's planned tokens, its ``train_text_bytes``).
+        train_tokens: the training set's exact token count once encoded; ``None``: estimated
+            from its bytes (:func:`bytes_per_token`).
+
+    Returns:
+        E.g. ``"training for ~1,500 epochs of the training text (327.68M tokens planned, the text
+        ~213K tokens): …"``; ``None`` within :data:`MAX_EPOCHS` or when the text's size is unknown.
+    """
+    cfg = plan.config
+    if train_tokens is None:
+        if not plan.train_text_bytes:
+            return None
+        train_tokens = max(int(plan.train_text_bytes / bytes_per_token(cfg.model.vocab_size)), 1)
+        about = "~"
+    else:
+        about = ""
+    epochs = cfg.tokens / max(train_tokens, 1)
+    if epochs <= MAX_EPOCHS:
+        return None
+    shown = f"{epochs:,.0f}" if epochs < 100 else f"{float(f'{epochs:.2g}'):,.0f}"
+    return (
+        f"training for ~{shown} epochs of the training text ({_count(cfg.tokens)} tokens planned, the text "
+        f"{about}{_count(train_tokens)} tokens): beyond ~{MAX_EPOCHS} the model mostly memorises it; "
+        "give more text (--train-text, --train-bytes) or train for fewer --tokens/--max-iters"
+    )
+
+
+def _count(n: float) -> str:
+    """``327680000`` → ``"327.68M"``, ``213400`` → ``"213K"``, ``512`` → ``"512"``."""
+    if n >= 1e6:
+        return f"{n / 1e6:,.2f}M"
+    return f"{n / 1e3:,.0f}K" if n >= 1e3 else f"{n:,.0f}"
+
+
 def describe(plan: Plan) -> list[str]:
     """The plan as printable lines: model, tokens, estimated time, downloads, run directory."""
     cfg = plan.config
@@ -502,7 +581,17 @@ def describe(plan: Plan) -> list[str]:
     if plan.downloads:
         total = sum(b or 0 for *_, b in plan.downloads)
         files = ", ".join(f for _, f, _ in plan.downloads)
-        lines.append(f"  download: {files} ({format_count(total)}) into {cfg.data.data_dir}")
+        unknown = [f for _, f, b in plan.downloads if b is None]
+        rest = f"{', '.join(unknown)} of unknown size" if unknown else ""
+        if plan.dry_run:
+            size = " + ".join(x for x in (f"{total:,} bytes ({format_count(total)})" if total else "", rest) if x)
+            lines.append(f"  dry run: would download {size}: {files} into {cfg.data.data_dir}; nothing was fetched")
+        else:
+            size = " + ".join(x for x in (format_count(total) if total else "", rest) if x)
+            lines.append(f"  download: {files} ({size}) into {cfg.data.data_dir}")
+    warning = epochs_warning(plan)
+    if warning:
+        lines.append(f"  warning: {warning}")
     if plan.remove:
         names = [p.name for p in plan.remove if p.parent == plan.out_dir]
         lines.append(
@@ -564,6 +653,9 @@ def execute(plan: Plan) -> dict[str, Any]:
             if info.is_main:
                 with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
                     tokenizer, tokens = write_data(plan, *checked)
+                exact = epochs_warning(plan, len(tokens["train"]))
+                if exact and not epochs_warning(plan):  # the plan's estimate did not warn already
+                    logger.warning(exact)
                 distributed.barrier()  # release the other ranks: tokenizer and token files are ready
             else:
                 distributed.barrier()
@@ -622,6 +714,58 @@ def _out_of_memory(what: str, advice: str):
         raise OutOfMemory(f"out of memory {what}: {alloc}; {advice}") from err
 
 
+def without_download(cfg: RunConfig) -> str:
+    """What works when the data set cannot be downloaded (offline), as the tail of an error line:
+    the ``--train-text``/``--valid-text`` flags, or the exact paths flm looks at for copies of the
+    data set's files downloaded elsewhere."""
+    info = DATASETS[cfg.data.dataset]
+    paths = " and ".join(str(Path(cfg.data.data_dir) / info.local_name(s)) for s in ("train", "valid"))
+    unzip = " (gunzipped)" if info.gzip else ""
+    return (
+        f"; without the download: pass --train-text FILE --valid-text FILE (any UTF-8 text, documents separated "
+        f"by {EOS_TOKEN}), or put copies of the files{unzip} downloaded elsewhere at {paths}"
+    )
+
+
+# --dry-run trains the tokenizer in memory (for the checks that need it) on up to this many bytes.
+DRY_RUN_TOKENIZER_BYTES = 4 << 20
+
+
+def dry_run_checks(plan: Plan) -> list[str]:
+    """The checks of :func:`check_data` that a dry run can afford, writing nothing; the plan's
+    closing lines.
+
+    The tokenizer is trained in memory (or taken from the run directory's cache) and every text
+    checked to hold one window, when the data is on disk and the training text used is at most
+    :data:`DRY_RUN_TOKENIZER_BYTES`; otherwise the lines say what was not run.
+
+    Returns:
+        Lines to print after the plan.
+
+    Raises:
+        UsageError: as :func:`check_data`.
+    """
+    cfg = plan.config
+    if plan.downloads:
+        return ["dry run: every check that needs no download passed; nothing was written"]
+    if not plan.texts:
+        ds, base = DATASETS[cfg.data.dataset], Path(cfg.data.data_dir)
+        plan.texts = {
+            "train": (str(base / ds.local_name("train")), cfg.data.train_bytes),
+            "valid": (str(base / ds.local_name("valid")), None),
+        }
+    train_text, max_bytes = plan.texts["train"]
+    cached = cached_tokenizer(plan.out_dir, tokenizer_stamp(train_text, cfg.model.vocab_size, max_bytes))
+    if cached is None and (plan.train_text_bytes or 0) > DRY_RUN_TOKENIZER_BYTES:
+        return [
+            f"dry run: the checks passed, except those that need the tokenizer (training it on "
+            f"{format_bytes(plan.train_text_bytes or 0)} takes a while: the real run does it first, before "
+            "writing anything); nothing was written"
+        ]
+    check_data(plan)
+    return ["dry run: every check passed; nothing was written"]
+
+
 def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
     """The data stages that write nothing to the run directory: download (into the data
     directory), the tokenizer (trained in memory unless cached), and the checks that need it.
@@ -635,7 +779,10 @@ def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
     """
     cfg = plan.config
     if plan.downloads:
-        paths = download(cfg.data.dataset, cfg.data.data_dir, progress=True)
+        try:
+            paths = download(cfg.data.dataset, cfg.data.data_dir, progress=True)
+        except DownloadUnavailable as err:
+            raise DownloadUnavailable(err.file, err.url, err.reason + without_download(cfg)) from None
         plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
     elif not plan.texts:
         ds, base = DATASETS[cfg.data.dataset], Path(cfg.data.data_dir)
@@ -748,6 +895,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     set_threads(args.threads)
     out = resolve_out_dir(Path(args.out_dir or f"runs/{cfg.preset}"))
+    if args.dry_run:  # no lock either: a dry run writes nothing, not even .lock
+        plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+        for line in describe(plan):
+            log(line)
+        for line in dry_run_checks(plan):
+            log(line)
+        return 0
     # An existing run directory is locked before its checkpoints are listed (a run in progress
     # rotates them), so a second process says "in use by pid N" instead of failing on a vanished
     # file. Rank 0 only: the ranks of one torchrun job share the directory.
