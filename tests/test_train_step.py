@@ -165,23 +165,46 @@ def _direct_eval(p, tokens, T, starts):
     return float(torch.cat(losses).mean())
 
 
-@pytest.mark.parametrize("n_tokens", [8 * 7 + 1, 8 * 7 + 5])
+def _every_prediction(p, tokens, T):
+    """The mean loss over every predicted token 1 … n − 1, one forward pass per token: token ``t``
+    is predicted from its window's start (``T · ⌊(t − 1) / T⌋``), or, for the ``(n − 1) mod T``
+    tokens after the last whole window, from the sequence's last ``T + 1`` tokens (``n − 1 − T``)."""
+    n = len(tokens)
+    whole = (n - 1) // T * T
+    ids = torch.as_tensor(np.asarray(tokens).astype(np.int64))
+    losses = []
+    for t in range(1, n):
+        start = (t - 1) // T * T if t <= whole else n - 1 - T
+        logits = transformer_lm(p, ids[None, start:t], CFG)[:, -1]
+        losses.append(token_cross_entropy(logits, ids[None, t]).double())
+    return float(torch.cat(losses).mean()), len(losses)
+
+
+@pytest.mark.parametrize("n_tokens", [8 * 7 + 1, 8 * 7 + 5, 8 + 2])
 def test_evaluate_equals_direct_computation(n_tokens):
-    """Covered: consecutive windows of T + 1 tokens sharing their boundary token; a partial final
-    window (the 4 leftover tokens when n − 1 is not a multiple of T) is dropped, by design."""
+    """Covered: consecutive windows of T + 1 tokens sharing their boundary token, and (issue 21
+    item 14: "every validation token" evaluated only whole windows) the tail: when n − 1 is not a
+    multiple of T, the leftover tokens are predicted too, so the mean is over all n − 1 predicted
+    tokens, equal to predicting each token with its own forward pass."""
     p = _params()
     tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, n_tokens).astype(np.uint16)
     T = 8
     out = evaluate(p, CFG, tokens, batch_size=3, context_length=T)
-    starts = range(0, (n_tokens - 1) // T * T, T)
-    assert out["tokens"] == len(starts) * T == 7 * T
-    assert out["loss"] == pytest.approx(_direct_eval(p, tokens, T, starts), rel=1e-12)
+    direct, predicted = _every_prediction(p, tokens, T)
+    assert out["tokens"] == predicted == n_tokens - 1
+    assert out["loss"] == pytest.approx(direct, rel=1e-6)
+    if (n_tokens - 1) % T == 0:  # whole windows only: the window-by-window sum, to the last bit
+        starts = range(0, n_tokens - 1, T)
+        assert out["loss"] == pytest.approx(_direct_eval(p, tokens, T, starts), rel=1e-12)
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"]), rel=1e-12)
-    # a torch tensor of tokens and a shorter context give consistent results too
+    # a torch tensor of tokens, another batch size and a shorter context give consistent results too
     out_t = evaluate(p, CFG, torch.from_numpy(tokens.astype(np.int64)), batch_size=7, context_length=T)
-    assert out_t["loss"] == pytest.approx(out["loss"], rel=1e-12)
+    assert out_t["loss"] == pytest.approx(out["loss"], rel=1e-12) and out_t["tokens"] == out["tokens"]
+    out1 = evaluate(p, CFG, tokens, batch_size=1, context_length=T)
+    assert out1["loss"] == pytest.approx(out["loss"], rel=1e-12)
     out4 = evaluate(p, CFG, tokens, batch_size=2, context_length=4)
-    assert out4["loss"] == pytest.approx(_direct_eval(p, tokens, 4, range(0, (n_tokens - 1) // 4 * 4, 4)), rel=1e-12)
+    assert out4["tokens"] == n_tokens - 1
+    assert out4["loss"] == pytest.approx(_every_prediction(p, tokens, 4)[0], rel=1e-6)
 
 
 def test_evaluate_perplexity_of_a_nan_loss_is_nan():
@@ -205,6 +228,12 @@ def test_evaluate_num_batches_subsets_windows():
     full = evaluate(p, CFG, tokens, batch_size=2, context_length=T)
     everything = evaluate(p, CFG, tokens, batch_size=2, context_length=T, num_batches=100)
     assert everything == full and full["tokens"] == n_windows * T
+    # with a tail: a subset is whole windows only; covering every window is everything, tail too
+    tail = np.append(tokens, [1, 2, 3])
+    assert evaluate(p, CFG, tail, batch_size=2, context_length=T, num_batches=3)["tokens"] == 6 * T
+    everything = evaluate(p, CFG, tail, batch_size=2, context_length=T, num_batches=100)
+    assert everything == evaluate(p, CFG, tail, batch_size=2, context_length=T)
+    assert everything["tokens"] == len(tail) - 1
 
 
 def test_evaluate_rejects_bad_inputs():

@@ -38,10 +38,15 @@ def evaluate(
     """Mean per-token loss and perplexity of the model on a token sequence.
 
     The tokens are cut into consecutive, non-overlapping windows of ``context_length + 1``
-    tokens (inputs and shifted targets; windows share their boundary token), so every token
-    after the first is predicted exactly once, with ``context_length`` tokens of context at most.
-    With ``num_batches=None`` all windows are evaluated, in order; otherwise ``num_batches ·
-    batch_size`` windows evenly spaced over the sequence (a cheaper estimate).
+    tokens (inputs and shifted targets; windows share their boundary token). When ``n − 1`` is
+    not a multiple of ``context_length``, the ``r`` tokens left over are predicted by one more
+    window, the sequence's last ``context_length + 1`` tokens, of which only the last ``r``
+    predictions count (the others were counted already): the same shape as every other window,
+    so a compiled model would not recompile for it. Every token after the first is predicted
+    exactly once, with ``context_length`` tokens of context at most.
+    With ``num_batches=None`` every token is evaluated, in order; otherwise ``num_batches ·
+    batch_size`` whole windows evenly spaced over the sequence (a cheaper estimate; everything
+    when that covers all the windows).
 
     Args:
         params: the parameter tree.
@@ -54,7 +59,8 @@ def evaluate(
         progress: show a progress bar over the batches (stderr).
 
     Returns:
-        ``{"loss": nats/token, "perplexity": exp(loss), "tokens": number of predicted tokens}``.
+        ``{"loss": nats/token, "perplexity": exp(loss), "tokens": number of predicted tokens}``
+        (``n − 1`` when everything is evaluated).
 
     Raises:
         ValueError: for fewer than ``context_length + 1`` tokens or bad sizes.
@@ -76,12 +82,18 @@ def evaluate(
     if num_windows == 0:
         raise ValueError(f"evaluate: need at least context_length + 1 = {context_length + 1} tokens, got {n}")
     starts = np.arange(num_windows, dtype=np.int64) * context_length
-    if num_batches is not None:
-        wanted = min(num_windows, num_batches * batch_size)
-        starts = starts[np.linspace(0, num_windows - 1, wanted).round().astype(np.int64)]
+    # skip[i]: predictions of window i already counted by an earlier window (only the tail's).
+    skip = np.zeros(num_windows, dtype=np.int64)
+    if num_batches is not None and num_batches * batch_size < num_windows:
+        picked = np.linspace(0, num_windows - 1, num_batches * batch_size).round().astype(np.int64)
+        starts, skip = starts[picked], skip[picked]
+    elif (rest := (n - 1) % context_length) > 0:  # the tail: the last window, its new predictions only
+        starts = np.append(starts, n - 1 - context_length)
+        skip = np.append(skip, context_length - rest)
     if device is None:
         device = tree_leaves(params)[0].device
     offsets = np.arange(context_length + 1, dtype=np.int64)
+    positions = torch.arange(context_length, device=device)
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     bar = progress_bar(len(starts), "evaluate", unit="seq", enabled=progress)
     for i in range(0, len(starts), batch_size):
@@ -93,8 +105,13 @@ def evaluate(
         )
         window = window.to(device=device, dtype=torch.int64)
         logits = transformer_lm(params, window[:, :-1], config)
-        total += token_cross_entropy(logits, window[:, 1:]).double().sum()
-        count += window.shape[0] * context_length
+        losses = token_cross_entropy(logits, window[:, 1:]).double()
+        first = skip[i : i + batch_size]
+        if first.any():  # a masked sum (not a slice): every window keeps its shape
+            keep = positions >= torch.from_numpy(first).to(device)[:, None]
+            losses = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=device))
+        total += losses.sum()
+        count += int(window.shape[0] * context_length - first.sum())
         bar.update(window.shape[0])
     bar.close()
     loss = float(total) / count
