@@ -6,10 +6,14 @@ shape), weight decay and init seed. The K parameter trees and optimiser states a
 a leading model axis and trained by one :func:`flm.train.make_vmapped_train_step` call per step.
 The sweep runs on the training loop's components (:mod:`flm.train.loop`): a ``StepMeter`` for the
 log interval, an ``Evaluator``, a ``Clock`` and, per model, a ``MetricsLogger`` and a
-``Checkpointer`` that tracks the best validation loss (a sweep writes no checkpoints). So each
-model's ``OUT/<label>/metrics.jsonl`` is the training loop's format, and the same readers and
-plots serve sweeps and single runs. A model whose loss turns NaN (diverged)
-keeps training inside the vmap without affecting the others; its losses are recorded as null.
+``Checkpointer``. So each model's ``OUT/<label>/`` is a training loop's run directory:
+``metrics.jsonl`` in the loop's format, ``best.safetensors`` (its best validation loss) and a
+final ``ckpt_<max_iters>.safetensors`` holding its own slice of the stacked optimiser state and
+the shared sampler's state, stored under the single-run config of that model
+(:func:`variant_config`), so :func:`flm.train.train_loop` with ``resume=True`` continues it. A
+model whose loss turns NaN (diverged) keeps training inside the vmap without affecting the
+others; its losses are recorded as null and it writes no NaN checkpoint (its best model, from
+before it diverged, is kept).
 
 Source: CS336 assignment 1 handout §7.2 (learning_rate: a sweep including a divergent run).
 """
@@ -26,20 +30,21 @@ import numpy as np
 import torch
 
 from flm import manifest, optim
+from flm.checkpoint import checkpoint_name
 from flm.config import RunConfig
 from flm.data import get_batch
 from flm.loss import perplexity
 from flm.model import train_step_flops
 from flm.progress import info
 from flm.train import decay_mask, init_vmapped, make_vmapped_train_step
-from flm.train.checkpointer import Checkpointer
+from flm.train.checkpointer import BEST_NAME, Checkpointer, NonFiniteLossError
 from flm.train.clock import Clock
 from flm.train.config import resolve_auto
 from flm.train.evaluate import Evaluator
 from flm.train.metrics import MetricsLogger, StepMeter, Throughput, device_peak_flops, metrics_record
 from flm.tree import unstack
 
-__all__ = ["vmapped_train", "Variant"]
+__all__ = ["vmapped_train", "variant_config", "Variant"]
 
 Variant = dict[str, Any]  # {"label": str, "lr": float, "weight_decay": float, "seed": int}
 
@@ -59,6 +64,36 @@ def diverged(final_val_loss: float | None, vocab_size: int) -> bool:
     return final_val_loss > 1.1 * math.log(vocab_size)
 
 
+def variant_config(cfg: RunConfig, variant: Variant) -> RunConfig:
+    """The single-run config of one model of a sweep: what ``flm train`` would train it with.
+
+    The base config with the variant's peak learning rate, its final rate at the base ``min_lr /
+    lr`` ratio (the product the sweep's float64 schedule computes), its weight decay and its init
+    seed. The data sampler is the base seed's in both (a sweep's models share their batches), and
+    a resumed run restores it from the checkpoint.
+
+    Args:
+        cfg: the sweep's base run.
+        variant: ``{"label", "lr"?, "weight_decay"?, "seed"?}`` (missing: the base config's).
+
+    Returns:
+        The model's :class:`~flm.config.RunConfig`.
+
+    Raises:
+        ValueError: a value the config refuses (e.g. a negative learning rate), naming it.
+    """
+    t = cfg.train
+    lr = float(variant.get("lr", t.lr))
+    return cfg.replace(
+        train={
+            "lr": lr,
+            "min_lr": lr * (t.min_lr / t.lr),
+            "weight_decay": float(variant.get("weight_decay", t.weight_decay)),
+            "seed": int(variant.get("seed", t.seed)),
+        }
+    )
+
+
 def vmapped_train(
     cfg: RunConfig,
     train_tokens: np.ndarray,
@@ -67,25 +102,43 @@ def vmapped_train(
     variants: Sequence[Variant],
     *,
     log: Callable[[str], None] | None = None,
+    tokenizer_fingerprint: str | None = None,
+    checkpoints: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train ``len(variants)`` models of ``cfg.model``'s shape at once; evaluate and log each.
+    """Train ``len(variants)`` models of ``cfg.model``'s shape at once; evaluate, log and keep each.
+
+    Each model's directory ``out_dir/<label>`` becomes a run directory of
+    :func:`flm.train.train_loop`'s format: ``metrics.jsonl``, ``best.safetensors`` (written at each
+    evaluation that improves the model's best validation loss) and, at the end,
+    ``ckpt_<max_iters>.safetensors`` with the model's parameters, its own optimiser state (the
+    stacked state unstacked: the structure a single run's optimiser has), the sampler state and
+    the wall time, under :func:`variant_config`'s config. A model whose parameters are NaN/inf at
+    the end (diverged) gets no final checkpoint (checkpoints refuse NaN); its ``best.safetensors``
+    from before it diverged stays, and its summary says so.
 
     Args:
         cfg: the base run (model shape, batch size, schedule shape, intervals, device).
         train_tokens: ``(n,)`` training ids.
         valid_tokens: ``(m,)`` validation ids (at least ``context_length + 1``).
-        out_dir: where ``<label>/metrics.jsonl`` go.
+        out_dir: where the ``<label>/`` run directories go.
         variants: one dict per model: ``label``, and optionally ``lr``, ``weight_decay``, ``seed``
             (defaults: the base config's).
+        log: where log lines go (default: the ``flm`` logger at INFO).
+        tokenizer_fingerprint: the tokenizer the tokens were made with, stored in the checkpoints
+            (``flm train --resume`` checks it), or ``None``.
+        checkpoints: write the checkpoints (``False``: only ``metrics.jsonl``).
 
     Returns:
         One summary per variant: ``label``, ``lr``, ``weight_decay``, ``final_val_loss`` and
-        ``best_val_loss`` (``None`` when diverged), ``diverged``, ``wall_time``, ``tokens_per_sec``.
+        ``best_val_loss`` (``None`` when diverged), ``best_step``, ``diverged``, ``wall_time``,
+        ``tokens_per_sec``, ``checkpoint`` (the final checkpoint's file name, ``None`` when none
+        was written) and ``best_checkpoint`` (``"best.safetensors"``, or ``None``).
 
     Raises:
-        ValueError: no variants, duplicate labels, too little validation data.
-        flm.manifest.ForeignFilesError: a ``<label>`` directory or its ``metrics.jsonl`` is a link
-            or not flm's (nothing written).
+        ValueError: no variants, duplicate labels, too little validation data, a variant's value
+            the config refuses.
+        flm.manifest.ForeignFilesError: a ``<label>`` directory or a file the sweep writes there is
+            a link or not flm's (nothing written).
     """
     if not variants:
         raise ValueError("vmapped_train: no variants")
@@ -96,6 +149,8 @@ def vmapped_train(
     t = cfg.train
     ctx, k, device = cfg.model.context_length, len(variants), t.resolved_device()
     t, _ = resolve_auto(t, device)  # "auto" dtype/compile: the same per-device defaults as flm train
+    resolved = cfg.replace(train=t.to_dict())
+    run_configs = [variant_config(resolved, v).to_dict() for v in variants]  # checks each variant first
     evaluator = Evaluator(valid_tokens, cfg.model, t.batch_size, t.eval_batches, t.eval_interval)  # checks the length
     lrs = [float(v.get("lr", t.lr)) for v in variants]
     ratio = t.min_lr / t.lr
@@ -121,13 +176,25 @@ def vmapped_train(
     sampler = torch.Generator().manual_seed(t.seed + 1)
     out = Path(out_dir)
     # Only flm's own files are replaced, never through a link (flm.manifest): all checked first.
-    manifest.check_replace([*(out / x for x in labels), *(out / x / "metrics.jsonl" for x in labels)], where=out)
+    written = ("metrics.jsonl", BEST_NAME, checkpoint_name(t.max_iters)) if checkpoints else ("metrics.jsonl",)
+    manifest.check_replace([*(out / x for x in labels), *(out / x / n for x in labels for n in written)], where=out)
     for label in labels:
         manifest.claim(out / label)
     # The training loop's components, one per model where each model has its own: metrics.jsonl,
-    # and the best validation loss (a Checkpointer that writes nothing: a sweep keeps no checkpoints).
+    # and the checkpoints (the best model at evaluations, the final checkpoint at the end).
     loggers = [MetricsLogger(out / label) for label in labels]
-    bests = [Checkpointer(out / label, interval=0, keep=1, run_config={}, enabled=False, log=log) for label in labels]
+    ckpts = [
+        Checkpointer(
+            out / label,
+            interval=0,
+            keep=t.keep_checkpoints,
+            run_config=run_config,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            enabled=checkpoints,
+            log=log,
+        )
+        for label, run_config in zip(labels, run_configs)
+    ]
     meter = StepMeter(t.log_interval)
     peak = device_peak_flops(device, t.compute_dtype)
     clock = Clock(
@@ -152,9 +219,9 @@ def vmapped_train(
                 with clock.aside():
                     models = unstack(params)
                     vals = evaluator.each(models, step)
-                for best, model, val in zip(bests, models, vals):
+                for ckpt, model, val in zip(ckpts, models, vals):
                     if val is not None:
-                        best.save_best(step, model, val)
+                        ckpt.save_best(step, model, val)
                 last_val = vals
             train_l, lrs_now, norms = (_finite_or_none(summary[n]) for n in ("train_loss", "lr", "grad_norm"))
             wall_time = clock.elapsed()
@@ -185,16 +252,52 @@ def vmapped_train(
         for logger in loggers:
             logger.close()
     wall, rate = clock.elapsed(), clock.throughput.rate
+    finals = (
+        _save_final(ckpts, labels, params, opt_state, t.max_iters, sampler, wall, log) if checkpoints else [None] * k
+    )
     return [
         {
             "label": label,
             "lr": lrs[i],
             "weight_decay": float(hparams["weight_decay"][i]),
             "final_val_loss": last_val[i],
-            "best_val_loss": bests[i].best_loss if math.isfinite(bests[i].best_loss) else None,
+            "best_val_loss": ckpts[i].best_loss if math.isfinite(ckpts[i].best_loss) else None,
+            "best_step": ckpts[i].best_step,
             "diverged": diverged(last_val[i], cfg.model.vocab_size),
             "wall_time": wall,
             "tokens_per_sec": rate / k if rate else None,
+            "checkpoint": finals[i],
+            "best_checkpoint": BEST_NAME if checkpoints and (out / label / BEST_NAME).is_file() else None,
         }
         for i, label in enumerate(labels)
     ]
+
+
+def _save_final(
+    ckpts: list[Checkpointer],
+    labels: list[str],
+    params: Any,
+    opt_state: Any,
+    step: int,
+    sampler: torch.Generator,
+    wall_time: float,
+    log: Callable[[str], None],
+) -> list[str | None]:
+    """Each model's final checkpoint: its slice of the stacked parameters and optimiser state (the
+    structure a single run's optimiser has), the shared sampler's state and the wall time: what
+    the training loop's periodic checkpoint holds. A model with NaN/inf values writes none.
+
+    Returns:
+        Per model, the file name written, or ``None``.
+    """
+    names: list[str | None] = []
+    for ckpt, label, model, state in zip(ckpts, labels, unstack(params), unstack(opt_state), strict=True):
+        try:
+            path = ckpt.save(step, model, state, sampler=sampler, metadata={"wall_time": wall_time})
+        except NonFiniteLossError:
+            kept = f"its best.safetensors (step {ckpt.best_step}) is kept" if ckpt.best_step else "no model is kept"
+            log(f"{label}: diverged (NaN/inf parameters or optimiser state): no final checkpoint written; {kept}")
+            names.append(None)
+            continue
+        names.append(path.name if path is not None else None)
+    return names
