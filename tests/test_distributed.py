@@ -9,6 +9,7 @@
 Each spawn group does all of its work in one go (process start-up dominates the run time).
 """
 
+import json
 import os
 import shutil
 import socket
@@ -229,3 +230,25 @@ def test_two_process_train_loop_resume_matches_uninterrupted(tmp_path):
     )
     assert not any(p.name.startswith("rank") for p in full.iterdir())
     assert os.path.getsize(full / "loss.png") > 0
+
+
+def test_torchrun_flm_train_prints_the_plan_once_and_leaves_no_lock(texts, tmp_path):
+    """``torchrun --nproc_per_node 2 -m flm train …`` (the README's command) on CPU/gloo: every rank
+    printed the plan (issue 21 item 11); only rank 0 does now, as it alone logs the run. The run
+    finishes with rank 0's files only, and no ``.lock`` left behind (item 13)."""
+    import subprocess
+    import sys
+
+    from helpers import train_argv
+
+    out = tmp_path / "run"
+    argv = train_argv(texts, out, "--max-iters", "4", "--eval-interval", "0", "--max-new-tokens", "0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "flm"]
+    done = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert output.count("plan: preset tiny") == 1, output
+    assert json.loads((out / "results.json").read_text())["steps"] == 4
+    assert not (out / ".lock").exists()
+    assert not any(p.name.startswith("rank") for p in out.iterdir())

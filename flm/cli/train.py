@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -894,29 +895,33 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**resolved.to_dict(), **({"auto": auto} if auto else {})}, indent=2))
         return 0
     set_threads(args.threads)
-    out = resolve_out_dir(Path(args.out_dir or f"runs/{cfg.preset}"))
+    # Under torchrun every rank checks the plan, rank 0 alone prints it (as it alone logs the run).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    show = log if main_rank else lambda _line: None
+    out = resolve_out_dir(Path(args.out_dir or f"runs/{cfg.preset}"), log=show)
     if args.dry_run:  # no lock either: a dry run writes nothing, not even .lock
         plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite, dry_run=True)
         for line in describe(plan):
-            log(line)
+            show(line)
         for line in dry_run_checks(plan):
-            log(line)
+            show(line)
         return 0
     # An existing run directory is locked before its checkpoints are listed (a run in progress
     # rotates them), so a second process says "in use by pid N" instead of failing on a vanished
     # file. Rank 0 only: the ranks of one torchrun job share the directory.
-    lock = out.is_dir() and os.environ.get("RANK", "0") == "0"
+    lock = out.is_dir() and main_rank
     with run_lock(out) if lock else contextlib.nullcontext():
         plan = make_plan(cfg, out, resume=args.resume, overwrite=args.overwrite)
         for line in describe(plan):
-            log(line)
+            show(line)
         execute(plan)
     return 0
 
 
-def resolve_out_dir(out: Path) -> Path:
+def resolve_out_dir(out: Path, log: Callable[[str], None] = log) -> Path:
     """The run directory with links resolved, once: ``runs -> /scratch/runs`` is fine, and every
-    later path is taken inside the resolved directory (links inside it are refused by name)."""
+    later path is taken inside the resolved directory (links inside it are refused by name);
+    ``log`` says so when a link was resolved."""
     real = Path(os.path.realpath(out))
     if real != Path(os.path.abspath(out)):
         log(f"run dir {out} is {real}")
