@@ -7,7 +7,10 @@ final name only then, so a final file is always whole and the expected one. A re
 HTML page (a login portal, an error page, a wrong URL) is refused before anything is written.
 A file already on disk is trusted only once its SHA-256 has been checked against the pin: the
 check is recorded in ``<file>.stamp.json`` (its size, ``mtime_ns`` and digest), so it is hashed
-once, and again whenever it changes.
+once, and again whenever it changes. A run that reads only the first N bytes of a file
+(``--train-bytes``) fetches only those, by HTTP Range (:func:`download_prefix`): a prefix is kept
+under its own name, cut at a document boundary and stamped as not digest-verified (the pins cover
+whole files). A file that cannot be fetched at all raises :class:`DownloadUnavailable`.
 ``python -m flm download tinystories DEST`` (or ``flm download``) does the same from the command line.
 
 Source: CS336 assignment 1 handout §1 (data set links), §5.1.
@@ -15,6 +18,7 @@ Source: CS336 assignment 1 handout §1 (data set links), §5.1.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import gzip
@@ -33,7 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
 
-from flm._io import atomic_write_json, atomic_writer
+from flm._io import atomic_path, atomic_write_json, atomic_writer
 from flm.progress import progress_bar
 
 __all__ = [
@@ -43,6 +47,9 @@ __all__ = [
     "FilePin",
     "check_local_size",
     "download",
+    "download_prefix",
+    "prefix_path",
+    "prefix_stamp",
     "stamp_path",
 ]
 
@@ -645,6 +652,226 @@ def _download_splits(
             digest = got.sha256
         _write_stamp(final, digest)  # verified as it streamed in: never hashed again while unchanged
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefixes: the first bytes of a file, for a run that reads only those (--train-bytes)
+# ------------------------------------------------------------------------------------------------
+_EOS = b"<|endoftext|>"  # the document separator (flm.tokenizer.EOS_TOKEN)
+
+
+def prefix_path(name: str, dest_dir: str | os.PathLike[str], split: str, nbytes: int) -> Path:
+    """Where :func:`download_prefix` keeps the first ``nbytes`` of a split: its own name beside the
+    whole file, e.g. ``TinyStoriesV2-GPT4-train.first-33554432-bytes.txt``.
+
+    Raises:
+        ValueError: an unknown data set or split.
+    """
+    info = _dataset(name, [split])
+    local = Path(info.local_name(split))
+    return Path(os.fspath(dest_dir)) / f"{local.stem}.first-{nbytes}-bytes{local.suffix}"
+
+
+def prefix_stamp(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The stamp of a prefix :func:`download_prefix` wrote, if it describes ``path`` as it is now
+    (same size and ``mtime_ns``); ``None`` otherwise (no stamp, a changed file, a whole-file stamp)."""
+    p = Path(path)
+    try:
+        stamp = json.loads(stamp_path(p).read_text(encoding="utf-8"))
+        st = p.stat()
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(stamp, dict)
+        or stamp.get("verified") is not False
+        or not isinstance(stamp.get("prefix_of"), str)
+        or stamp.get("size") != st.st_size
+        or stamp.get("mtime_ns") != st.st_mtime_ns
+    ):
+        return None
+    return stamp
+
+
+def _dataset(name: str, splits: Sequence[str]) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
+    info = DATASETS[name]
+    for s in splits:
+        if s not in info.files:
+            raise ValueError(f"data set {name!r} has no split {s!r}; it has {sorted(info.files)}")
+    return info
+
+
+def download_prefix(
+    name: str,
+    dest_dir: str | os.PathLike[str],
+    split: str,
+    nbytes: int,
+    *,
+    base_url: str | None = None,
+    progress: bool = True,
+    timeout: float = 60,
+    pins: Mapping[str, FilePin] | None = None,
+) -> Path:
+    """Download only the first ``nbytes`` of a split (cut at a document boundary), not the whole file.
+
+    One HTTP request asks for ``Range: bytes=0-<nbytes + len(<|endoftext|>) - 1>``; a server that
+    ignores Range (a 200 reply) is read only that far and closed. The bytes are cut where
+    ``--train-bytes nbytes`` cuts the whole file (at the start of the last ``<|endoftext|>`` at or
+    before ``nbytes``: :func:`flm.tokenizer.pretokenize.prefix_end`), checked to be UTF-8, and
+    saved atomically under their own name (:func:`prefix_path`), so a run on the prefix reads the
+    same text as a run on the whole file with that byte limit.
+
+    The pins cover whole files only, and no digest of a prefix can be known in advance, so the
+    prefix is **not digest-verified**: only the size the server announces for the whole file is
+    checked against the pin (a different file is refused before anything is written), and the reply
+    must not be an HTML page. Its stamp (``<prefix>.stamp.json``) says so: ``"verified": false``,
+    the whole file's name, ``nbytes``, the URL, and no digest. An existing prefix whose stamp
+    describes it is reused without a request. A run that needs the whole file calls
+    :func:`download`, which fetches and verifies it as always.
+
+    Args:
+        name: a key of ``DATASETS`` whose files are not gzip-compressed (``"tinystories"``).
+        dest_dir: the directory to save into (created if needed; removed again on failure when this
+            call created it and it is still empty).
+        split: ``"train"`` or ``"valid"``.
+        nbytes: the byte budget (> 0).
+        base_url: as for :func:`download` (default: ``FLM_DATA_BASE_URL``, else the table's).
+        progress: show a progress bar on stderr.
+        timeout: socket timeout in seconds.
+        pins: as for :func:`download` (only the whole file's ``size`` is used).
+
+    Returns:
+        The prefix file's path.
+
+    Raises:
+        ValueError: an unknown data set or split, a gzip data set, a non-positive ``nbytes``; a file
+            already at the prefix's name that flm's stamp does not describe (it is kept); bytes that
+            are not UTF-8 or hold no text before the cut (nothing is written).
+        DownloadUnavailable: the server could not be reached or answered an HTTP error.
+        OSError: an HTML reply, a whole-file size that differs from the pin, a short transfer
+            (nothing is written).
+    """
+    info = _dataset(name, [split])
+    if info.gzip:
+        raise ValueError(f"data set {name!r} is gzip-compressed: a prefix of it cannot be fetched by byte range")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
+        raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
+    pin = _resolve_pins(name, info, pins).get(split, _NO_PIN)
+    dest = Path(os.fspath(dest_dir))
+    final = prefix_path(name, dest, split, nbytes)
+    if final.exists() or final.is_symlink():
+        if final.is_file() and not final.is_symlink() and prefix_stamp(final) is not None:
+            return final
+        raise ValueError(
+            f"{final} exists but flm's stamp ({stamp_path(final).name}) does not describe it; it is kept: "
+            "move it away to download the prefix again"
+        )
+    base = (base_url or os.environ.get("FLM_DATA_BASE_URL") or info.base_url).rstrip("/")
+    remote = info.files[split]
+    url = f"{base}/{remote}"
+    created = _make_dirs(dest)
+    try:
+        _fetch_prefix(url, final, nbytes, timeout=timeout, progress=progress, desc=remote, expected_size=pin.size)
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    st = final.stat()
+    stamp = {
+        "file": final.name,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "prefix_of": remote,
+        "prefix_bytes": nbytes,
+        "url": url,
+        "verified": False,
+        "note": f"prefix of {nbytes} bytes of {remote}, cut at a document boundary, not digest-verified",
+    }
+    atomic_write_json(stamp_path(final), stamp)
+    return final
+
+
+def _fetch_prefix(
+    url: str, final: Path, nbytes: int, *, timeout: float, progress: bool, desc: str, expected_size: int | None
+) -> None:
+    """Fetch the first ``nbytes + len(<|endoftext|>)`` bytes of ``url`` and save them, cut at a
+    document boundary and checked to be UTF-8, atomically as ``final`` (see :func:`download_prefix`)."""
+    from flm.tokenizer.pretokenize import prefix_end
+
+    want = nbytes + len(_EOS)  # a separator starting at nbytes still counts as a boundary
+    headers = {"User-Agent": "flm-data/1", "Accept-Encoding": "identity", "Range": f"bytes=0-{want - 1}"}
+    try:
+        resp = urllib.request.build_opener(_HubRedirects()).open(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        )
+    except urllib.error.HTTPError as e:
+        raise DownloadUnavailable(desc, url, f"HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise DownloadUnavailable(desc, url, str(e.reason)) from e
+    except (TimeoutError, ConnectionError) as e:
+        raise DownloadUnavailable(desc, url, f"{type(e).__name__}: {e}") from e
+    html_error = OSError(f"download of {desc} from {url}: {_HTML_HINT}")
+    with resp, atomic_path(final) as tmp:
+        if resp.headers.get_content_type() == "text/html":
+            raise html_error
+        if resp.status == 206:
+            start, total = _parse_content_range(resp.headers.get("Content-Range"))
+            if start != 0:
+                raise OSError(f"download of {desc} from {url}: the server sent a range starting at {start}, not 0")
+        elif resp.status == 200:  # Range ignored: the whole file follows; read only what is needed
+            total = _int_header(resp.headers.get("Content-Length"))
+        else:
+            raise OSError(f"download of {desc} from {url} failed: unexpected HTTP status {resp.status}")
+        if expected_size is not None and total is not None and total != expected_size:
+            raise OSError(
+                f"download of {desc} from {url} refused: the server offers {total} bytes, the pinned size is "
+                f"{expected_size}; {_OVERRIDE_HINT}"
+            )
+        need = want if total is None else min(want, total)
+        got = 0
+        with (
+            open(tmp, "wb") as f,
+            progress_bar(need, f"{desc} (first {nbytes:,} bytes)", unit="B", enabled=progress) as bar,
+        ):
+            while got < need:
+                try:
+                    chunk = resp.read(min(_CHUNK_BYTES, need - got))
+                except (OSError, EOFError, ValueError) as e:
+                    raise OSError(
+                        f"download of {desc} from {url} failed after {got} bytes ({type(e).__name__}: {e})"
+                    ) from e
+                if not chunk:
+                    break
+                if got == 0 and _looks_like_html(chunk):
+                    raise html_error
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and got < need:
+            raise OSError(f"download of {desc} from {url} is incomplete: got {got} of {need} bytes; run again")
+        if got == 0:
+            raise DownloadUnavailable(desc, url, "the connection closed before any data")
+        cut = prefix_end(tmp, nbytes, _EOS)
+        os.truncate(tmp, cut)
+        if cut == 0:
+            raise ValueError(f"the first {nbytes:,} bytes of {desc} hold no text before the first {_EOS.decode()}")
+        _check_utf8(tmp, f"the first {cut:,} bytes of {desc} from {url}")
+
+
+def _check_utf8(path: Path, shown: str) -> None:
+    """Raise ValueError unless the file is valid UTF-8 (read in blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with open(path, "rb") as f:
+        try:
+            for block in iter(functools.partial(f.read, _CHUNK_BYTES), b""):
+                decoder.decode(block)
+                pos += len(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{shown} are not UTF-8 text (byte {pos + e.start:,}: {e.reason})") from None
 
 
 if __name__ == "__main__":  # the old entry point; the one command line is ``flm`` (issue 20)

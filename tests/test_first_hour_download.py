@@ -193,3 +193,134 @@ def test_sweep_dry_run_writes_nothing(texts, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "sweep: 2 models" in stdout and "dry run: every check passed; nothing was written" in stdout
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# item 2: a run that reads a prefix downloads only that prefix (HTTP Range), stamped unverified
+# ------------------------------------------------------------------------------------------------
+EOS = b"<|endoftext|>"
+
+
+@pytest.fixture()
+def remote(tmp_path):
+    """A loopback server holding TinyStories-named files (~200 KB train, some multi-byte UTF-8)."""
+    root = tmp_path / "remote"
+    root.mkdir()
+    files = {
+        "train": "".join(f"Once upon a time {i} — a café story, naïve {i % 7}.\n<|endoftext|>\n" for i in range(3000)),
+        "valid": "".join(f"One day {i} the dog ran.\n<|endoftext|>\n" for i in range(300)),
+    }
+    blobs = {s: t.encode() for s, t in files.items()}
+    for split, blob in blobs.items():
+        (root / TS.files[split]).write_bytes(blob)
+    srv, t = _start(root)
+    try:
+        yield srv, blobs
+    finally:
+        _stop(srv, t)
+
+
+def _pins(blobs):
+    import hashlib
+
+    return {s: download_mod.FilePin(size=len(b), sha256=hashlib.sha256(b).hexdigest()) for s, b in blobs.items()}
+
+
+def _cut(blob: bytes, n: int) -> bytes:
+    """What --train-bytes n reads of the whole file: up to the start of the last separator at or before n."""
+    return blob[: blob.rfind(EOS, 0, n + len(EOS))]
+
+
+@pytest.mark.parametrize("ignore_range", [False, True])
+def test_a_prefix_is_fetched_by_range_cut_at_a_document_and_stamped_unverified(remote, tmp_path, ignore_range):
+    import json
+
+    srv, blobs = remote
+    srv.ignore_range = ignore_range  # a server that ignores Range: the stream is read only that far
+    n = 10_000
+    dest = tmp_path / "data"
+    path = download_mod.download_prefix(
+        "tinystories", dest, "train", n, base_url=srv.url, progress=False, timeout=TIMEOUT, pins=_pins(blobs)
+    )
+    assert (
+        path
+        == dest / "TinyStoriesV2-GPT4-train.first-10000-bytes.txt"
+        == download_mod.prefix_path("tinystories", dest, "train", n)
+    )
+    assert path.read_bytes() == _cut(blobs["train"], n) and len(path.read_bytes()) <= n
+    assert blobs["train"][len(path.read_bytes()) :].startswith(EOS)  # cut at a document boundary
+    path.read_bytes().decode("utf-8")
+    assert [r["range"] for r in srv.requests] == [f"bytes=0-{n + len(EOS) - 1}"]
+    stamp = json.loads(download_mod.stamp_path(path).read_text())
+    assert stamp["verified"] is False and "sha256" not in stamp  # no digest is invented
+    assert stamp["prefix_of"] == TS.files["train"] and stamp["prefix_bytes"] == n
+    assert "prefix of 10000 bytes" in stamp["note"] and "not digest-verified" in stamp["note"]
+    assert download_mod.prefix_stamp(path) == stamp
+    assert sorted(p.name for p in dest.iterdir()) == [path.name, path.name + ".stamp.json"]
+    # Reused without a request; the whole file, when a run needs it, is downloaded and verified as always.
+    assert download_mod.download_prefix("tinystories", dest, "train", n, base_url=srv.url, progress=False) == path
+    assert len(srv.requests) == 1
+    srv.ignore_range = False
+    whole = download("tinystories", dest, base_url=srv.url, progress=False, timeout=TIMEOUT, pins=_pins(blobs))
+    assert whole["train"].read_bytes() == blobs["train"] and path.read_bytes() == _cut(blobs["train"], n)
+    assert json.loads(download_mod.stamp_path(whole["train"]).read_text())["sha256"] == _pins(blobs)["train"].sha256
+
+
+def test_a_prefix_is_refused_for_another_file_html_or_non_utf8(remote, tmp_path):
+    srv, blobs = remote
+    get = dict(base_url=srv.url, progress=False, timeout=TIMEOUT)
+    wrong = {"train": download_mod.FilePin(size=len(blobs["train"]) + 1)}
+    with pytest.raises(OSError, match="offers .* the pinned size is"):
+        download_mod.download_prefix("tinystories", tmp_path / "a", "train", 1000, pins=wrong, **get)
+    assert not (tmp_path / "a").exists()
+    (srv.root / TS.files["train"]).write_bytes(b"caf\xe9 story\n<|endoftext|>\n" * 100)  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match="not UTF-8"):
+        download_mod.download_prefix("tinystories", tmp_path / "a", "train", 1000, pins={}, **get)
+    assert not (tmp_path / "a").exists()
+    (srv.root / TS.files["train"]).write_bytes(b"<!DOCTYPE html><html>sign in</html>" + b" " * 5000)
+    with pytest.raises(OSError, match="HTML page"):
+        download_mod.download_prefix("tinystories", tmp_path / "a", "train", 1000, pins={}, **get)
+    assert not (tmp_path / "a").exists()
+    # A file of the user's at the prefix's name (no flm stamp) is never replaced.
+    mine = download_mod.prefix_path("tinystories", tmp_path, "train", 1000)
+    mine.write_text("my notes")
+    with pytest.raises(ValueError, match="does not describe it; it is kept"):
+        download_mod.download_prefix("tinystories", tmp_path, "train", 1000, pins={}, **get)
+    assert mine.read_text() == "my notes"
+    with pytest.raises(ValueError, match="gzip"):
+        download_mod.download_prefix("owt", tmp_path, "train", 1000, **get)
+
+
+def test_flm_train_with_train_bytes_downloads_only_the_prefix(remote, tmp_path, monkeypatch, capsys):
+    """Regression: cpu-small reads 32 MiB but downloaded the whole 2.1 GiB training file."""
+    import dataclasses
+    from types import MappingProxyType
+
+    import flm.cli.train
+
+    srv, blobs = remote
+    ts = dataclasses.replace(TS, pins=MappingProxyType(_pins(blobs)))
+    table = MappingProxyType({**DATASETS, "tinystories": ts})
+    monkeypatch.setattr(download_mod, "DATASETS", table)
+    monkeypatch.setattr(flm.cli.train, "DATASETS", table)
+    monkeypatch.setenv("FLM_DATA_BASE_URL", srv.url)
+    data, out = tmp_path / "data", tmp_path / "run"
+    n = 40_000
+    argv = ["train", "--preset", "tiny", "--device", "cpu", "--num-workers", "1", "--max-new-tokens", "4"]
+    argv += ["--data-dir", str(data), "--out-dir", str(out), "--train-bytes", str(n)]
+    assert flm_cli_main([*argv, "--dry-run"]) == 0
+    stdout = capsys.readouterr().out
+    want = n + len(EOS) + len(blobs["valid"])
+    assert f"would download {want:,} bytes" in stdout and f"the first {n:,} bytes of {TS.files['train']}" in stdout
+    assert "is an unverified prefix" in stdout and not srv.requests and not data.exists()
+    assert flm_cli_main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "is an unverified prefix" in stdout
+    prefix = download_mod.prefix_path("tinystories", data, "train", n)
+    assert prefix.read_bytes() == _cut(blobs["train"], n)
+    assert not (data / TS.local_name("train")).exists()  # the whole training file was not fetched
+    assert (data / TS.local_name("valid")).read_bytes() == blobs["valid"]
+    assert sorted(r["range"] or "" for r in srv.requests) == ["", f"bytes=0-{n + len(EOS) - 1}"]
+    # A second run reuses the prefix (no request), and still says what it is.
+    assert flm_cli_main([*argv, "--overwrite"]) == 0
+    assert "is an unverified prefix" in capsys.readouterr().out and len(srv.requests) == 2

@@ -43,7 +43,15 @@ from flm.cli.common import (
     pick_device,
 )
 from flm.config import RunConfig, default_preset
-from flm.download import DATASETS, DownloadUnavailable, check_local_size, download
+from flm.download import (
+    DATASETS,
+    DownloadUnavailable,
+    check_local_size,
+    download,
+    download_prefix,
+    prefix_path,
+    prefix_stamp,
+)
 from flm.model import count_params, train_step_flops
 from flm.progress import format_count, format_duration
 from flm.runs import (
@@ -152,6 +160,8 @@ class Plan:
         train_text_bytes: bytes of training text the run reads (the file, or its ``--train-bytes``
             prefix; a data set still to download: its pinned size), ``None`` when unknown.
         dry_run: ``--dry-run``: the plan checks write nothing (no data-file stamps).
+        prefixes: ``split -> bytes`` read from a downloaded prefix of the data set's file instead of
+            the whole file (:func:`flm.download.download_prefix`; not digest-verified).
     """
 
     config: RunConfig
@@ -166,6 +176,7 @@ class Plan:
     auto: dict[str, str] = field(default_factory=dict)
     train_text_bytes: int | None = None
     dry_run: bool = False
+    prefixes: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_settings(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
@@ -200,6 +211,41 @@ def _check_text(path: str, role: str, min_bytes: int) -> None:
         raise UsageError(
             f"--{role}-text {path} has {size} bytes; at least context_length + 1 = {min_bytes} tokens are needed"
         )
+
+
+def _wants_prefix(info: Any, pin: Any, train_bytes: int | None) -> bool:
+    """Whether a run reading ``train_bytes`` of a data set's training file should download only a
+    prefix: the file is not compressed and its pinned size is larger than the prefix would be."""
+    return (
+        train_bytes is not None
+        and not info.gzip
+        and pin is not None
+        and pin.size is not None
+        and train_bytes + len(EOS_TOKEN) < pin.size
+    )
+
+
+def _plan_prefix(plan: Plan, train_bytes: int, dry_run: bool) -> None:
+    """Plan the training text as a downloaded prefix (:func:`flm.download.download_prefix`):
+    reuse one already on disk, or plan its download; a plan note says it is unverified."""
+    d = plan.config.data
+    info = DATASETS[d.dataset]
+    remote = info.files["train"]
+    path = prefix_path(d.dataset, d.data_dir, "train", train_bytes)
+    if path.exists() and prefix_stamp(path) is None:
+        raise UsageError(
+            f"{path} exists but flm's stamp ({path.name}.stamp.json) does not describe it; it is kept: "
+            "move it away, or pass --train-text/--valid-text"
+        )
+    plan.texts["train"] = (str(path), train_bytes)
+    plan.prefixes["train"] = train_bytes
+    if not path.exists():
+        plan.downloads.append((d.dataset, f"the first {train_bytes:,} bytes of {remote}", train_bytes + len(EOS_TOKEN)))
+    plan.notes.append(
+        f"data: {path.name} is an unverified prefix: the first {train_bytes:,} bytes of {remote} (--train-bytes), "
+        "cut at a document boundary; the pinned SHA-256 covers only the whole file, so this prefix is not "
+        "digest-verified (without --train-bytes the whole file is downloaded and verified)"
+    )
 
 
 def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> Plan:
@@ -246,11 +292,14 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, d
         for split in info.files:
             local = Path(d.data_dir) / info.local_name(split)
             pin = info.pins.get(split)
+            plan.texts[split] = (str(local), d.train_bytes if split == "train" else None)
             if split == "train" and local.is_file():
                 plan.train_text_bytes = local.stat().st_size
             elif split == "train" and pin is not None:
                 plan.train_text_bytes = pin.local_size if info.gzip else pin.size
-            if not local.is_file():
+            if split == "train" and not local.is_file() and _wants_prefix(info, pin, d.train_bytes):
+                _plan_prefix(plan, d.train_bytes, dry_run)
+            elif not local.is_file():
                 plan.downloads.append((d.dataset, info.files[split], pin.size if pin else None))
             elif pin is not None:
                 try:
@@ -780,8 +829,12 @@ def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
     """
     cfg = plan.config
     if plan.downloads:
+        ds = cfg.data.dataset
+        whole = [s for s in DATASETS[ds].files if s not in plan.prefixes]
         try:
-            paths = download(cfg.data.dataset, cfg.data.data_dir, progress=True)
+            paths = download(ds, cfg.data.data_dir, progress=True, splits=whole)
+            for split, nbytes in plan.prefixes.items():
+                paths[split] = download_prefix(ds, cfg.data.data_dir, split, nbytes, progress=True)
         except DownloadUnavailable as err:
             raise DownloadUnavailable(err.file, err.url, err.reason + without_download(cfg)) from None
         plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
