@@ -4,10 +4,14 @@ The command first makes a plan and checks all of it before it writes or deletes 
 settings, the device, the text files (or the data set to download), the run directory (a run
 already there needs ``--resume`` or ``--overwrite``), a resumed checkpoint's model and tokenizer
 against the current settings, and that the validation text holds at least one window. It prints
-the plan (tokens, estimated time, download size) and only then downloads, writes the tokenizer
+the plan (tokens, estimated time, download size — only the ``--train-bytes`` prefix of a data
+set's training file when that is all the run reads —, and a warning when the run would pass over
+its training text more than 20 times) and only then downloads, writes the tokenizer
 and token files, trains (:func:`flm.train.train_loop`), evaluates ``best.safetensors`` on every
 validation token (``results.json``) and writes samples (``samples.txt``). Cached stages are
-reused when their inputs have not changed.
+reused when their inputs have not changed. ``--dry-run`` stops after the plan and its checks,
+having written and downloaded nothing; a download that cannot reach its server fails with one
+line naming what works offline.
 
 Source: CS336 assignment 1 handout §5.3, §7.2; ``shared/spec/training_pipeline_notes.md``.
 """
