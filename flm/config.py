@@ -33,6 +33,8 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "default_preset",
     "load_config_file",
+    "missing_paths",
+    "PATH_FIELDS",
 ]
 
 DEFAULT_PROMPTS = ("Once upon a time", "Lily and her dog", "One day, a little boy named Tom")
@@ -204,6 +206,10 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
 }
 
+# The DataConfig fields that name files or directories: a run's config.json stores them relative
+# to the run directory, with the absolute path as a fallback (RunConfig.to_dict(run_dir)).
+PATH_FIELDS = ("train_text", "valid_text", "data_dir")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -223,12 +229,29 @@ class RunConfig:
     sample: SampleConfig = SampleConfig()
     preset: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict with one key per section (``RUN/config.json``'s content)."""
+    def to_dict(self, run_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+        """A JSON-serialisable dict with one key per section (``RUN/config.json``'s content).
+
+        Args:
+            run_dir: the directory the dict is saved in (``RUN`` for ``RUN/config.json``): the
+                data paths (:data:`PATH_FIELDS`) are then written relative to it, so the run
+                resumes from any working directory, and their absolute paths under ``"paths"``
+                as a fallback (:func:`load_config_file` tries them in that order). ``None``:
+                the paths as given.
+        """
         out: dict[str, Any] = {"preset": self.preset}
         for name in SECTIONS:
             d = dataclasses.asdict(getattr(self, name))
             out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        if run_dir is not None:
+            base = os.path.realpath(run_dir)  # no links left in it: "../" below is the real parent
+            absolute = {k: os.path.abspath(v) for k in PATH_FIELDS if isinstance(v := out["data"][k], str)}
+            for k, path in absolute.items():
+                try:
+                    out["data"][k] = os.path.relpath(path, base)
+                except ValueError:  # pragma: no cover (Windows: another drive) — the absolute path
+                    out["data"][k] = path
+            out["paths"] = {"relative_to": "the directory of this file", "absolute": absolute}
         return out
 
     @classmethod
@@ -238,8 +261,9 @@ class RunConfig:
         Raises:
             ValueError: an unknown section or setting, or an invalid value.
         """
-        # "auto" (written beside the sections) says why a setting was chosen: informational.
-        unknown = sorted(set(d) - set(SECTIONS) - {"preset", "auto"})
+        # "auto" (written beside the sections) says why a setting was chosen, "paths" where the
+        # data paths of a run's config.json point (load_config_file reads it): informational here.
+        unknown = sorted(set(d) - set(SECTIONS) - {"preset", "auto", "paths"})
         if unknown:
             raise ValueError(f"config: unknown section(s) {unknown}; known: {sorted(SECTIONS)} and 'preset'")
         for required in ("model", "train"):
@@ -266,7 +290,7 @@ class RunConfig:
         explicit: set[str] = set()
         for i, layer in enumerate((PRESETS[preset], *layers)):
             for section, values in layer.items():
-                if section in ("preset", "auto"):  # "auto": why settings were chosen (informational)
+                if section in ("preset", "auto", "paths"):  # why settings were chosen; saved paths (informational)
                     continue
                 if section not in merged:
                     raise ValueError(f"config: unknown section {section!r}; known: {sorted(SECTIONS)}")
@@ -340,4 +364,64 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {p}: use a .json or .toml file")
     if not isinstance(data, dict) or not all(isinstance(v, dict) for k, v in data.items() if k != "preset"):
         raise ValueError(f"config file {p}: expected sections such as {{'model': {{...}}, 'train': {{...}}}}")
+    for name, (found, _) in _saved_paths(data, p).items():
+        data["data"][name] = found
     return data
+
+
+def missing_paths(path: str | os.PathLike) -> dict[str, str]:
+    """The data paths of a run's ``config.json`` that point nowhere, each with a message that
+    names the file and the places tried (see :func:`load_config_file`).
+
+    Args:
+        path: the config file.
+
+    Returns:
+        ``{field: message}`` for each of :data:`PATH_FIELDS` set to a path that exists in none of
+        the places tried (empty for a file whose paths are all found, or that stores none).
+
+    Raises:
+        ValueError: as :func:`load_config_file`.
+    """
+    load_config_file(path)  # the same checks
+    p = Path(path)
+    data = json.loads(p.read_bytes()) if p.suffix == ".json" else {}
+    return {name: why for name, (_, why) in _saved_paths(data, p).items() if why}
+
+
+def _saved_paths(data: dict[str, Any], path: Path) -> dict[str, tuple[str, str | None]]:
+    """Where the data paths of the config file ``path`` (parsed: ``data``) point:
+    ``{field: (path to use, None)}``, or ``(the stored value, why it was not found)``.
+
+    A run's ``config.json`` written with :meth:`RunConfig.to_dict(run_dir) <RunConfig.to_dict>`
+    (it has ``"paths"``) is tried relative to its directory, then at the absolute path saved
+    beside it. An older ``config.json`` (paths relative to the working directory of the first
+    run) is tried relative to its directory, then as given (relative to the current working
+    directory). Other config files keep their paths as given (relative to the working
+    directory), as a hand-written file always did. ``data_dir`` (where a data set is downloaded
+    to) is never missing: it falls back to the first place tried.
+    """
+    section, saved = data.get("data"), data.get("paths")
+    if not isinstance(section, dict) or (saved is None and path.name != "config.json"):
+        return {}
+    absolute = saved.get("absolute") if isinstance(saved, dict) else None
+    base = os.path.realpath(path.parent)
+    out: dict[str, tuple[str, str | None]] = {}
+    for name in PATH_FIELDS:
+        value = section.get(name)
+        if not isinstance(value, str):
+            continue
+        tried = [os.path.normpath(os.path.join(base, value))]  # an absolute value stays itself
+        if saved is None:
+            tried.append(value)  # an older config.json: as given, from the working directory
+        elif isinstance(absolute, dict) and isinstance(absolute.get(name), str):
+            tried.append(absolute[name])
+        found = next((t for t in tried if os.path.exists(t)), None)
+        if found is not None:
+            out[name] = (found, None)
+        elif name == "data_dir":
+            out[name] = (tried[0] if saved is not None else value, None)
+        else:
+            places = " nor at ".join(dict.fromkeys(os.path.abspath(t) for t in tried))
+            out[name] = (tried[0] if saved is not None else value, f"{path}: data.{name} {value!r} is not at {places}")
+    return out

@@ -105,14 +105,114 @@ def test_resume_with_more_steps_continues_training(tiny_run, texts, tmp_path, ca
     assert list_checkpoints(longer)[-1].name == "ckpt_0000050.safetensors"
 
 
+def _relative_run(texts, root: Path) -> tuple[Path, list[str]]:
+    """``root/work`` holding copies of ``texts`` and a 4-step tiny run ``runs/x`` trained from
+    there with relative paths (``--train-text train.txt``); returns ``(work, tail of argv)``."""
+    work = root / "work"
+    work.mkdir()
+    for t in texts:
+        shutil.copy(t, work / t.name)
+    return work, ["--device", "cpu", "--num-workers", "1", "--max-new-tokens", "0"]
+
+
+def test_resume_from_another_working_directory(texts, tmp_path, monkeypatch):
+    """Regression (issue 21 item 6): ``cd /tmp && flm train --resume --out-dir main/runs/x`` failed
+    with ``--train-text ../shared/…: no such file`` although no --train-text was given: config.json
+    stored the paths relative to the first run's working directory. They are now stored relative
+    to the run directory (the absolute path beside them), so the resume finds the same files —
+    the cached tokenizer and token files are reused — from anywhere. Run as the user runs it: a
+    subprocess in another directory."""
+    work, tail = _relative_run(texts, tmp_path)
+    monkeypatch.chdir(work)
+    argv = ["train", "--preset", "tiny", "--train-text", "train.txt", "--valid-text", "valid.txt"]
+    assert main([*argv, "--out-dir", "runs/x", "--max-iters", "4", *tail]) == 0
+    saved = json.loads((work / "runs" / "x" / "config.json").read_text())
+    assert saved["data"]["train_text"] == str(Path("..", "..", "train.txt"))
+    assert saved["paths"]["absolute"]["valid_text"] == str(work / "valid.txt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "flm", "train", "--resume", "--out-dir", "../work/runs/x", "--max-iters", "6"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    for line in ("tokenizer: cached", "encode train: cached", "encode valid: cached", "resumed from ckpt_0000004"):
+        assert line in done.stdout, (line, done.stdout)
+    assert json.loads((work / "runs" / "x" / "results.json").read_text())["steps"] == 6
+    assert not list(elsewhere.iterdir())  # nothing written where the command ran
+
+
+def test_resume_paths_fall_back_to_absolute_then_name_config_json(texts, tmp_path, monkeypatch, capsys):
+    """A run's config.json tries its data paths relative to the run directory, then at the absolute
+    path saved beside them (a moved run directory); when neither exists the error names
+    config.json and where it looked, and --train-text/--valid-text still override it. An older
+    config.json (paths relative to the first run's working directory, no "paths") still loads
+    from that directory."""
+    from flm import manifest
+
+    work, tail = _relative_run(texts, tmp_path)
+    monkeypatch.chdir(work)
+    argv = ["train", "--preset", "tiny", "--train-text", "train.txt", "--valid-text", "valid.txt"]
+    assert main([*argv, "--out-dir", "runs/x", "--max-iters", "4", *tail]) == 0
+    moved = tmp_path / "moved" / "deeper"
+    shutil.copytree(work / "runs" / "x", moved)  # ../../train.txt from here does not exist
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out-dir", str(moved), *tail]) == 0
+    assert "tokenizer: cached" in capsys.readouterr().out  # the same files, at their absolute paths
+    # The texts gone from both places: one line naming config.json and the places tried.
+    away = tmp_path / "away"
+    away.mkdir()
+    for name in ("train.txt", "valid.txt"):
+        (work / name).rename(away / name)
+    assert main(["train", "--resume", "--out-dir", str(moved), *tail]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {moved / 'config.json'}: data.train_text") and "\n" not in err, err
+    # (the resume above saved config.json again, relative to where the run directory is now)
+    assert f"data.train_text '../../work/train.txt' is not at {work / 'train.txt'};" in err, err
+    # Flags win over config.json: the missing paths are not reported (here the tokenizer, trained
+    # on the text at its old path, is what refuses).
+    flags = ["--train-text", str(away / "train.txt"), "--valid-text", str(away / "valid.txt")]
+    assert main(["train", "--resume", "--out-dir", str(moved), *flags, *tail]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" not in err and "tokenizer would be retrained" in err, err
+    # An older config.json: the paths as the first run was given them, relative to its directory.
+    for name in ("train.txt", "valid.txt"):
+        (away / name).rename(work / name)
+    old = json.loads((moved / "config.json").read_text())
+    del old["paths"]
+    old["data"].update(train_text="train.txt", valid_text="valid.txt", data_dir="data")
+    (moved / "config.json").write_text(json.dumps(old))
+    manifest.record(moved / "config.json")  # as an older flm wrote it
+    assert main(["train", "--resume", "--out-dir", str(moved), *tail]) == 2  # not from elsewhere
+    err = capsys.readouterr().err
+    assert (
+        f"config.json: data.train_text 'train.txt' is not at {moved / 'train.txt'} nor at {elsewhere / 'train.txt'};"
+        in err
+    )
+    monkeypatch.chdir(work)
+    assert main(["train", "--resume", "--out-dir", str(moved), *tail]) == 0  # but from where it ran
+    assert "tokenizer: cached" in capsys.readouterr().out
+
+
 def test_print_config_and_config_files_round_trip(tiny_run, texts, tmp_path, capsys):
     assert main(["train", "--config", str(tiny_run / "config.json"), "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((tiny_run / "config.json").read_text())
     # Every setting round-trips; "auto" (why the run's device defaults were chosen) is the original
     # run's note: loaded back, those settings are explicit values, so nothing is resolved again.
+    # The data paths, saved relative to the run directory (issue 21 item 6), load back as the files.
     assert "dtype" in saved["auto"] and "auto" not in printed
-    assert printed == {k: v for k, v in saved.items() if k != "auto"}
+    assert saved["data"]["train_text"] == str(Path("..", "..", texts[0].parent.name, "train.txt"))
+    assert saved["paths"]["absolute"]["train_text"] == str(texts[0]) == printed["data"]["train_text"]
+    assert printed == {k: v for k, v in saved.items() if k not in ("auto", "paths")} | {
+        "data": saved["data"] | saved["paths"]["absolute"]
+    }
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "tiny"\n[model]\nd_model = 48\nnorm = "post"\n[train]\nlr = 0.01\nbetas = [0.9, 0.99]\n')
     assert main(["train", "--config", str(toml), "--lr", "0.02", "--print-config"]) == 0

@@ -46,7 +46,7 @@ from flm.cli.common import (
     memory_error_bytes,
     pick_device,
 )
-from flm.config import RunConfig, default_preset
+from flm.config import PATH_FIELDS, RunConfig, default_preset, missing_paths
 from flm.download import (
     DATASETS,
     DownloadUnavailable,
@@ -876,7 +876,9 @@ def write_data(plan: Plan, tokenizer: Tokenizer, new_stamp: dict[str, Any] | Non
     if new_stamp is not None:
         save_tokenizer(out, tokenizer, new_stamp)
     tokens = prepare_tokens(out, tokenizer, plan.texts, num_workers=cfg.data.num_workers, log=log)
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), **({"auto": plan.auto} if plan.auto else {})})
+    # Data paths relative to the run directory (absolute as a fallback): --resume from anywhere.
+    saved = cfg.to_dict(run_dir=out)
+    atomic_write_json(out / "config.json", {**saved, **({"auto": plan.auto} if plan.auto else {})})
     return tokenizer, tokens
 
 
@@ -951,6 +953,11 @@ def run(args: argparse.Namespace) -> int:
         resolved, auto = resolve_settings(cfg)
         print(json.dumps({**resolved.to_dict(), **({"auto": auto} if auto else {})}, indent=2))
         return 0
+    if args.config is not None:  # a run's config.json naming texts that are gone: say which file said so
+        given = {name for name in PATH_FIELDS if f"data.{name}" in vars(args)}
+        for name, why in missing_paths(args.config).items():
+            if name not in given:
+                raise UsageError(f"{why}; move it back, or give the texts: --train-text FILE --valid-text FILE")
     set_threads(args.threads)
     # Under torchrun every rank checks the plan, rank 0 alone prints it (as it alone logs the run).
     main_rank = os.environ.get("RANK", "0") == "0"
