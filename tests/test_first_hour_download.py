@@ -232,16 +232,29 @@ def _cut(blob: bytes, n: int) -> bytes:
 
 
 @pytest.mark.parametrize("ignore_range", [False, True])
-def test_a_prefix_is_fetched_by_range_cut_at_a_document_and_stamped_unverified(remote, tmp_path, ignore_range):
+def test_a_prefix_is_fetched_by_range_cut_at_a_document_and_stamped_unverified(
+    remote, tmp_path, monkeypatch, ignore_range
+):
+    import http.client
     import json
 
     srv, blobs = remote
     srv.ignore_range = ignore_range  # a server that ignores Range: the stream is read only that far
     n = 10_000
     dest = tmp_path / "data"
+    read, real_read = [], http.client.HTTPResponse.read
+
+    def counting_read(self, amt=None):
+        data = real_read(self, amt)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", counting_read)
     path = download_mod.download_prefix(
         "tinystories", dest, "train", n, base_url=srv.url, progress=False, timeout=TIMEOUT, pins=_pins(blobs)
     )
+    monkeypatch.undo()
+    assert sum(read) == n + len(EOS) < len(blobs["train"])  # of a ~200 KB body, only what is needed
     assert (
         path
         == dest / "TinyStoriesV2-GPT4-train.first-10000-bytes.txt"
