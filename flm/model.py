@@ -305,8 +305,11 @@ def transformer_lm(
         last_only: return the logits of the last position only, ``(..., 1, vocab_size)``
             (what sampling needs; skips the LM head for the other positions).
         block_fn: what runs each layer, called as ``block_fn(layer_params, x, config.block,
-            token_positions, attend=hook)``; default :func:`flm.nn.transformer_block`. The train
-            step's ``compile="blocks"`` passes one ``torch.compile`` of it, shared by every layer.
+            token_positions, attend=hook, rope_cache=tables)``; default
+            :func:`flm.nn.transformer_block`. ``tables`` are RoPE's ``(cos, sin)``
+            (:func:`flm.nn.attention_rope_tables`), built once per forward for every layer
+            (``None`` with ``position="nope"``). The train step's ``compile="blocks"`` passes one
+            ``torch.compile`` of it, shared by every layer (the tables are one more input).
 
     Returns:
         Logits ``(..., seq_len, vocab_size)`` in the parameters' dtype (unnormalised).
@@ -334,9 +337,16 @@ def transformer_lm(
         check_token_ids(token_ids, config.vocab_size)
     block = config.block
     x = nn.embedding(params["token_embeddings"], token_ids, check=False)  # the ids are checked above (check_ids)
+    # RoPE's cos/sin tables depend only on the positions: built once here, not in every layer.
+    rope_cache = (
+        None
+        if block.rope_theta is None
+        else nn.attention_rope_tables(x, block.num_heads, block.rope_theta, token_positions)
+    )
     run_block = nn.transformer_block if block_fn is None else block_fn
     for i, layer in enumerate(params["layers"]):
-        x = run_block(layer, x, block, token_positions, attend=None if attend is None else attend[i])
+        hook = None if attend is None else attend[i]
+        x = run_block(layer, x, block, token_positions, attend=hook, rope_cache=rope_cache)
     if last_only:
         x = x[..., -1:, :]
     if config.norm != "none":

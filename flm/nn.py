@@ -49,6 +49,7 @@ __all__ = [
     "causal_mask",
     "rope",
     "rope_tables",
+    "attention_rope_tables",
     "attention_qkv",
     "multihead_self_attention",
     "BlockConfig",
@@ -66,6 +67,8 @@ __all__ = [
 Params = dict[str, Any]
 # The attention hook: per-head queries, keys and values (after RoPE) -> per-head outputs.
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# RoPE's (cos, sin) tables for every head, (..., 1, seq_len, d_head / 2) each: see attention_rope_tables.
+RopeCache = tuple[torch.Tensor, torch.Tensor]
 #: The attention implementations :func:`dot_product_attention` takes.
 ATTENTION_IMPLEMENTATIONS = ("auto", "flm", "sdpa")
 #: The allowed values of each choice of :class:`BlockConfig`: the one definition that
@@ -328,12 +331,66 @@ def scaled_dot_product_attention(
     return torch.matmul(probs, v)  # (..., queries, keys) @ (..., keys, d_v) -> (..., queries, d_v)
 
 
+def attention_rope_tables(
+    x: torch.Tensor,
+    num_heads: int,
+    rope_theta: float,
+    token_positions: torch.Tensor | None = None,
+) -> RopeCache:
+    """RoPE's ``cos`` and ``sin`` tables for the attention heads over ``x``, shared by q, k and every layer.
+
+    :func:`attention_qkv` builds them when it is not given them; ``flm.model.transformer_lm``
+    builds them once per forward and passes them to every block as ``rope_cache`` (as Llama's
+    ``freqs_cis`` and Hugging Face's ``position_embeddings``). Only ``x``'s shape, dtype and
+    device are read.
+
+    Args:
+        x: ``(..., seq_len, d_model)``, the attention input (its dtype picks the compute dtype:
+            float32 for half/bfloat16/float32, float64 for float64).
+        num_heads: number of heads ``h``; ``d_model`` must be divisible by it.
+        rope_theta: the RoPE base Θ.
+        token_positions: ``(..., seq_len)`` integer (or float) positions (default ``arange(seq_len)``).
+
+    Returns:
+        ``(cos, sin)``, each ``(..., 1, seq_len, d_head / 2)`` (the ``1`` broadcasts over heads) in
+        the compute dtype, on ``x``'s device.
+
+    Raises:
+        ValueError: if ``d_model`` is not divisible by ``num_heads``, ``d_head`` is odd,
+            ``rope_theta`` is not positive, or the positions' last dimension is not ``seq_len``.
+
+    Source: handout §3.5.3, eqs. (8)–(9); Su et al. (2021).
+    """
+    d_model, seq_len = x.shape[-1], x.shape[-2]
+    if num_heads <= 0 or d_model % num_heads:
+        raise ValueError(f"attention: d_model={d_model} is not divisible by num_heads={num_heads}")
+    d_head = d_model // num_heads
+    if token_positions is None:
+        token_positions = torch.arange(seq_len, device=x.device)
+    check_rope(d_head, rope_theta, token_positions.shape[-1], seq_len)
+    positions = token_positions.unsqueeze(-2)  # (..., 1, seq_len): same rotation for every head
+    return rope_tables(positions, d_head, rope_theta, dtype=_compute_dtype(x.dtype), device=x.device)
+
+
+def _check_rope_cache(rope_cache: RopeCache, seq_len: int, d_head: int) -> None:
+    cos, sin = rope_cache
+    want = (seq_len, d_head // 2)
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() < 2 or tuple(table.shape[-2:]) != want:
+            raise ValueError(
+                f"attention: rope_cache's {name} table has shape {tuple(table.shape)}, expected "
+                f"(..., seq_len, d_head / 2) = (..., {want[0]}, {want[1]})"
+            )
+
+
 def attention_qkv(
     params: Params,
     x: torch.Tensor,
     num_heads: int,
     rope_theta: float | None = None,
     token_positions: torch.Tensor | None = None,
+    *,
+    rope_cache: RopeCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Project ``x`` to per-head queries, keys and values, with RoPE on q and k when asked.
 
@@ -342,31 +399,36 @@ def attention_qkv(
         x: ``(..., seq_len, d_model)``.
         num_heads: number of heads ``h``; ``d_model`` must be divisible by it.
         rope_theta: the RoPE base, or ``None`` for no position encoding (NoPE).
-        token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``).
+        token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``); not read when
+            ``rope_cache`` is given.
+        rope_cache: the ``(cos, sin)`` tables of :func:`attention_rope_tables` for these positions
+            (built once and shared by every layer); ``None`` builds them here.
 
     Returns:
         ``(q, k, v)``, each ``(..., h, seq_len, d_head)``.
 
     Raises:
-        ValueError: if ``d_model`` is not divisible by ``num_heads``.
+        ValueError: if ``d_model`` is not divisible by ``num_heads``, a ``rope_cache`` is given
+            with ``rope_theta=None`` (NoPE), or its tables' last two dimensions are not
+            ``(seq_len, d_head / 2)``.
 
     Source: handout §3.5.5, eqs. (12)–(14).
     """
     d_model = x.shape[-1]
     if num_heads <= 0 or d_model % num_heads:
         raise ValueError(f"attention: d_model={d_model} is not divisible by num_heads={num_heads}")
+    if rope_theta is None and rope_cache is not None:
+        raise ValueError("attention: rope_cache given but rope_theta is None (NoPE rotates nothing)")
     split = "... seq (heads d_head) -> ... heads seq d_head"
     q = rearrange(linear(params["q_proj"], x), split, heads=num_heads)
     k = rearrange(linear(params["k_proj"], x), split, heads=num_heads)
     v = rearrange(linear(params["v_proj"], x), split, heads=num_heads)
     if rope_theta is not None:
-        seq_len = x.shape[-2]
-        if token_positions is None:
-            token_positions = torch.arange(seq_len, device=x.device)
-        d_head = d_model // num_heads
-        check_rope(d_head, rope_theta, token_positions.shape[-1], seq_len)
-        positions = token_positions.unsqueeze(-2)  # (..., 1, seq_len): same rotation for every head
-        cos, sin = rope_tables(positions, d_head, rope_theta, dtype=_compute_dtype(q.dtype), device=x.device)
+        if rope_cache is None:
+            rope_cache = attention_rope_tables(x, num_heads, rope_theta, token_positions)
+        else:
+            _check_rope_cache(rope_cache, x.shape[-2], d_model // num_heads)
+        cos, sin = rope_cache
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # one set of tables for q and k
     return q, k, v
 
@@ -439,6 +501,7 @@ def multihead_self_attention(
     *,
     attention: str = "auto",
     attend: Attend | None = None,
+    rope_cache: RopeCache | None = None,
 ) -> torch.Tensor:
     """Causal multi-head self-attention ``W_O · MultiHead(W_Q x, W_K x, W_V x)``.
 
@@ -452,16 +515,20 @@ def multihead_self_attention(
         attend: a hook replacing causal attention: ``attend(q, k, v) -> out`` on per-head tensors
             ``(..., heads, seq_len, d_head)`` after RoPE (e.g. a KV cache that stores ``k, v``
             and attends over everything cached; see ``flm.generate``).
+        rope_cache: RoPE's ``(cos, sin)`` tables from :func:`attention_rope_tables`, built once
+            for all layers (``flm.model.transformer_lm`` does); ``None`` builds them here from
+            ``token_positions``.
 
     Returns:
         ``(..., seq_len, d_model)``.
 
     Raises:
-        ValueError: bad head count or unknown ``attention``.
+        ValueError: bad head count, unknown ``attention``, or a ``rope_cache`` that does not fit
+            (see :func:`attention_qkv`).
 
     Source: handout §3.5.5; Vaswani et al. (2017) §3.2.2.
     """
-    q, k, v = attention_qkv(params, x, num_heads, rope_theta, token_positions)
+    q, k, v = attention_qkv(params, x, num_heads, rope_theta, token_positions, rope_cache=rope_cache)
     if attend is None:
         out = dot_product_attention(q, k, v, causal=True, implementation=attention)
     else:
@@ -507,6 +574,7 @@ def transformer_block(
     token_positions: torch.Tensor | None = None,
     *,
     attend: Attend | None = None,
+    rope_cache: RopeCache | None = None,
 ) -> torch.Tensor:
     """One Transformer block: attention and feed-forward sub-layers with residual connections.
 
@@ -523,9 +591,15 @@ def transformer_block(
         config: the block's :class:`BlockConfig`.
         token_positions: ``(..., seq_len)`` positions (default ``arange(seq_len)``).
         attend: attention hook passed to :func:`multihead_self_attention` (e.g. a KV cache).
+        rope_cache: RoPE's ``(cos, sin)`` tables from :func:`attention_rope_tables`, shared by
+            all layers (``flm.model.transformer_lm`` builds them once per forward); ``None``
+            builds them in this block from ``token_positions``.
 
     Returns:
         ``(..., seq_len, d_model)``.
+
+    Raises:
+        ValueError: from :func:`multihead_self_attention` (e.g. a ``rope_cache`` that does not fit).
 
     Source: handout §3.6 eq. (15), Figure 2; ablations §7.3.
     """
@@ -540,6 +614,7 @@ def transformer_block(
             token_positions,
             attention=config.attention,
             attend=attend,
+            rope_cache=rope_cache,
         )
 
     if config.norm == "pre":

@@ -250,6 +250,14 @@ ROWS: list[Row] = [
         lambda g, n: Case(_f64(flm.nn.init_transformer_block(D_MODEL, D_FF, generator=g)), (_randn(g, 2, n, D_MODEL),)),
         diff=(0,),
     ),
+    Row(
+        "nn.attention_rope_tables",
+        flm.nn.attention_rope_tables,
+        lambda p, xs, s: flm.nn.attention_rope_tables(xs[0], HEADS, THETA, xs[1]),
+        # x gives only the shape and dtype; the tables are differentiable in float positions.
+        lambda g, n: Case(None, (_randn(g, 2, n, D_MODEL), 10 * torch.rand(n, generator=g, dtype=D))),
+        diff=(1,),
+    ),
     # flm.rope (re-exported by flm.nn: rope, rope_tables) -------------------------------------
     Row(
         "rope.rope",
@@ -347,6 +355,7 @@ ROWS: list[Row] = [
 _NO_PARAMS = {r.name for r in ROWS if r.name.split(".")[0] in ("rope", "loss", "sampling")} | {
     "nn.silu",
     "nn.softmax",
+    "nn.attention_rope_tables",
     "nn.scaled_dot_product_attention",
     "nn.dot_product_attention[auto]",
     "nn.dot_product_attention[sdpa]",

@@ -573,3 +573,104 @@ def test_cuda_init_and_forward_match_cpu():
         cfg = TINY.replace(attention=attention)
         out = transformer_lm(gpu, ids.cuda(), cfg)
         torch.testing.assert_close(out.cpu(), transformer_lm(cpu, ids, cfg), rtol=1e-3, atol=1e-3)  # TF32 matmuls
+
+
+# =============================================================================================
+# RoPE tables: built once per forward and shared by every layer (issue 20 item 6)
+# =============================================================================================
+
+DEEP3 = TINY.replace(num_layers=3)
+
+
+def _count_rope_tables(monkeypatch) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Wrap ``flm.nn.rope_tables`` (what attention calls) to record each construction's dtype and shape."""
+    calls: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    real = nn.rope_tables
+
+    def counting(*args, **kwargs):
+        cos, sin = real(*args, **kwargs)
+        calls.append((cos.dtype, tuple(cos.shape)))
+        return cos, sin
+
+    monkeypatch.setattr(nn, "rope_tables", counting)
+    return calls
+
+
+def _per_layer_tables_lm(params, ids, config, positions=None):
+    """The forward as it was before issue 20 item 6: each block builds its own tables."""
+    x = nn.embedding(params["token_embeddings"], ids)
+    for layer in params["layers"]:
+        x = nn.transformer_block(layer, x, config.block, positions, rope_cache=None)
+    x = nn.rms_norm(params["ln_final"], x, config.eps)
+    return nn.linear(params["lm_head"], x)
+
+
+@pytest.mark.parametrize("positions", [None, "shared", "per-row"])
+def test_rope_tables_are_built_once_per_forward_and_the_logits_are_unchanged(monkeypatch, positions):
+    """A 3-layer forward builds RoPE's tables once (the per-layer forward builds them 3 times) and
+    gives bitwise the same logits, with default, shared and per-row positions."""
+    params = init_params(DEEP3, _gen(0), dtype=torch.float64)
+    ids = _ids(2, 7)
+    pos = {
+        None: None,
+        "shared": torch.tensor([3, 4, 5, 6, 7, 8, 9]),
+        "per-row": torch.tensor([[0, 1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14, 15]]),
+    }[positions]
+    calls = _count_rope_tables(monkeypatch)
+    before = _per_layer_tables_lm(params, ids, DEEP3, pos)
+    assert len(calls) == DEEP3.num_layers  # the counter sees every construction
+    calls.clear()
+    after = transformer_lm(params, ids, DEEP3, pos)
+    assert len(calls) == 1, f"{len(calls)} RoPE table constructions for one forward"
+    torch.testing.assert_close(after, before, **EXACT)
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "table_dtype"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float64, torch.float64)],
+)
+def test_rope_tables_are_built_in_the_compute_dtype(monkeypatch, param_dtype, table_dtype):
+    """The shared tables are float32 for bf16/float32 activations and float64 for float64 (as each
+    layer built them), shaped ``(..., 1, seq_len, d_head/2)`` to broadcast over heads, and every
+    block receives that one pair."""
+    params = init_params(DEEP3, _gen(0), dtype=param_dtype)
+    calls = _count_rope_tables(monkeypatch)
+    received = []
+
+    def block_fn(layer, x, block, token_positions, *, attend=None, rope_cache=None):
+        received.append(rope_cache)
+        return nn.transformer_block(layer, x, block, token_positions, attend=attend, rope_cache=rope_cache)
+
+    out = transformer_lm(params, _ids(2, 5), DEEP3, block_fn=block_fn)
+    assert calls == [(table_dtype, (1, 5, DEEP3.d_head // 2))]
+    assert len(received) == DEEP3.num_layers and all(r is received[0] for r in received)
+    assert received[0][0].dtype == table_dtype and out.dtype == param_dtype
+
+
+def test_nope_builds_no_rope_tables(monkeypatch):
+    """position="nope": no tables are built and the blocks receive ``rope_cache=None``."""
+    nope = DEEP3.replace(position="nope")
+    calls = _count_rope_tables(monkeypatch)
+    received = []
+
+    def block_fn(layer, x, block, token_positions, *, attend=None, rope_cache=None):
+        received.append(rope_cache)
+        return nn.transformer_block(layer, x, block, token_positions, attend=attend, rope_cache=rope_cache)
+
+    transformer_lm(init_params(nope, _gen(0)), _ids(1, 4), nope, block_fn=block_fn)
+    assert calls == [] and received == [None] * nope.num_layers
+
+
+def test_a_rope_cache_that_does_not_fit_is_refused():
+    """Tables for another sequence length or head size, or tables for a NoPE block, are a ValueError."""
+    params = init_params(TINY, _gen(0))
+    layer, x = params["layers"][0], torch.randn(2, 5, TINY.d_model, generator=_gen(1))
+    wrong_len = nn.attention_rope_tables(x[:, :4], TINY.num_heads, TINY.rope_theta)
+    with pytest.raises(ValueError, match=r"rope_cache's cos table has shape \(1, 4, 2\), expected .*\(\.\.\., 5, 2\)"):
+        nn.transformer_block(layer, x, TINY.block, rope_cache=wrong_len)
+    wrong_head = nn.attention_rope_tables(x, TINY.num_heads // 2, TINY.rope_theta)
+    with pytest.raises(ValueError, match=r"rope_cache's cos table has shape \(1, 5, 4\)"):
+        nn.multihead_self_attention(layer["attn"], x, TINY.num_heads, TINY.rope_theta, rope_cache=wrong_head)
+    fits = nn.attention_rope_tables(x, TINY.num_heads, TINY.rope_theta)
+    with pytest.raises(ValueError, match="rope_cache given but rope_theta is None"):
+        nn.attention_qkv(layer["attn"], x, TINY.num_heads, None, rope_cache=fits)

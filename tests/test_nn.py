@@ -227,6 +227,23 @@ def test_multihead_self_attention_custom_positions():
         torch.testing.assert_close(out[b], _ref_mha(p, x[b], h, 10000.0, pos[b]), **F64)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_attention_given_rope_tables_equals_attention_that_builds_them(dtype):
+    """``rope_cache=attention_rope_tables(x, h, θ, pos)`` (built once, shared by layers) gives
+    exactly the attention that builds its own tables from ``pos``; the tables are in the compute
+    dtype (float32 for bf16) and broadcast over heads."""
+    d, h, s = 8, 2, 4
+    p = _mha_params(d, dtype=dtype)
+    x = _randn(2, s, d, seed=3).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 3], [10, 11, 12, 13]])
+    cos, sin = nn.attention_rope_tables(x, h, 10000.0, pos)
+    assert cos.shape == sin.shape == (2, 1, s, d // h // 2)
+    assert cos.dtype == torch.promote_types(dtype, torch.float32)
+    own = nn.multihead_self_attention(p, x, h, 10000.0, pos)
+    given = nn.multihead_self_attention(p, x, h, 10000.0, rope_cache=(cos, sin))
+    torch.testing.assert_close(given, own, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention="sdpa" (PyTorch's fused kernels) equals attention="flm": forward and gradients
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ single run with that model's config would; a diverged model writes no NaN checkp
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -114,15 +115,19 @@ def test_a_diverged_model_writes_no_nan_checkpoint_and_says_so(sweep, capsys):
     assert "holds no checkpoint to resume from" in capsys.readouterr().err
 
 
-def test_resume_continues_a_sweep_model_as_a_single_run_would(sweep, tmp_path, capsys):
+def test_resume_continues_a_sweep_model_as_a_single_run_would(sweep, texts, tmp_path, capsys, monkeypatch):
     """``flm train --resume --out-dir OUT/lr_0.01 --max-iters 12`` continues at step 10 and gives what
     a single run with that model's config.json gives, trained 10 steps and resumed to 12. Not
     bitwise: the vmapped step batches each matmul over the models and always runs flm's attention
     kernel (the single run's "auto" may pick PyTorch's fused one), so sums round differently (we
     measured relative differences below 1e-6 in the losses)."""
     out, _ = sweep
+    saved = json.loads((out / "lr_0.01" / "config.json").read_text())
+    assert saved["data"]["train_text"] == os.path.relpath(texts[0], os.path.realpath(out / "lr_0.01"))
     swept = tmp_path / "lr_0.01"
     shutil.copytree(out / "lr_0.01", swept)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # resumed from another working directory
     capsys.readouterr()
     assert main(["train", "--resume", "--out-dir", str(swept), "--max-iters", "12", "--max-new-tokens", "0"]) == 0
     assert "resumed from ckpt_0000010.safetensors at step 10" in capsys.readouterr().out

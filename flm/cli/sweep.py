@@ -175,7 +175,8 @@ _TOKEN_FILES = (".tokens", ".tokens.json", ".stamp.json")
 
 def write_model_dir(plan: Plan, d: Path, cfg: RunConfig, tokenizer: Tokenizer) -> None:
     """Make ``d`` one sweep model's run directory before training: ``config.json`` (its single-run
-    config, with the plan's ``auto`` reasons, as ``flm train`` writes it), the tokenizer with the
+    config, with the plan's ``auto`` reasons and its data paths relative to ``d``, as ``flm train``
+    writes it), the tokenizer with the
     stamp ``flm train --resume`` recognises as cached, and hard links to the sweep's token files and
     their stamps (no copy; where the file system refuses links, a resume encodes them again).
 
@@ -202,4 +203,6 @@ def write_model_dir(plan: Plan, d: Path, cfg: RunConfig, tokenizer: Tokenizer) -
             for name in names:
                 manifest.remove(d / name)
             log(f"warning: {d.name}/: no links to the {split} token files ({err}); a resume encodes them again")
-    atomic_write_json(d / "config.json", {**cfg.to_dict(), **({"auto": plan.auto} if plan.auto else {})})
+    # As flm train writes it: data paths relative to the directory (absolute ones as a fallback).
+    saved = cfg.to_dict(run_dir=d)
+    atomic_write_json(d / "config.json", {**saved, **({"auto": plan.auto} if plan.auto else {})})
