@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flm
+import flm.cli.sweep as sweep_cli
 import flm.experiments.vmapped as vmapped
 from flm.checkpoint import list_checkpoints, load_checkpoint, read_header
 from flm.cli import main
@@ -62,8 +63,16 @@ def sweep(texts, tmp_path_factory):
         held.update(labels=list(labels), params=params, opt_state=opt_state)
         return real(ckpts, labels, params, opt_state, *args, **kw)
 
+    lines = held["log"] = []
+    real_log = sweep_cli.log
+
+    def log(msg):
+        lines.append(msg)
+        real_log(msg)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vmapped, "_save_final", spy)
+        mp.setattr(sweep_cli, "log", log)
         assert main(_sweep_argv(texts, out)) == 0
     return out, held
 
@@ -103,7 +112,10 @@ def test_each_model_directory_is_a_run_that_generate_eval_and_load_run_read(swee
 def test_a_diverged_model_writes_no_nan_checkpoint_and_says_so(sweep, capsys):
     """lr 1e4 is NaN by step 10 (its step-5 evaluation was still finite): no final checkpoint, its
     step-5 best kept (generate reads it), and --resume says there is nothing to continue."""
-    out, _ = sweep
+    out, held = sweep
+    assert (
+        "| lr_10000 |" in held["log"][-1] and "best.safetensors only (diverged: no final checkpoint)" in held["log"][-1]
+    )
     r = json.loads((out / "sweep.json").read_text())["results"][2]
     d = out / r["label"]
     assert r["diverged"] and r["checkpoint"] is None and not list_checkpoints(d)

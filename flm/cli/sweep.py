@@ -125,15 +125,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     log(f"  sweep: {len(vs)} models in one vmapped step: {', '.join(v['label'] for v in vs)}")
+    log(
+        f"  each model's directory keeps its final and best model: flm train --resume --out-dir {out}/<model> continues it"
+    )
     if args.dry_run:
         from flm.cli.train import dry_run_checks
 
         for line in dry_run_checks(plan):
             log(line)
         return 0
-    log(
-        f"  each model's directory keeps its final and best model: flm train --resume --out-dir {out}/<model> continues it"
-    )
     checked = check_data(plan)
     with run_lock(out):
         tokenizer, tokens = write_data(plan, *checked)
@@ -167,7 +167,7 @@ def _kept(summary: dict[str, Any]) -> str:
         return f"{final}, {best}"
     if best:
         return f"{best} only (diverged: no final checkpoint)"
-    return final or "nothing (diverged before its first evaluation)"
+    return final or "nothing (diverged before a finite evaluation)"
 
 
 _TOKEN_FILES = (".tokens", ".tokens.json", ".stamp.json")
