@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from flm._io import atomic_path, atomic_write_json, atomic_writer
 from flm.progress import progress_bar
@@ -731,7 +731,9 @@ def download_prefix(
     :func:`download`, which fetches and verifies it as always.
 
     Args:
-        name: a key of ``DATASETS`` whose files are not gzip-compressed (``"tinystories"``).
+        name: a key of ``DATASETS``. For a gzip data set (``"owt"``) no Range is asked: the
+            compressed stream is read and decompressed only until the prefix of the *text* is
+            complete, then closed (``nbytes`` counts decompressed bytes).
         dest_dir: the directory to save into (created if needed; removed again on failure when this
             call created it and it is still empty).
         split: ``"train"`` or ``"valid"``.
@@ -745,7 +747,7 @@ def download_prefix(
         The prefix file's path.
 
     Raises:
-        ValueError: an unknown data set or split, a gzip data set, a non-positive ``nbytes``; a file
+        ValueError: an unknown data set or split, a non-positive ``nbytes``, a corrupt gzip stream; a file
             already at the prefix's name that flm's stamp does not describe (it is kept); bytes that
             are not UTF-8 or hold no text before the cut (nothing is written).
         DownloadUnavailable: the server could not be reached or answered an HTTP error.
@@ -753,8 +755,6 @@ def download_prefix(
             (nothing is written).
     """
     info = _dataset(name, [split])
-    if info.gzip:
-        raise ValueError(f"data set {name!r} is gzip-compressed: a prefix of it cannot be fetched by byte range")
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ValueError(f"nbytes must be a positive int, got {nbytes!r}")
     pin = _resolve_pins(name, info, pins).get(split, _NO_PIN)
@@ -772,7 +772,9 @@ def download_prefix(
     url = f"{base}/{remote}"
     created = _make_dirs(dest)
     try:
-        _fetch_prefix(url, final, nbytes, timeout=timeout, progress=progress, desc=remote, expected_size=pin.size)
+        _fetch_prefix(
+            url, final, nbytes, timeout=timeout, progress=progress, desc=remote, expected_size=pin.size, gzip=info.gzip
+        )
     except BaseException:
         for d in reversed(created):
             with contextlib.suppress(OSError):
@@ -794,14 +796,25 @@ def download_prefix(
 
 
 def _fetch_prefix(
-    url: str, final: Path, nbytes: int, *, timeout: float, progress: bool, desc: str, expected_size: int | None
+    url: str,
+    final: Path,
+    nbytes: int,
+    *,
+    timeout: float,
+    progress: bool,
+    desc: str,
+    expected_size: int | None,
+    gzip: bool = False,
 ) -> None:
-    """Fetch the first ``nbytes + len(<|endoftext|>)`` bytes of ``url`` and save them, cut at a
-    document boundary and checked to be UTF-8, atomically as ``final`` (see :func:`download_prefix`)."""
+    """Fetch the first ``nbytes + len(<|endoftext|>)`` bytes of ``url`` (of its decompressed text,
+    for a gzip file) and save them, cut at a document boundary and checked to be UTF-8, atomically
+    as ``final`` (see :func:`download_prefix`)."""
     from flm.tokenizer.pretokenize import prefix_end
 
     want = nbytes + len(_EOS)  # a separator starting at nbytes still counts as a boundary
-    headers = {"User-Agent": "flm-data/1", "Accept-Encoding": "identity", "Range": f"bytes=0-{want - 1}"}
+    headers = {"User-Agent": "flm-data/1", "Accept-Encoding": "identity"}
+    if not gzip:  # a gzip stream's compressed length of a text prefix is unknown: read it until enough
+        headers["Range"] = f"bytes=0-{want - 1}"
     try:
         resp = urllib.request.build_opener(_HubRedirects()).open(
             urllib.request.Request(url, headers=headers), timeout=timeout
@@ -816,11 +829,11 @@ def _fetch_prefix(
     with resp, atomic_path(final) as tmp:
         if resp.headers.get_content_type() == "text/html":
             raise html_error
-        if resp.status == 206:
+        if resp.status == 206 and not gzip:
             start, total = _parse_content_range(resp.headers.get("Content-Range"))
             if start != 0:
                 raise OSError(f"download of {desc} from {url}: the server sent a range starting at {start}, not 0")
-        elif resp.status == 200:  # Range ignored: the whole file follows; read only what is needed
+        elif resp.status == 200:  # the whole file follows (Range ignored, or none asked): read only what is needed
             total = _int_header(resp.headers.get("Content-Length"))
         else:
             raise OSError(f"download of {desc} from {url} failed: unexpected HTTP status {resp.status}")
@@ -829,35 +842,56 @@ def _fetch_prefix(
                 f"download of {desc} from {url} refused: the server offers {total} bytes, the pinned size is "
                 f"{expected_size}; {_OVERRIDE_HINT}"
             )
-        need = want if total is None else min(want, total)
-        got = 0
+        need = want if total is None or gzip else min(want, total)
+        got = 0  # bytes of text written
+        received = 0  # bytes read from the network
+        unzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
         with (
             open(tmp, "wb") as f,
             progress_bar(need, f"{desc} (first {nbytes:,} bytes)", unit="B", enabled=progress) as bar,
         ):
             while got < need:
                 try:
-                    chunk = resp.read(min(_CHUNK_BYTES, need - got))
+                    chunk = resp.read(min(_PREFIX_GZIP_CHUNK if gzip else _CHUNK_BYTES, need - got))
                 except (OSError, EOFError, ValueError) as e:
                     raise OSError(
-                        f"download of {desc} from {url} failed after {got} bytes ({type(e).__name__}: {e})"
+                        f"download of {desc} from {url} failed after {received} bytes ({type(e).__name__}: {e})"
                     ) from e
                 if not chunk:
                     break
-                if got == 0 and _looks_like_html(chunk):
+                if received == 0 and _looks_like_html(chunk):
                     raise html_error
+                received += len(chunk)
+                if unzip is not None:
+                    chunk = _gunzip_chunk(unzip, chunk, desc)
+                    if unzip.eof and unzip.unused_data:  # the next gzip member
+                        rest, unzip = unzip.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                        chunk += _gunzip_chunk(unzip, rest, desc)
+                chunk = chunk[: need - got]
                 f.write(chunk)
                 got += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and got < need:
+        truncated = not unzip.eof if unzip is not None else total is not None  # else: the whole file was shorter
+        if got < need and truncated:
             raise OSError(f"download of {desc} from {url} is incomplete: got {got} of {need} bytes; run again")
-        if got == 0:
+        if received == 0:
             raise DownloadUnavailable(desc, url, "the connection closed before any data")
         cut = prefix_end(tmp, nbytes, _EOS)
         os.truncate(tmp, cut)
         if cut == 0:
             raise ValueError(f"the first {nbytes:,} bytes of {desc} hold no text before the first {_EOS.decode()}")
         _check_utf8(tmp, f"the first {cut:,} bytes of {desc} from {url}")
+
+
+_PREFIX_GZIP_CHUNK = 64 << 10  # compressed bytes per read: a gzip prefix stops within this of enough text
+
+
+def _gunzip_chunk(unzip: Any, chunk: bytes, desc: str) -> bytes:
+    """Decompress one chunk of a gzip stream (``unzip``: a ``zlib.decompressobj``); ValueError if corrupt."""
+    try:
+        return unzip.decompress(chunk)
+    except zlib.error as e:
+        raise ValueError(f"{desc} is not a valid gzip stream ({e})") from None
 
 
 def _check_utf8(path: Path, shown: str) -> None:

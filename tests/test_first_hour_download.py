@@ -300,8 +300,6 @@ def test_a_prefix_is_refused_for_another_file_html_or_non_utf8(remote, tmp_path)
     with pytest.raises(ValueError, match="does not describe it; it is kept"):
         download_mod.download_prefix("tinystories", tmp_path, "train", 1000, pins={}, **get)
     assert mine.read_text() == "my notes"
-    with pytest.raises(ValueError, match="gzip"):
-        download_mod.download_prefix("owt", tmp_path, "train", 1000, **get)
 
 
 def test_flm_train_with_train_bytes_downloads_only_the_prefix(remote, tmp_path, monkeypatch, capsys):
@@ -337,3 +335,47 @@ def test_flm_train_with_train_bytes_downloads_only_the_prefix(remote, tmp_path, 
     # A second run reuses the prefix (no request), and still says what it is.
     assert flm_cli_main([*argv, "--overwrite"]) == 0
     assert "is an unverified prefix" in capsys.readouterr().out and len(srv.requests) == 2
+
+
+def test_a_prefix_of_a_gzip_data_set_reads_only_enough_of_the_stream(tmp_path, monkeypatch):
+    """owt is served gzipped: no Range is asked; the stream is decompressed until the prefix is
+    complete, then closed (a corrupt stream is refused, nothing written)."""
+    import gzip
+    import http.client
+    import random
+
+    rng = random.Random(0)
+    words = ["once", "upon", "a", "time", "dog", "cat", "ran", "saw", "big", "small", "naïve", "café"]
+    text = "".join(" ".join(rng.choice(words) for _ in range(40)) + ".\n<|endoftext|>\n" for _ in range(6000)).encode()
+    blob = gzip.compress(text)
+    owt = DATASETS["owt"]
+    root = tmp_path / "remote"
+    root.mkdir()
+    (root / owt.files["train"]).write_bytes(blob)
+    srv, t = _start(root)
+    read, real_read = [], http.client.HTTPResponse.read
+
+    def counting_read(self, amt=None):
+        data = real_read(self, amt)
+        read.append(len(data))
+        return data
+
+    n = 50_000
+    pins = {"train": download_mod.FilePin(size=len(blob))}
+    try:
+        monkeypatch.setattr(http.client.HTTPResponse, "read", counting_read)
+        path = download_mod.download_prefix(
+            "owt", tmp_path / "data", "train", n, base_url=srv.url, progress=False, timeout=TIMEOUT, pins=pins
+        )
+        monkeypatch.undo()
+        assert [r["range"] for r in srv.requests] == [None]
+        assert sum(read) < len(blob) // 2  # the stream was closed once the prefix was complete
+        assert path.name == "owt_train.first-50000-bytes.txt" and path.read_bytes() == _cut(text, n)
+        (root / owt.files["train"]).write_bytes(blob[:20] + bytes(len(blob) - 20))  # a corrupt stream
+        with pytest.raises(ValueError, match="not a valid gzip stream"):
+            download_mod.download_prefix(
+                "owt", tmp_path / "other", "train", n, base_url=srv.url, progress=False, timeout=TIMEOUT, pins=pins
+            )
+        assert not (tmp_path / "other").exists()
+    finally:
+        _stop(srv, t)

@@ -219,14 +219,9 @@ def _check_text(path: str, role: str, min_bytes: int) -> None:
 
 def _wants_prefix(info: Any, pin: Any, train_bytes: int | None) -> bool:
     """Whether a run reading ``train_bytes`` of a data set's training file should download only a
-    prefix: the file is not compressed and its pinned size is larger than the prefix would be."""
-    return (
-        train_bytes is not None
-        and not info.gzip
-        and pin is not None
-        and pin.size is not None
-        and train_bytes + len(EOS_TOKEN) < pin.size
-    )
+    prefix: the (decompressed) file's pinned size is larger than the prefix would be."""
+    whole = None if pin is None else pin.local_size if info.gzip else pin.size
+    return train_bytes is not None and whole is not None and train_bytes + len(EOS_TOKEN) < whole
 
 
 def _plan_prefix(plan: Plan, train_bytes: int, dry_run: bool) -> None:
@@ -243,8 +238,10 @@ def _plan_prefix(plan: Plan, train_bytes: int, dry_run: bool) -> None:
         )
     plan.texts["train"] = (str(path), train_bytes)
     plan.prefixes["train"] = train_bytes
-    if not path.exists():
-        plan.downloads.append((d.dataset, f"the first {train_bytes:,} bytes of {remote}", train_bytes + len(EOS_TOKEN)))
+    if not path.exists():  # of a gzip file: the compressed bytes that hold the prefix are not known in advance
+        size = None if info.gzip else train_bytes + len(EOS_TOKEN)
+        of = f"{remote} (decompressed)" if info.gzip else remote
+        plan.downloads.append((d.dataset, f"the first {train_bytes:,} bytes of {of}", size))
     plan.notes.append(
         f"data: {path.name} is an unverified prefix: the first {train_bytes:,} bytes of {remote} (--train-bytes), "
         "cut at a document boundary; the pinned SHA-256 covers only the whole file, so this prefix is not "
@@ -636,7 +633,7 @@ def describe(plan: Plan) -> list[str]:
         total = sum(b or 0 for *_, b in plan.downloads)
         files = ", ".join(f for _, f, _ in plan.downloads)
         unknown = [f for _, f, b in plan.downloads if b is None]
-        rest = f"{', '.join(unknown)} of unknown size" if unknown else ""
+        rest = "an unknown number of bytes" if unknown else ""  # the files' list names them
         if plan.dry_run:
             size = " + ".join(x for x in (f"{total:,} bytes ({format_count(total)})" if total else "", rest) if x)
             lines.append(f"  dry run: would download {size}: {files} into {cfg.data.data_dir}; nothing was fetched")
