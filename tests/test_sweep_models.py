@@ -201,3 +201,23 @@ def test_sweep_resume_names_the_per_model_resume(texts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"flm train --resume --out-dir {tmp_path / 'sw'}/lr_0.001 --max-iters N" in err
     assert not (tmp_path / "sw").exists()
+
+
+def test_without_hard_links_a_resume_encodes_the_tokens_again(texts, tmp_path, capsys, monkeypatch):
+    """A file system that refuses hard links: the model's directory gets no token files (a warning
+    says so) and flm train --resume encodes them again from the texts."""
+
+    def refuse(src, dst):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sweep_cli.os, "link", refuse)
+    argv = _sweep_argv(texts, tmp_path / "sw")
+    argv[argv.index("--lrs") + 1 :] = ["1e-2"]
+    argv[argv.index("--max-iters") + 1] = "2"
+    assert main(argv) == 0
+    d = tmp_path / "sw" / "lr_0.01"
+    assert "no links to the train token files" in capsys.readouterr().out
+    assert not list(d.glob("*.tokens*")) and [p.name for p in d.glob("*.stamp.json")] == ["tokenizer.stamp.json"]
+    assert main(["train", "--resume", "--out-dir", str(d), "--max-iters", "3", "--max-new-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "encode train: " in out and "encode train: cached" not in out and "resumed from ckpt_0000002" in out
