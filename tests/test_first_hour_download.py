@@ -335,6 +335,15 @@ def test_flm_train_with_train_bytes_downloads_only_the_prefix(remote, tmp_path, 
     # A second run reuses the prefix (no request), and still says what it is.
     assert flm_cli_main([*argv, "--overwrite"]) == 0
     assert "is an unverified prefix" in capsys.readouterr().out and len(srv.requests) == 2
+    # Once the whole file is there (downloaded and verified), a new run reads it; resuming the run
+    # made from the prefix keeps reading the prefix (its tokenizer was trained on that file).
+    download("tinystories", data, progress=False, timeout=TIMEOUT)
+    assert (data / TS.local_name("train")).read_bytes() == blobs["train"]
+    assert flm_cli_main([*argv, "--resume", "--max-iters", "45"]) == 0
+    stdout = capsys.readouterr().out
+    assert "is an unverified prefix" in stdout and "tokenizer: cached" in stdout
+    assert flm_cli_main([*argv, "--overwrite", "--dry-run"]) == 0
+    assert "unverified prefix" not in capsys.readouterr().out
 
 
 def test_a_prefix_of_a_gzip_data_set_reads_only_enough_of_the_stream(tmp_path, monkeypatch):

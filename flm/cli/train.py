@@ -224,6 +224,22 @@ def _wants_prefix(info: Any, pin: Any, train_bytes: int | None) -> bool:
     return train_bytes is not None and whole is not None and train_bytes + len(EOS_TOKEN) < whole
 
 
+def _trained_on_prefix(plan: Plan) -> bool:
+    """Whether the run being resumed was trained on the downloaded prefix (its cached tokenizer's
+    stamp names the prefix file as it is now), so a whole file downloaded since does not change
+    the text under it."""
+    cfg = plan.config
+    d = cfg.data
+    path = prefix_path(d.dataset, d.data_dir, "train", d.train_bytes)
+    if prefix_stamp(path) is None:
+        return False
+    try:
+        stamp = tokenizer_stamp(path, cfg.model.vocab_size, d.train_bytes)
+        return cached_tokenizer(plan.out_dir, stamp) is not None
+    except (OSError, ValueError):
+        return False
+
+
 def _plan_prefix(plan: Plan, train_bytes: int, dry_run: bool) -> None:
     """Plan the training text as a downloaded prefix (:func:`flm.download.download_prefix`):
     reuse one already on disk, or plan its download; a plan note says it is unverified."""
@@ -298,7 +314,11 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, d
                 plan.train_text_bytes = local.stat().st_size
             elif split == "train" and pin is not None:
                 plan.train_text_bytes = pin.local_size if info.gzip else pin.size
-            if split == "train" and not local.is_file() and _wants_prefix(info, pin, d.train_bytes):
+            if (
+                split == "train"
+                and _wants_prefix(info, pin, d.train_bytes)
+                and (not local.is_file() or (resume and _trained_on_prefix(plan)))
+            ):
                 _plan_prefix(plan, d.train_bytes, dry_run)
             elif not local.is_file():
                 plan.downloads.append((d.dataset, info.files[split], pin.size if pin else None))
