@@ -1,18 +1,17 @@
-"""The Transformer language model as a pure function over a parameter tree, and its accounting.
+"""The Transformer language model as a pure function over a parameter tree.
 
 ``init_params(config)`` builds the nested dict of tensors whose flattened keys are the handout's
 reference state-dict keys; ``transformer_lm(params, token_ids, config)`` maps token ids to
-next-token logits. ``count_params``, ``forward_flops`` and ``training_memory`` answer the
-handout's resource-accounting questions (§3.6 "transformer_accounting", §4.3 "adamwAccounting")
-from a config alone.
+next-token logits. The resource accounting (``count_params``, ``forward_flops``,
+``train_step_flops``, ``adamw_step_flops``, ``training_memory``, ``max_batch_size``) lives in
+:mod:`flm.accounting` and is re-exported here, so ``from flm.model import count_params`` keeps working.
 
-Source: CS336 assignment 1 handout §3.1–3.6 (Figure 1), §4.3.
+Source: CS336 assignment 1 handout §3.1–3.6 (Figure 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,14 @@ import torch
 
 from flm import nn
 from flm._compat import checks_enabled
+from flm.accounting import (
+    adamw_step_flops,
+    count_params,
+    forward_flops,
+    max_batch_size,
+    train_step_flops,
+    training_memory,
+)
 
 __all__ = [
     "TransformerConfig",
@@ -30,11 +37,13 @@ __all__ = [
     "check_params",
     "transformer_lm",
     "check_token_ids",
+    # Re-exported from flm.accounting (their home since issue 20 item 7).
     "count_params",
     "forward_flops",
     "train_step_flops",
     "training_memory",
     "adamw_step_flops",
+    "max_batch_size",
 ]
 
 Params = dict[str, Any]
@@ -353,140 +362,3 @@ def transformer_lm(
         x = nn.rms_norm(params["ln_final"], x, config.eps)
     head = params["token_embeddings"] if config.tie_embeddings else params["lm_head"]
     return nn.linear(head, x)
-
-
-# --------------------------------------------------------------------------------------------
-# Resource accounting (handout §3.6 transformer_accounting, §4.3 adamwAccounting)
-# --------------------------------------------------------------------------------------------
-
-
-def count_params(config: TransformerConfig) -> int:
-    """Number of trainable parameters of the model ``config`` describes.
-
-    Embedding ``V·d`` + per block (4 attention projections ``4d²``, FFN ``3·d·d_ff`` (SwiGLU) or
-    ``2·d·d_ff`` (SiLU), two gains ``2d``) + final gain ``d`` + LM head ``V·d`` (0 when tied).
-    Equals ``flm.tree.num_elements(init_params(config))``.
-
-    Args:
-        config: the model.
-
-    Returns:
-        The parameter count.
-
-    Source: handout §3.6, transformer_accounting (a).
-    """
-    d, v = config.d_model, config.vocab_size
-    ffn = (3 if config.ffn == "swiglu" else 2) * d * config.d_ff
-    norms = 2 * d if config.norm != "none" else 0
-    block = 4 * d * d + ffn + norms
-    total = v * d + config.num_layers * block
-    if config.norm != "none":
-        total += d
-    if not config.tie_embeddings:
-        total += v * d
-    return total
-
-
-def forward_flops(config: TransformerConfig, seq_len: int | None = None) -> dict[str, int]:
-    """Matrix-multiply FLOPs of one forward pass over one sequence, by component.
-
-    Counts ``2·m·n·p`` per ``(m×n)(n×p)`` product (handout rule), for ``s = seq_len`` tokens:
-
-    - ``attention_projections``: Q, K, V and output projections, ``L · 4 · 2·s·d²``
-    - ``attention_scores``: ``Q Kᵀ``, ``L · 2·s²·d``
-    - ``attention_values``: ``softmax(·) V``, ``L · 2·s²·d``
-    - ``ffn``: ``L · 3 · 2·s·d·d_ff`` (SwiGLU; 2 matrices for SiLU)
-    - ``lm_head``: ``2·s·d·V``
-    - ``total``: their sum.
-
-    Args:
-        config: the model's hyperparameters.
-        seq_len: tokens per sequence (default ``context_length``).
-
-    Returns:
-        ``dict`` from component name to FLOPs (ints).
-
-    Source: handout §3.6, transformer_accounting (b)–(e).
-    """
-    s = config.context_length if seq_len is None else seq_len
-    d, L = config.d_model, config.num_layers
-    n_ffn = 3 if config.ffn == "swiglu" else 2
-    out = {
-        "attention_projections": L * 4 * 2 * s * d * d,
-        "attention_scores": L * 2 * s * s * d,
-        "attention_values": L * 2 * s * s * d,
-        "ffn": L * n_ffn * 2 * s * d * config.d_ff,
-        "lm_head": 2 * s * d * config.vocab_size,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def train_step_flops(config: TransformerConfig, batch_size: int, seq_len: int | None = None) -> int:
-    """FLOPs of one training step: forward + backward ≈ 3 × forward (Kaplan et al. 2020).
-
-    Source: handout §4.3 adamwAccounting (d).
-    """
-    return 3 * batch_size * forward_flops(config, seq_len)["total"]
-
-
-def adamw_step_flops(config: TransformerConfig) -> int:
-    """Approximate FLOPs of one AdamW update: about 15 elementwise operations per parameter.
-
-    (m update 3, v update 4, bias-corrected step size O(1), ``m/(√v+ε)`` 3, parameter update 2,
-    weight decay 2, plus the square root, counted as 1.)
-
-    Source: handout §4.3 adamwAccounting (c), Algorithm 1.
-    """
-    return 15 * count_params(config)
-
-
-def training_memory(
-    config: TransformerConfig, batch_size: int, *, bytes_per_element: int = 4, seq_len: int | None = None
-) -> dict[str, int]:
-    """Peak memory of a float32 AdamW training step, by component, in bytes.
-
-    ``parameters = P``, ``gradients = P``, ``optimizer_state = 2P`` (AdamW's m and v) elements.
-    ``activations`` counts the tensors the handout lists for the backward pass, per layer and
-    sequence of ``s`` tokens: two RMSNorm inputs ``2sd``; Q, K, V ``3sd``; scores ``QᵀK`` and
-    their softmax ``2hs²``; weighted values ``sd``; output projection ``sd``; FFN ``W1`` output and
-    its SiLU ``2s·d_ff`` (SwiGLU adds the ``W3`` output and the gated product, ``2s·d_ff``); ``W2``
-    output ``sd``. Then the final RMSNorm ``sd``, logits ``sV`` and the cross-entropy's softmax
-    ``sV``. With ``d_ff = 4d`` and ``ffn="silu"`` this is the handout's
-    ``B·[L·(16sd + 2hs²) + sd + 2sV]``.
-
-    Args:
-        config: the model's hyperparameters.
-        batch_size: sequences per step ``B``.
-        bytes_per_element: 4 for float32.
-        seq_len: tokens per sequence (default ``context_length``).
-
-    Returns:
-        ``{"parameters", "gradients", "optimizer_state", "activations", "total"}`` in bytes.
-
-    Source: handout §4.3, adamwAccounting (a)–(b).
-    """
-    s = config.context_length if seq_len is None else seq_len
-    d, h, L, v, f = config.d_model, config.num_heads, config.num_layers, config.vocab_size, config.d_ff
-    p = count_params(config)
-    ffn_acts = (4 if config.ffn == "swiglu" else 2) * s * f
-    per_layer = 2 * s * d + 3 * s * d + 2 * h * s * s + s * d + s * d + ffn_acts + s * d
-    activations = batch_size * (L * per_layer + s * d + 2 * s * v)
-    out = {
-        "parameters": p * bytes_per_element,
-        "gradients": p * bytes_per_element,
-        "optimizer_state": 2 * p * bytes_per_element,
-        "activations": activations * bytes_per_element,
-    }
-    out["total"] = sum(out.values())
-    return out
-
-
-def max_batch_size(config: TransformerConfig, memory_bytes: float, **kw: Any) -> int:
-    """Largest batch size whose :func:`training_memory` total fits in ``memory_bytes``.
-
-    Source: handout §4.3 adamwAccounting (b).
-    """
-    fixed = training_memory(config, 0, **kw)["total"]
-    per_seq = training_memory(config, 1, **kw)["total"] - fixed
-    return max(0, math.floor((memory_bytes - fixed) / per_seq))

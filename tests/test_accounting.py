@@ -1,6 +1,7 @@
-"""Tests for flm.model's resource accounting (handout §3.6 transformer_accounting and §4.3
-adamwAccounting): parameter counts, forward FLOPs by component (also measured with
-torch.utils.flop_counter on a real forward), AdamW training memory and the 80 GB batch size."""
+"""Tests for flm.accounting, the model's resource accounting (handout §3.6 transformer_accounting
+and §4.3 adamwAccounting): parameter counts, forward FLOPs by component (also measured with
+torch.utils.flop_counter on a real forward), AdamW training memory and the 80 GB batch size; and
+flm.model's re-exports of them (their old import path)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from flm.model import (
-    TransformerConfig,
+import flm.accounting
+import flm.model
+from flm.accounting import (
     adamw_step_flops,
     count_params,
     forward_flops,
-    init_params,
     max_batch_size,
     train_step_flops,
     training_memory,
-    transformer_lm,
 )
+from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import num_elements
 
 # Tolerances: counts are integers and compared exactly; proportions are compared to 3 decimals
@@ -250,3 +251,21 @@ def test_gpt2_xl_max_batch_size_80gb():
     # the SwiGLU XL (2.13B params, more FFN activations) fits only 2
     assert max_batch_size(XL, 80e9) == 2
     assert max_batch_size(XL_SILU, 10e9) == 0  # the weights and optimizer state alone exceed 10 GB
+
+
+def test_flm_model_re_exports_the_accounting():
+    """Every accounting function keeps its old import path ``flm.model.<name>`` (the same object),
+    and ``flm.model`` is the model: it defines none of them itself."""
+    names = [n for n in flm.accounting.__all__ if n != "ModelShape"]
+    assert names == [
+        "count_params",
+        "forward_flops",
+        "train_step_flops",
+        "training_memory",
+        "adamw_step_flops",
+        "max_batch_size",
+    ]
+    for name in names:
+        assert getattr(flm.model, name) is getattr(flm.accounting, name), name
+        assert name in flm.model.__all__, name
+        assert getattr(flm.model, name).__module__ == "flm.accounting", name

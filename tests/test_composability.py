@@ -386,12 +386,14 @@ OUT_OF_SCOPE = {
     "flm.model.param_template": "shapes on the meta device, no values",
     "flm.model.check_params": "shape validation of a tree, no numerical output",
     "flm.model.check_token_ids": "eager-only data validation (reads values back to the host)",
-    # Accounting helpers: arithmetic on a config, not tensor functions.
+    # Accounting helpers (defined in flm.accounting, re-exported by flm.model): arithmetic on a
+    # config, not tensor functions.
     "flm.model.count_params": "accounting on a config",
     "flm.model.forward_flops": "accounting on a config",
     "flm.model.train_step_flops": "accounting on a config",
     "flm.model.training_memory": "accounting on a config",
     "flm.model.adamw_step_flops": "accounting on a config",
+    "flm.model.max_batch_size": "accounting on a config",
 }
 
 TRANSFORMS = ("vmap_inputs", "vmap_params", "grad", "jacrev", "jvp", "grad_of_grad")
