@@ -356,8 +356,15 @@ def _check_generate_args(
     top_p: float,
     top_k: int | None,
     eos_id: int | None,
+    vocab_limit: int | None = None,
 ) -> None:
     check_sampling(temperature, top_p, top_k)
+    if vocab_limit is not None and not (
+        isinstance(vocab_limit, int) and not isinstance(vocab_limit, bool) and 1 <= vocab_limit <= config.vocab_size
+    ):
+        raise ValueError(
+            f"generate: vocab_limit must be an int in [1, vocab_size={config.vocab_size}], got {vocab_limit!r}"
+        )
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int ≥ 0, got {max_new_tokens!r}")
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < config.vocab_size):
@@ -376,6 +383,7 @@ def generate_stream(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[list[int | None]]:
     """Sample continuations step by step, yielding each step's new tokens as they are sampled.
 
@@ -397,6 +405,7 @@ def generate_stream(
         eos_id: stop a row after it samples this id, or ``None``.
         generator: the only source of randomness; ``None`` = a fresh generator seeded 0 on the
             parameters' device.
+        vocab_limit: sample only ids ``< vocab_limit`` (see :func:`generate`).
 
     Yields:
         ``list[int | None]`` of length ``batch`` per step.
@@ -406,7 +415,7 @@ def generate_stream(
 
     Source: handout §6; Holtzman et al. (2019); Fan et al. (2018).
     """
-    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id)
+    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id, vocab_limit)
     device = params["token_embeddings"]["weight"].device
     prompts, pads = _prompts_to_padded(prompt_ids, config.vocab_size, device)
     if max_new_tokens == 0:
@@ -424,7 +433,10 @@ def generate_stream(
     logits, cache = window_prefill()
     finished = torch.zeros(window.shape[0], dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = sample_next_token(logits[:, -1], temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        last = logits[:, -1]
+        if vocab_limit is not None and vocab_limit < config.vocab_size:
+            last = last.masked_fill(torch.arange(config.vocab_size, device=device) >= vocab_limit, float("-inf"))
+        token = sample_next_token(last, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
         if eos_id is not None:
             token = torch.where(finished, eos_id, token)
             was_done = finished.clone()
@@ -458,6 +470,7 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Sample continuations of a batch of prompts with a KV cache (see the module's policies).
 
@@ -473,6 +486,9 @@ def generate(
         eos_id: stop a row after it samples this id (excluded from the result), or ``None``.
         generator: the only source of randomness; ``None`` = a fresh generator seeded 0 on the
             parameters' device.
+        vocab_limit: sample only ids ``< vocab_limit`` (their logits are kept, the rest set to
+            ``-inf``), e.g. the tokenizer's size when BPE training stopped before the model's
+            ``vocab_size`` (the ids above it decode to nothing); ``None`` = every id.
 
     Returns:
         One list of generated ids per prompt (without the prompt and without EOS), in order;
@@ -485,7 +501,7 @@ def generate(
 
     Source: handout §6; Holtzman et al. (2019) for top-p; Fan et al. (2018) for top-k.
     """
-    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id)
+    _check_generate_args(config, max_new_tokens, temperature, top_p, top_k, eos_id, vocab_limit)
     rows: list[list[int]] | None = None
     for step in generate_stream(
         params,
@@ -497,6 +513,7 @@ def generate(
         top_k=top_k,
         eos_id=eos_id,
         generator=generator,
+        vocab_limit=vocab_limit,
     ):
         if rows is None:
             rows = [[] for _ in step]

@@ -541,3 +541,18 @@ def test_for_terminal_escapes_only_on_a_terminal():
     assert for_terminal(text, _Terminal()) == "a\\x00b\\x1bc\\x7fd\\x85e\nf\tg é ✓"
     assert for_terminal(text, io.StringIO()) == text
     assert for_terminal(text, object()) == text  # no isatty: not a terminal
+
+
+def test_a_tokenizer_smaller_than_the_model_samples_only_its_ids(texts, tmp_path, capsys):
+    """BPE stopped early (a 4,000-token vocabulary cannot be reached on this text), so the model
+    has ids the tokenizer cannot decode: flm train's samples and flm generate crashed with
+    "token id N is not in the vocabulary"; now they sample only the tokenizer's ids."""
+    from flm.cli import main
+
+    out = tmp_path / "run"
+    argv = train_argv(texts, out, "--vocab-size", "4000", "--max-iters", "2", "--eval-interval", "0")
+    assert main([*argv, "--checkpoint-interval", "0", "--max-new-tokens", "40", "--temperature", "1.0"]) == 0
+    assert (out / "samples.txt").exists()
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "Once", "--max-new-tokens", "40", "--temperature", "1.0"]) == 0
+    assert capsys.readouterr().out.startswith("Once")

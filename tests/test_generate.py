@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import flm.generate as gen
@@ -432,3 +432,30 @@ def test_every_public_function_documented():
     for name in gen.__all__:
         doc = getattr(gen, name).__doc__
         assert doc and doc.strip(), name
+
+
+@given(
+    limit=st.integers(1, 12),
+    temperature=st.sampled_from([0.0, 0.7, 1.0, 5.0]),
+    top_k=st.sampled_from([None, 1, 3, 20]),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=25, deadline=None)
+def test_vocab_limit_samples_only_ids_below_it(limit, temperature, top_k, seed):
+    """vocab_limit (the tokenizer's size when BPE stopped short of vocab_size): no id ≥ limit is
+    ever sampled, whatever the temperature and top-k; the limit = vocab_size changes nothing."""
+    cfg = TransformerConfig(vocab_size=12, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=24)
+    params = init_params(cfg, torch.Generator().manual_seed(seed))
+    kw = dict(temperature=temperature, top_k=top_k)
+    out = generate(params, cfg, [[0, 1]], 12, generator=torch.Generator().manual_seed(seed), vocab_limit=limit, **kw)
+    assert all(0 <= t < limit for t in out[0])
+    full = generate(params, cfg, [[0, 1]], 12, generator=torch.Generator().manual_seed(seed), vocab_limit=12, **kw)
+    assert full == generate(params, cfg, [[0, 1]], 12, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("bad", [0, 13, True, 2.0])
+def test_vocab_limit_is_validated(bad):
+    cfg = TransformerConfig(vocab_size=12, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=24)
+    params = init_params(cfg, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="vocab_limit must be an int in \\[1, vocab_size=12\\]"):
+        generate(params, cfg, [[0]], 2, vocab_limit=bad)

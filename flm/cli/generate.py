@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=s.top_k or None,
             eos_id=tokenizer.eos_id,
             generator=gen,
+            vocab_limit=min(tokenizer.vocab_size, config.vocab_size),  # BPE may stop short of vocab_size
         )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         out = [prompt]

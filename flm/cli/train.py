@@ -941,6 +941,7 @@ def _finish(
             top_k=s.top_k or None,
             eos_id=tokenizer.eos_id,
             generator=gen,
+            vocab_limit=min(tokenizer.vocab_size, model.vocab_size),  # BPE may stop short of vocab_size
         )
         texts = [p + tokenizer.decode(o) for p, o in zip(s.prompts, ids, strict=True)]
         sep = "\n\n" + "-" * 72 + "\n\n"

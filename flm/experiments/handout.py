@@ -337,6 +337,7 @@ def exp_generate(ctx: Context) -> dict[str, Any]:
             top_p=top_p,
             eos_id=tok.eos_id,
             generator=g,
+            vocab_limit=min(tok.vocab_size, config.vocab_size),
         )[0]
         samples.append(
             {
