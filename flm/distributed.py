@@ -13,15 +13,27 @@ Training" (gradient bucketing); handout §7.5.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optree
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_from_env", "all_reduce_mean", "all_gather_bytes", "barrier", "shutdown"]
+__all__ = [
+    "DistInfo",
+    "init_from_env",
+    "all_reduce_mean",
+    "all_gather_bytes",
+    "barrier",
+    "shutdown",
+    "directory_owners",
+    "node_count",
+    "check_same",
+]
 
 PyTree = Any
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -151,3 +163,78 @@ def all_gather_bytes(data: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local)
     return [p.cpu() for p in parts]
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def directory_owners(directory: str | os.PathLike[str]) -> list[int]:
+    """For every rank, the lowest rank that sees the same ``directory`` as it does (a collective).
+
+    Ranks of several nodes may name one path that is one shared directory (a network file
+    system) or a node-local directory on each machine; a path or ``st_dev``/``st_ino`` comparison
+    cannot tell them apart across machines. So every rank creates a probe file
+    ``.flm-probe.<nonce>-<rank>.tmp`` in its ``directory`` (the nonce drawn by rank 0, shared
+    with the others), and looks for every rank's probe in its own: two ranks whose directories are
+    one location see each other's probes. The probes are removed before returning (one left by a
+    killed process is a temporary name that :func:`flm._io.remove_orphan_temps` clears). Probe
+    names are new, so a network file system's cache of earlier lookups does not hide them.
+
+    Args:
+        directory: this rank's directory (created if missing), e.g. the run directory.
+
+    Returns:
+        ``owners`` of length world size: ``owners[r]`` is the lowest rank whose directory is rank
+        ``r``'s; rank ``r`` alone writes a directory iff ``owners[r] == r``. ``[0]`` without a
+        process group.
+
+    Raises:
+        OSError: the directory cannot be created or written.
+    """
+    if not _initialized():
+        return [0]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seed = torch.frombuffer(bytearray(os.urandom(8)), dtype=torch.uint8)
+    nonce = all_gather_bytes(seed)[0].numpy().tobytes().hex()  # rank 0's
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    mine = d / f".flm-probe.{nonce}-{rank}.tmp"
+    mine.touch(exist_ok=False)
+    try:
+        barrier()  # every probe exists before any rank looks
+        seen = torch.tensor([(d / f".flm-probe.{nonce}-{r}.tmp").exists() for r in range(world)], dtype=torch.uint8)
+        rows = all_gather_bytes(seen)  # also: no probe is removed before every rank has looked
+    finally:
+        mine.unlink(missing_ok=True)
+    return [int(row.nonzero()[0, 0]) for row in rows]
+
+
+def node_count() -> int:
+    """The number of nodes in the job: ranks with ``LOCAL_RANK`` 0 (a collective; 1 without a process group)."""
+    if not _initialized():
+        return 1
+    first = torch.tensor([int(os.environ.get("LOCAL_RANK", "0")) == 0], dtype=torch.uint8)
+    return int(sum(int(p[0]) for p in all_gather_bytes(first)))
+
+
+def check_same(value: str, what: str) -> None:
+    """Raise unless ``value`` is the same on every rank (a collective; its SHA-256 is exchanged).
+
+    Args:
+        value: e.g. a tokenizer fingerprint and the token counts, as one string.
+        what: what it describes, for the message.
+
+    Raises:
+        ValueError: ranks disagree; names the ranks that differ from rank 0.
+    """
+    if not _initialized():
+        return
+    digest = torch.frombuffer(bytearray(hashlib.sha256(value.encode()).digest()), dtype=torch.uint8)
+    parts = all_gather_bytes(digest)
+    differ = [r for r, p in enumerate(parts) if not torch.equal(p, parts[0])]
+    if differ:
+        raise ValueError(
+            f"distributed: {what} differs between rank 0 and rank(s) {', '.join(map(str, differ))}: "
+            "every node must train on the same data (same texts, --train-bytes and --vocab-size)"
+        )

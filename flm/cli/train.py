@@ -703,8 +703,11 @@ def _tokenizer_for(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
 def execute(plan: Plan) -> dict[str, Any]:
     """Carry out a checked plan (see the module docstring); returns what ``results.json`` holds.
 
-    Under ``torchrun`` rank 0 prepares the data (download, tokenizer, token files) while the
-    other ranks wait, then every rank trains and rank 0 evaluates and writes.
+    Under ``torchrun`` the first rank to see each run directory prepares the data there (download,
+    tokenizer, token files) while the other ranks wait: rank 0 alone on a shared file system, each
+    node's first rank with node-local directories (the plan's ``data:`` line says which; the
+    tokenizers and token counts are then checked to agree). Every rank trains; rank 0 evaluates
+    and writes checkpoints and metrics.
 
     Raises:
         UsageError: a text that encodes to fewer than ``context_length + 1`` tokens, or a resumed
@@ -718,13 +721,22 @@ def execute(plan: Plan) -> dict[str, Any]:
     if info.enabled:
         plan.config = cfg = cfg.replace(train={"device": info.device})
     try:
-        with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
-            checked = check_data(plan) if info.is_main else None  # before the lock: a failed check writes nothing
-        with run_lock(out) if info.is_main else contextlib.nullcontext():
+        # The first rank to see each run directory prepares the data in it: rank 0 alone when
+        # every node shares it, each node's first rank when the directories are node-local.
+        prepares = info.is_main
+        if info.enabled:
+            owners = distributed.directory_owners(out)
+            prepares = owners[info.rank] == info.rank
+            line = data_line(len(set(owners)), distributed.node_count(), out)
             if info.is_main:
+                log(line)
+        with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
+            checked = check_data(plan) if prepares else None  # before the lock: a failed check writes nothing
+        with run_lock(out) if prepares else contextlib.nullcontext():
+            if prepares:
                 with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
                     tokenizer, tokens = write_data(plan, *checked)
-                exact = epochs_warning(plan, len(tokens["train"]))
+                exact = epochs_warning(plan, len(tokens["train"])) if info.is_main else None
                 if exact and not epochs_warning(plan):  # the plan's estimate did not warn already
                     logger.warning(exact)
                 distributed.barrier()  # release the other ranks: tokenizer and token files are ready
@@ -732,6 +744,11 @@ def execute(plan: Plan) -> dict[str, Any]:
                 distributed.barrier()
                 tokenizer = Tokenizer.from_files(out / "vocab.json", out / "merges.txt", special_tokens=[EOS_TOKEN])
                 tokens = prepare_tokens(out, tokenizer, plan.texts, log=lambda _m: None)
+            # Node-local directories were prepared apart: diverging inputs are an error, not silent.
+            distributed.check_same(
+                f"{tokenizer.fingerprint()} {len(tokens['train'])} {len(tokens['valid'])}",
+                "the tokenizer or the token files",
+            )
             step_advice = f"flm estimated {format_bytes(step_memory(cfg)['total'])} per step; {memory_driver(cfg)}"
             with _out_of_memory("in the training step", step_advice):
                 summary = train_loop(
@@ -756,6 +773,26 @@ def execute(plan: Plan) -> dict[str, Any]:
                 return _finish(cfg, out, tokenizer, tokens, summary)
     finally:
         distributed.shutdown()
+
+
+def data_line(directories: int, nodes: int, out: Path) -> str:
+    """The plan's line on where a multi-process run prepares its data.
+
+    Args:
+        directories: distinct run directories the ranks see (:func:`flm.distributed.directory_owners`).
+        nodes: nodes in the job (:func:`flm.distributed.node_count`).
+        out: rank 0's run directory.
+
+    Returns:
+        E.g. ``"  data: prepared once (shared file system: every rank sees <out>)"``.
+    """
+    if directories == 1:
+        return f"  data: prepared once (shared file system: every rank sees {out})"
+    if directories == nodes:
+        return (
+            "  data: prepared once per node (node-local directories: each node's first rank writes its own --out-dir)"
+        )
+    return f"  data: prepared once per run directory ({directories} directories on {nodes} nodes)"
 
 
 _TEXT_ADVICE = (

@@ -1,0 +1,140 @@
+"""Several nodes, simulated on one machine (issue 22 item 1): two ``torchrun --nnodes 2`` launches
+with a c10d rendezvous on 127.0.0.1, CPU and gloo.
+
+(a) Each launch has its own ``--out-dir`` and ``--data-dir`` (standing for node-local disks): every
+    node's first rank prepares the tokenizer and token files in its own directory, the plan says
+    so, and the loss curve equals one node running both ranks (same global batch).
+    Nodes whose texts differ stop with an error instead of training on diverging data.
+(b) Both launches share the directories: the data is prepared once, and the plan says so.
+
+Rendezvous order decides which launch gets global rank 0, so the tests find rank 0's run
+directory by its files. Every subprocess runs under a timeout, on a free port.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from helpers import train_argv
+
+pytestmark = pytest.mark.distributed
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+TIMEOUT = 240
+STEPS = ("--max-iters", "4", "--eval-interval", "0", "--max-new-tokens", "0", "--log-interval", "1")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(argvs: list[list[str]], *, ok: bool = True) -> str:
+    """Run ``flm`` on two simulated nodes at once, one argv each; return their joint output
+    (both exit 0 if ``ok``, else both fail)."""
+    port = _free_port()
+    launch = TORCHRUN + [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=flm-test",
+        "-m",
+        "flm",
+    ]
+    procs = [
+        subprocess.Popen(launch + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        for argv in argvs
+    ]
+    outputs, codes = [], []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT)
+            outputs.append(out)
+            codes.append(p.returncode)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    joint = "\n".join(outputs)
+    assert (codes == [0, 0]) if ok else all(codes), joint[-4000:]
+    return joint
+
+
+def _losses(run) -> np.ndarray:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return np.array([r["train_loss"] for r in rows if r.get("train_loss") is not None])
+
+
+def _rank0_dir(dirs):
+    """The run directory global rank 0 wrote (rendezvous order decides which launch it was)."""
+    written = [d for d in dirs if (d / "results.json").exists()]
+    assert len(written) == 1, [sorted(p.name for p in d.iterdir()) for d in dirs]
+    return written[0]
+
+
+@pytest.fixture(scope="module")
+def one_node(texts, tmp_path_factory):
+    """The same run on one node with both ranks: its loss curve is the reference."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    cmd = TORCHRUN + ["--standalone", "--nproc_per_node=2", "-m", "flm"] + train_argv(texts, out, *STEPS)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=ENV)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return _losses(out)
+
+
+def test_two_nodes_with_node_local_directories_prepare_data_on_each(texts, tmp_path, one_node):
+    nodes = [tmp_path / f"node{i}" for i in (0, 1)]
+    argvs = [train_argv(texts, n / "run", *STEPS, "--data-dir", str(n / "data")) for n in nodes]
+    output = _two_nodes(argvs)
+    assert output.count("plan: preset tiny") == 1, output
+    assert "data: prepared once per node (node-local directories" in output, output
+    runs = [n / "run" for n in nodes]
+    for run in runs:  # each node's first rank wrote the same tokenizer and token files
+        assert (run / "vocab.json").is_file() and (run / "train.tokens").is_file()
+        assert not list(run.glob(".flm-probe*")), sorted(p.name for p in run.iterdir())
+    assert (runs[0] / "vocab.json").read_bytes() == (runs[1] / "vocab.json").read_bytes()
+    assert (runs[0] / "train.tokens").read_bytes() == (runs[1] / "train.tokens").read_bytes()
+    main = _rank0_dir(runs)
+    other = runs[1 - runs.index(main)]
+    assert not (other / "metrics.jsonl").exists() and not list(other.glob("*.safetensors"))
+    losses = _losses(main)
+    assert len(losses) == 4
+    np.testing.assert_allclose(losses, one_node, rtol=1e-5)
+
+
+def test_two_nodes_sharing_a_directory_prepare_data_once(texts, tmp_path, one_node):
+    run, data = tmp_path / "shared" / "run", tmp_path / "shared" / "data"
+    argv = train_argv(texts, run, *STEPS, "--data-dir", str(data))
+    output = _two_nodes([argv, argv])
+    assert output.count("plan: preset tiny") == 1, output
+    assert "data: prepared once (shared file system" in output, output
+    assert output.count("tokenizer: trained") == 1, output  # one rank trained it, in the one directory
+    assert not list(run.glob(".flm-probe*"))
+    np.testing.assert_allclose(_losses(run), one_node, rtol=1e-5)
+
+
+def test_two_nodes_whose_data_differs_stop_with_an_error(texts, tmp_path):
+    """Node-local data is prepared apart: a node given another text makes another tokenizer, and
+    every rank says so instead of training on diverging data."""
+    train, valid = texts
+    other = tmp_path / "other.txt"
+    other.write_text(train.read_text(encoding="utf-8")[::-1], encoding="utf-8")
+    argvs = [
+        train_argv((train, valid), tmp_path / "node0" / "run", *STEPS),
+        train_argv((other, valid), tmp_path / "node1" / "run", *STEPS),
+    ]
+    output = _two_nodes(argvs, ok=False)
+    assert "the tokenizer or the token files differs between rank 0 and rank(s) 1" in output, output[-4000:]
+    assert not any((tmp_path / n / "run" / "metrics.jsonl").exists() for n in ("node0", "node1"))
