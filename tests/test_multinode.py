@@ -6,6 +6,7 @@ with a c10d rendezvous on 127.0.0.1, CPU and gloo.
     so, and the loss curve equals one node running both ranks (same global batch).
     Nodes whose texts differ stop with an error instead of training on diverging data.
 (b) Both launches share the directories: the data is prepared once, and the plan says so.
+(c) ``flm.distributed.directory_owners`` on three spawned ranks, two of them sharing a directory.
 
 Rendezvous order decides which launch gets global rank 0, so the tests find rank 0's run
 directory by its files. Every subprocess runs under a timeout, on a free port.
@@ -138,3 +139,41 @@ def test_two_nodes_whose_data_differs_stop_with_an_error(texts, tmp_path):
     output = _two_nodes(argvs, ok=False)
     assert "the tokenizer or the token files differs between rank 0 and rank(s) 1" in output, output[-4000:]
     assert not any((tmp_path / n / "run" / "metrics.jsonl").exists() for n in ("node0", "node1"))
+
+
+def _owners_worker(rank: int, port: int, dirs: list, result: str) -> None:
+    import torch
+
+    from flm import distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(dirs))
+    try:
+        owners = distributed.directory_owners(dirs[rank])
+        try:
+            distributed.check_same("same" if rank < 2 else "other", "the value")
+            differs = ""
+        except ValueError as err:
+            differs = str(err)
+        if rank == 2:
+            with open(result, "w") as f:
+                json.dump({"owners": owners, "differs": differs}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_directory_owners_groups_the_ranks_that_see_one_directory(tmp_path):
+    """Ranks 0 and 1 share a directory (one through a link), rank 2 has its own: each directory's
+    first rank owns it, the probes are gone, and ``check_same`` names the rank that differs."""
+    import torch.multiprocessing as mp
+
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    shared.mkdir()
+    (tmp_path / "link").symlink_to(shared)
+    dirs = [str(shared), str(tmp_path / "link"), str(alone)]
+    result = tmp_path / "result.json"
+    mp.spawn(_owners_worker, args=(_free_port(), dirs, str(result)), nprocs=3, join=True)
+    got = json.loads(result.read_text())
+    assert got["owners"] == [0, 0, 2]
+    assert "the value differs between rank 0 and rank(s) 2" in got["differs"]
+    assert not list(shared.iterdir()) and not list(alone.iterdir())
