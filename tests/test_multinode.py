@@ -6,7 +6,8 @@ with a c10d rendezvous on 127.0.0.1, CPU and gloo.
     so, and the loss curve equals one node running both ranks (same global batch).
     Nodes whose texts differ stop with an error instead of training on diverging data.
 (b) Both launches share the directories: the data is prepared once, and the plan says so.
-(c) ``flm.distributed.directory_owners`` on three spawned ranks, two of them sharing a directory.
+(c) ``flm.distributed.directory_owners`` on three spawned ranks, two of them sharing a directory;
+    the downloads into a shared ``--data-dir`` happen once.
 
 Rendezvous order decides which launch gets global rank 0, so the tests find rank 0's run
 directory by its files. Every subprocess runs under a timeout, on a free port.
@@ -17,11 +18,13 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.distributed as dist
 from helpers import train_argv
+from test_first_hour_download import remote  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -177,3 +180,60 @@ def test_directory_owners_groups_the_ranks_that_see_one_directory(tmp_path):
     assert got["owners"] == [0, 0, 2]
     assert "the value differs between rank 0 and rank(s) 2" in got["differs"]
     assert not list(shared.iterdir()) and not list(alone.iterdir())
+
+
+def _download_worker(rank: int, port: int, dirs: list, url: str, pins: dict, result: str) -> None:
+    import dataclasses
+    from pathlib import Path
+    from types import MappingProxyType
+
+    import torch
+
+    import flm.cli.train as cli_train
+    import flm.download as download_mod
+    from flm.config import RunConfig
+    from flm.data import DATASETS
+    from flm.distributed import DistInfo
+
+    os.environ["FLM_DATA_BASE_URL"] = url
+    pinned = {s: download_mod.FilePin(size=n, sha256=h) for s, (n, h) in pins.items()}
+    table = MappingProxyType({**DATASETS, "tinystories": dataclasses.replace(DATASETS["tinystories"], pins=pinned)})
+    download_mod.DATASETS = cli_train.DATASETS = table
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(dirs))
+    try:
+        cfg = RunConfig.resolve(
+            "tiny", {"data": {"dataset": "tinystories", "data_dir": dirs[rank]}, "train": {"device": "cpu"}}
+        )
+        plan = cli_train.make_plan(cfg, Path(result).parent / f"run{rank}", resume=False, overwrite=False)
+        planned = bool(plan.downloads)
+        cli_train.download_once(plan, DistInfo(rank, len(dirs), rank, "cpu"))
+        texts = sorted(Path(p).read_bytes().hex()[:16] for p, _ in plan.texts.values())
+        with open(f"{result}.{rank}", "w") as f:
+            json.dump({"planned": planned, "texts": texts}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_shared_data_dir_is_downloaded_into_once(remote, tmp_path):  # noqa: F811 (the imported fixture)
+    """Node-local run directories with one shared ``--data-dir`` (ranks 0 and 1, rank 2 has its
+    own): each data directory is downloaded into by one rank while the others wait, so two nodes
+    never write one ``.part`` at once: the server sees the requests of two downloads, not three."""
+    import hashlib
+
+    import torch.multiprocessing as mp
+
+    srv, blobs = remote
+    pins = {s: (len(b), hashlib.sha256(b).hexdigest()) for s, b in blobs.items()}
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    shared.mkdir()
+    (tmp_path / "link").symlink_to(shared)
+    dirs = [str(shared), str(tmp_path / "link"), str(alone)]
+    result = tmp_path / "result"
+    mp.spawn(_download_worker, args=(_free_port(), dirs, srv.url, pins, str(result)), nprocs=3, join=True)
+    got = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(3)]
+    assert all(g["planned"] for g in got)  # every rank planned the download
+    assert got[0]["texts"] == got[1]["texts"] == got[2]["texts"]
+    per_directory = len(srv.requests) / 2
+    assert per_directory == int(per_directory) and per_directory >= 1, srv.requests
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())

@@ -730,6 +730,7 @@ def execute(plan: Plan) -> dict[str, Any]:
             line = data_line(len(set(owners)), distributed.node_count(), out)
             if info.is_main:
                 log(line)
+            download_once(plan, info)
         with _out_of_memory(f"while tokenizing {_text_names(plan)}", _TEXT_ADVICE):
             checked = check_data(plan) if prepares else None  # before the lock: a failed check writes nothing
         with run_lock(out) if prepares else contextlib.nullcontext():
@@ -874,6 +875,51 @@ def dry_run_checks(plan: Plan) -> list[str]:
     return ["dry run: every check passed; nothing was written"]
 
 
+def _download(plan: Plan) -> None:
+    """Fetch the plan's downloads into the data directory (files already there are skipped) and
+    set ``plan.texts`` to them.
+
+    Raises:
+        DownloadUnavailable: the server could not be reached (with what works offline).
+    """
+    cfg = plan.config
+    ds = cfg.data.dataset
+    whole = [s for s in DATASETS[ds].files if s not in plan.prefixes]
+    try:
+        paths = download(ds, cfg.data.data_dir, progress=True, splits=whole)
+        for split, nbytes in plan.prefixes.items():
+            paths[split] = download_prefix(ds, cfg.data.data_dir, split, nbytes, progress=True)
+    except DownloadUnavailable as err:
+        raise DownloadUnavailable(err.file, err.url, err.reason + without_download(cfg)) from None
+    plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
+
+
+def download_once(plan: Plan, info: distributed.DistInfo) -> None:
+    """Under torchrun, fetch the downloads once per data directory, before any rank prepares data.
+
+    Run directories and data directories may be shared differently (node-local run directories
+    with one shared ``--data-dir``), so the first rank to see each data directory downloads into
+    it while the others wait (a collective): two nodes never write one ``.part`` at once, and the
+    preparing ranks then find the files in place (:func:`flm.data.download` skips them).
+
+    Args:
+        plan: this rank's checked plan (``plan.downloads``: what it still needs).
+        info: this process's place in the job (single-process: nothing happens here).
+
+    Raises:
+        DownloadUnavailable: as :func:`check_data`.
+    """
+    if not info.enabled:
+        return
+    wants = torch.tensor([bool(plan.downloads)], dtype=torch.uint8)
+    if not any(int(w[0]) for w in distributed.all_gather_bytes(wants)):
+        return  # no rank downloads: no data directory is created or probed
+    owners = distributed.directory_owners(plan.config.data.data_dir)
+    if owners[info.rank] == info.rank and plan.downloads:
+        _download(plan)
+    distributed.barrier()
+
+
 def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
     """The data stages that write nothing to the run directory: download (into the data
     directory), the tokenizer (trained in memory unless cached), and the checks that need it.
@@ -887,15 +933,7 @@ def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
     """
     cfg = plan.config
     if plan.downloads:
-        ds = cfg.data.dataset
-        whole = [s for s in DATASETS[ds].files if s not in plan.prefixes]
-        try:
-            paths = download(ds, cfg.data.data_dir, progress=True, splits=whole)
-            for split, nbytes in plan.prefixes.items():
-                paths[split] = download_prefix(ds, cfg.data.data_dir, split, nbytes, progress=True)
-        except DownloadUnavailable as err:
-            raise DownloadUnavailable(err.file, err.url, err.reason + without_download(cfg)) from None
-        plan.texts = {"train": (str(paths["train"]), cfg.data.train_bytes), "valid": (str(paths["valid"]), None)}
+        _download(plan)
     elif not plan.texts:
         ds, base = DATASETS[cfg.data.dataset], Path(cfg.data.data_dir)
         plan.texts = {
