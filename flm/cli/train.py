@@ -33,7 +33,7 @@ import torch
 
 from flm import distributed, manifest
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
-from flm.checkpoint import read_header
+from flm.checkpoint import list_checkpoints, read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import (
     OutOfMemory,
@@ -132,7 +132,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     g.add_argument("--out-dir", help="the run directory (default: runs/<preset>)")
     g.add_argument(
-        "--resume", action="store_true", help="continue the run in --out-dir from its newest good checkpoint"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_resume_value,
+        metavar="auto",
+        help="continue the run in --out-dir from its newest good checkpoint; --resume auto: resume if "
+        "there is one, else start (what a torchrun --max-restarts restart should run)",
     )
     g.add_argument(
         "--overwrite",
@@ -143,6 +150,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=int, help="CPU threads for PyTorch (default: all cores; OMP_NUM_THREADS also works)"
     )
+
+
+def _resume_value(text: str) -> str:
+    """``--resume``'s optional value: ``auto`` (resume if the run directory holds a checkpoint, else
+    start); ``--resume`` alone is ``True``.
+
+    Raises:
+        argparse.ArgumentTypeError: any other value.
+    """
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {text!r}")
+    return text
 
 
 @dataclass
@@ -164,6 +183,8 @@ class Plan:
         train_text_bytes: bytes of training text the run reads (the file, or its ``--train-bytes``
             prefix; a data set still to download: its pinned size), ``None`` when unknown.
         dry_run: ``--dry-run``: the plan checks write nothing (no data-file stamps).
+        restart: ``--resume auto`` starts over a run that stopped before its first checkpoint
+            (``remove`` holds its files).
         prefixes: ``split -> bytes`` read from a downloaded prefix of the data set's file instead of
             the whole file (:func:`flm.download.download_prefix`; not digest-verified).
     """
@@ -180,6 +201,7 @@ class Plan:
     auto: dict[str, str] = field(default_factory=dict)
     train_text_bytes: int | None = None
     dry_run: bool = False
+    restart: bool = False
     prefixes: dict[str, int] = field(default_factory=dict)
 
 
@@ -265,11 +287,23 @@ def _plan_prefix(plan: Plan, train_bytes: int, dry_run: bool) -> None:
     )
 
 
-def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, dry_run: bool = False) -> Plan:
+def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool | str, overwrite: bool, dry_run: bool = False) -> Plan:
     """Check everything that can be checked before writing; return the plan.
 
     With ``dry_run`` the checks write nothing at all (a data file's verified digest is not
-    recorded in its stamp).
+    recorded in its stamp). ``resume="auto"`` (``--resume auto``) decides from the run directory
+    (:func:`_auto_resume`): resume when it holds a checkpoint, else start; ``plan.resume`` holds
+    the decision.
+
+    Args:
+        cfg: the run config as given.
+        out_dir: the run directory (resolved).
+        resume: ``True`` (``--resume``), ``"auto"`` (``--resume auto``) or ``False``.
+        overwrite: ``--overwrite``.
+        dry_run: ``--dry-run``.
+
+    Returns:
+        The checked :class:`Plan`.
 
     Raises:
         UsageError: contradictory flags, an unavailable device, missing or too-short texts, a run
@@ -335,7 +369,11 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, d
         raise UsageError(str(err)) from None
     if state.refused:  # the user's files, links, changed files: never touched, --overwrite or not
         raise UsageError(manifest.refusal_message(state.refused, out_dir))
-    if state.has_run and not (resume or overwrite):
+    restart = False
+    if resume == "auto":
+        resume, restart = _auto_resume(plan, state)
+        plan.resume = resume
+    if state.has_run and not (resume or overwrite or restart):
         where = f" (newest checkpoint: step {state.last_step})" if state.last_step is not None else ""
         raise UsageError(
             f"--out-dir {out_dir} already holds a run{where}; pass --resume to continue it or --overwrite to start over"
@@ -346,11 +384,51 @@ def make_plan(cfg: RunConfig, out_dir: Path, *, resume: bool, overwrite: bool, d
             f"--out-dir {out_dir} holds files flm did not write ({names}); use another --out-dir, "
             "or pass --overwrite to start a run beside them (they are kept)"
         )
-    if overwrite:
+    if overwrite or restart:
         plan.remove = state.removable
     if resume:
         _check_resume(plan, state.checkpoints)
     return plan
+
+
+def _auto_resume(plan: Plan, state: Any) -> tuple[bool, bool]:
+    """``--resume auto``'s decision from what the run directory holds (the same on every rank of
+    a torchrun job that reads the same directory; :func:`_agree_on_resume` checks it).
+
+    - a checkpoint: resume, as ``--resume`` (a damaged or mismatched one is refused as there: the
+      decision never throws training away);
+    - nothing of a run (a missing or empty directory, or only cached data): start;
+    - a run that stopped before its first checkpoint (metrics or a best model, no checkpoint and
+      no ``results.json``): start over, removing its outputs as ``--overwrite`` would — only files
+      the manifest shows flm wrote (the plan has refused the others already).
+
+    Args:
+        plan: the plan (gets a note saying what was decided).
+        state: the run directory's :class:`flm.runs.RunState`.
+
+    Returns:
+        ``(resume, restart)``: whether to resume, and whether a stopped run's outputs go.
+
+    Raises:
+        UsageError: a finished run (``results.json``) without a checkpoint to resume from.
+    """
+    out = plan.out_dir
+    if state.checkpoints:
+        return True, False
+    if not state.has_run:
+        plan.notes.append(f"--resume auto: starting: no checkpoint to resume in {out}")
+        return False, False
+    if any(p.name == "results.json" for p in state.outputs):
+        raise UsageError(
+            f"--resume auto: {out} holds a finished run (results.json) but no checkpoint to resume from; "
+            "pass --overwrite to start over, or use another --out-dir"
+        )
+    plan.restart = True
+    plan.notes.append(
+        f"--resume auto: starting over: no checkpoint to resume in {out}; the run there stopped before its "
+        "first checkpoint"
+    )
+    return False, True
 
 
 def available_memory(device: str) -> tuple[int, str] | None:
@@ -666,9 +744,8 @@ def describe(plan: Plan) -> list[str]:
     if plan.remove:
         names = [p.name for p in plan.remove if p.parent == plan.out_dir]
         lines.append(
-            f"  --overwrite: removing {len(plan.remove)} file(s) of the previous run: "
-            + ", ".join(names[:12])
-            + (" …" if len(names) > 12 else "")
+            f"  {'--resume auto' if plan.restart else '--overwrite'}: removing {len(plan.remove)} file(s) "
+            "of the previous run: " + ", ".join(names[:12]) + (" …" if len(names) > 12 else "")
         )
     if plan.train_changes:
         lines.append("  resumed with changed settings: " + "; ".join(plan.train_changes))
@@ -721,6 +798,7 @@ def execute(plan: Plan) -> dict[str, Any]:
     if info.enabled:
         plan.config = cfg = cfg.replace(train={"device": info.device})
     try:
+        _agree_on_resume(plan, info)
         # The first rank to see each run directory prepares the data in it: rank 0 alone when
         # every node shares it, each node's first rank when the directories are node-local.
         prepares = info.is_main
@@ -794,6 +872,34 @@ def data_line(directories: int, nodes: int, out: Path) -> str:
             "  data: prepared once per node (node-local directories: each node's first rank writes its own --out-dir)"
         )
     return f"  data: prepared once per run directory ({directories} directories on {nodes} nodes)"
+
+
+def _agree_on_resume(plan: Plan, info: distributed.DistInfo) -> None:
+    """Under torchrun, check that every rank planned the same start (fresh, or the same
+    checkpoint's step) before any rank writes: each rank planned from its own view of the run
+    directory, and ranks whose ``--out-dir`` are not one shared directory (node-local disks) can
+    see different checkpoints, which would silently train diverged replicas.
+
+    Args:
+        plan: this rank's checked plan.
+        info: this process's place in the job (nothing is checked single-process).
+
+    Raises:
+        UsageError: the ranks disagree (on every rank, naming each rank's decision).
+    """
+    if not info.enabled:
+        return
+    step = -1 if plan.resume_from is None else plan.resume_from[1]
+    mine = torch.tensor([int(plan.resume), step], dtype=torch.int64)
+    seen = [tuple(t.view(torch.int64).tolist()) for t in distributed.all_gather_bytes(mine.view(torch.uint8))]
+    if len(set(seen)) > 1:
+        said = "; ".join(
+            f"rank {r}: " + (f"resume from step {s}" if resume else "start") for r, (resume, s) in enumerate(seen)
+        )
+        raise UsageError(
+            f"the ranks disagree on where to start ({said}): their --out-dir {plan.out_dir} does not hold the "
+            "same checkpoints; resuming under torchrun needs an --out-dir that every rank reads (a shared file system)"
+        )
 
 
 _TEXT_ADVICE = (
@@ -1033,10 +1139,11 @@ def run(args: argparse.Namespace) -> int:
     from flm.cli.common import set_threads
 
     if args.resume and args.config is None:
-        # Continue the run as it was configured: its own config.json is the base, flags still win.
+        # Continue the run as it was configured: its own config.json is the base, flags still win
+        # (--resume auto: only when there is a checkpoint to continue; a start takes the flags alone).
         preset = args.preset or default_preset()
         saved = Path(args.out_dir or f"runs/{preset}") / "config.json"
-        if saved.is_file():
+        if saved.is_file() and (args.resume is True or list_checkpoints(saved.parent)):
             args.config = str(saved)
     try:
         cfg = config_from_args(args)
