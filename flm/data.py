@@ -92,6 +92,7 @@ def get_batch(
     generator: torch.Generator | None = None,
     *,
     vocab_size: int | None = None,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample a batch of input windows and their next-token targets from a flat token array.
 
@@ -99,6 +100,12 @@ def get_batch(
     (inclusive) with ``torch.randint`` on the CPU ``generator`` (so a seeded generator gives the same batch
     on any device). Only the ``batch_size × (context_length + 1)`` needed elements are read, so
     ``dataset`` can be an ``np.memmap`` of a file larger than memory.
+
+    With ``rows=slice(a, b)`` all ``batch_size`` starts are still drawn (the generator advances
+    exactly as without it) but only rows ``a … b − 1`` of that batch are read and returned: a
+    data-parallel rank takes its share of the global batch, ``rows=slice(rank * k, (rank + 1) * k)``
+    with ``k = batch_size // world_size``, and the ranks' shares put together are the batch one
+    process draws from the same generator state.
 
     Args:
         dataset: token ids, shape ``(n_tokens,)``; a numpy array or ``np.memmap`` of any integer dtype
@@ -110,16 +117,19 @@ def get_batch(
         generator: a CPU ``torch.Generator`` for reproducible sampling; ``None`` uses the global RNG.
         vocab_size: when given, check every sampled id is in ``[0, vocab_size)`` (a cheap host-side check
             of the sampled windows only).
+        rows: a non-empty ``slice(a, b)`` with ``0 <= a < b <= batch_size`` (step 1): return only these
+            rows of the drawn batch. ``None``: all of them.
 
     Returns:
-        ``(inputs, targets)``, both ``int64`` tensors of shape ``(batch_size, context_length)`` on ``device``,
-        with ``inputs[b] = dataset[s_b : s_b + context_length]`` and
-        ``targets[b] = dataset[s_b + 1 : s_b + context_length + 1]``.
+        ``(inputs, targets)``, both ``int64`` tensors of shape ``(batch_size, context_length)`` on ``device``
+        (``(b − a, context_length)`` with ``rows``), with ``inputs[i] = dataset[s_i : s_i + context_length]``
+        and ``targets[i] = dataset[s_i + 1 : s_i + context_length + 1]`` for the selected starts ``s_i``.
 
     Raises:
         ValueError: non-positive ``batch_size``/``context_length``/``vocab_size``; a dataset that is not
             1-D or is shorter than ``context_length + 1``; an invalid or unavailable ``device``; a
-            non-CPU ``generator``; a sampled id outside ``[0, vocab_size)``.
+            non-CPU ``generator``; a sampled id outside ``[0, vocab_size)``; ``rows`` not a non-empty
+            step-1 slice within ``[0, batch_size)``.
         TypeError: a dataset with a non-integer dtype.
 
     Source: CS336 assignment 1 handout §5.1 (data_loading).
@@ -128,6 +138,8 @@ def get_batch(
     context_length = positive_int("context_length", context_length)
     if vocab_size is not None:
         vocab_size = positive_int("vocab_size", vocab_size)
+    if rows is not None:
+        _check_rows(rows, batch_size)
     dev = resolve_device(device)
     if generator is not None and generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
@@ -151,6 +163,8 @@ def get_batch(
 
     # randint's high is exclusive: starts in [0, n - context_length - 1].
     starts = torch.randint(0, n - context_length, (batch_size,), generator=generator)
+    if rows is not None:
+        starts = starts[rows]  # the whole batch is drawn, only these rows are read
     if is_tensor:
         offsets = torch.arange(context_length + 1)
         idx = (starts[:, None] + offsets).to(dataset.device)
@@ -166,6 +180,18 @@ def get_batch(
         inputs = torch.from_numpy(windows[:, :-1].astype(np.int64))  # astype makes them contiguous
         targets = torch.from_numpy(windows[:, 1:].astype(np.int64))
     return _to_device(inputs, dev), _to_device(targets, dev)
+
+
+def _check_rows(rows: object, batch_size: int) -> None:
+    ok = (
+        isinstance(rows, slice)
+        and rows.step in (None, 1)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in (rows.start, rows.stop))
+    )
+    if not ok or not 0 <= rows.start < rows.stop <= batch_size:
+        raise ValueError(
+            f"rows must be a slice(a, b) with 0 <= a < b <= batch_size = {batch_size} (step 1), got {rows!r}"
+        )
 
 
 def _check_window_ids(windows: np.ndarray | torch.Tensor, vocab_size: int) -> None:

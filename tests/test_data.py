@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 
 import numpy as np
@@ -174,6 +175,59 @@ def test_property_windows_are_contiguous_slices(n, context_length, batch_size, s
         assert 0 <= s <= n - context_length - 1
         assert row_in == x[s : s + context_length].astype(np.int64).tolist()
         assert row_t == x[s + 1 : s + context_length + 1].astype(np.int64).tolist()
+
+
+@given(
+    world=st.sampled_from([1, 2, 4]),
+    local=st.integers(1, 6),
+    context_length=st.integers(1, 16),
+    seed=st.integers(0, 2**31 - 1),
+    as_tensor=st.booleans(),
+)
+def test_property_the_ranks_rows_put_together_are_the_global_batch(world, local, context_length, seed, as_tensor):
+    """Every rank draws the whole global batch from the same generator state and keeps its rows:
+    their union, in rank order, is the batch one process draws, and each generator ends where the
+    single process's does (the next step's batch agrees too)."""
+    x = np.arange(500, dtype=np.uint16) * 7 % 499
+    data = torch.from_numpy(x.astype(np.int32)) if as_tensor else x
+    batch = world * local
+    g = torch.Generator().manual_seed(seed)
+    whole = [get_batch(data, batch, context_length, "cpu", g) for _ in range(2)]  # two steps
+    ranks = []
+    for rank in range(world):
+        gr, rows = torch.Generator().manual_seed(seed), slice(rank * local, (rank + 1) * local)
+        ranks.append([get_batch(data, batch, context_length, "cpu", gr, rows=rows) for _ in range(2)])
+    for step, (inputs, targets) in enumerate(whole):
+        assert all(r[step][0].shape == r[step][1].shape == (local, context_length) for r in ranks)
+        assert torch.equal(torch.cat([r[step][0] for r in ranks]), inputs)
+        assert torch.equal(torch.cat([r[step][1] for r in ranks]), targets)
+
+
+def test_rows_reads_only_the_selected_windows():
+    """``rows`` gathers only its own windows' tokens, not the global batch's."""
+
+    class Counting(np.ndarray):
+        reads: list[int] = []
+
+        def __getitem__(self, idx):
+            if isinstance(idx, np.ndarray):
+                Counting.reads.append(idx.size)
+            return np.asarray(self).__getitem__(idx)
+
+    x = np.arange(1000, dtype=np.uint16).view(Counting)
+    inputs, targets = get_batch(x, 64, 10, "cpu", torch.Generator().manual_seed(0), rows=slice(16, 20))
+    assert inputs.shape == (4, 10)
+    assert Counting.reads == [4 * 11]
+    _assert_windows(np.arange(1000), inputs, targets, 10)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [slice(0, 0), slice(3, 2), slice(-1, 2), slice(0, 9), slice(0, 4, 2), slice(None, 4), slice(0.0, 4), (0, 4), 3],
+)
+def test_bad_rows_raise_naming_them(rows):
+    with pytest.raises(ValueError, match=r"rows must be a slice.*batch_size = 8.*got " + re.escape(repr(rows))):
+        get_batch(np.arange(100), 8, 4, "cpu", rows=rows)
 
 
 # ------------------------------------------------------------------------------------------------
