@@ -15,6 +15,10 @@ allows). The questions:
 - :func:`is_compile_error`: did ``torch.compile`` itself fail (not the compiled program)?
 - :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
   host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
+- :func:`all_gather_autograd`: an all-gather that autograd differentiates (its backward a
+  reduce-scatter), what ``--shard`` gathers a layer's parameters with. The public
+  ``torch.distributed.nn.functional.all_gather`` is deprecated in favour of the private
+  ``torch.distributed._functional_collectives`` functions, whose name changed between releases.
 
 And the private kernels flm calls: ``foreach_add``, ``foreach_add_``, ``foreach_mul``,
 ``foreach_mul_``, ``foreach_div``, ``foreach_sqrt``, ``foreach_lerp``, ``foreach_lerp_``,
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "all_gather_autograd",
     "checks_enabled",
     "in_forward_mode",
     "is_compile_error",
@@ -185,3 +190,29 @@ def is_compile_error(err: BaseException) -> bool:
     from torch._dynamo import exc
 
     return isinstance(err, exc.TorchDynamoException)
+
+
+def all_gather_autograd(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0, differentiably: the gradient of the result
+    reaches each rank's ``x`` summed over ranks (a reduce-scatter).
+
+    Args:
+        x: ``(rows, *rest)``, the same shape on every rank.
+        group: the process group (default: the whole job).
+
+    Returns:
+        ``(world_size * rows, *rest)``, rank ``r``'s ``x`` at rows ``[r * rows, (r + 1) * rows)``.
+
+    Source: ``torch.distributed._functional_collectives.all_gather_single_autograd`` (torch ≥ 2.13;
+    ``all_gather_tensor_autograd`` before, deprecated since), private.
+    """
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as fc
+
+    group = dist.group.WORLD if group is None else group
+    gather = getattr(fc, "all_gather_single_autograd", None)
+    if gather is not None:
+        out = gather(x, 0, group)
+    else:
+        out = fc.all_gather_tensor_autograd(x, 0, group)
+    return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out

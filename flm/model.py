@@ -183,6 +183,8 @@ def init_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    place: Callable[[Params], Params] | None = None,
 ) -> Params:
     """Initialise all parameters of the LM with the handout's initialisation (§3.4.1).
 
@@ -196,6 +198,9 @@ def init_params(
             so a plain call is reproducible.
         device: where to place the parameters.
         dtype: parameter dtype (default float32).
+        place: applied to each part (the embedding table, each block, the final norm, the head)
+            as soon as it is drawn, e.g. :func:`flm.shard.shard_tree` keeping this rank's rows,
+            so the whole model never exists at once; the draws are the same either way.
 
     Returns:
         ``{"token_embeddings", "layers": [block, ...], "ln_final", "lm_head"}`` (no ``ln_final``
@@ -207,15 +212,16 @@ def init_params(
         generator = torch.Generator().manual_seed(0)
     kw = dict(generator=generator, device=device, dtype=dtype)
     emb_std = config.d_model**-0.5 if config.tie_embeddings else 1.0
-    params: Params = {"token_embeddings": nn.init_embedding(config.vocab_size, config.d_model, std=emb_std, **kw)}
+    put = place or (lambda part: part)
+    params: Params = {"token_embeddings": put(nn.init_embedding(config.vocab_size, config.d_model, std=emb_std, **kw))}
     block = dict(norm=config.norm, ffn=config.ffn)
     params["layers"] = [
-        nn.init_transformer_block(config.d_model, config.d_ff, **block, **kw) for _ in range(config.num_layers)
+        put(nn.init_transformer_block(config.d_model, config.d_ff, **block, **kw)) for _ in range(config.num_layers)
     ]
     if config.norm != "none":
-        params["ln_final"] = nn.init_rms_norm(config.d_model, device=device, dtype=dtype)
+        params["ln_final"] = put(nn.init_rms_norm(config.d_model, device=device, dtype=dtype))
     if not config.tie_embeddings:
-        params["lm_head"] = nn.init_linear(config.d_model, config.vocab_size, **kw)
+        params["lm_head"] = put(nn.init_linear(config.d_model, config.vocab_size, **kw))
     return params
 
 

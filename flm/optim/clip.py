@@ -5,6 +5,7 @@ Source: CS336 assignment 1 handout §4.5 (gradient_clipping).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
@@ -76,7 +77,13 @@ def recorded_grad_norm(state: Any) -> torch.Tensor | None:
     return None
 
 
-def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = False) -> GradientTransformation:
+def clip_by_global_norm(
+    max_norm: float,
+    eps: float = 1e-6,
+    *,
+    inplace: bool = False,
+    norm_fn: Callable[[PyTree], torch.Tensor] | None = None,
+) -> GradientTransformation:
     """Scale the gradients down when their global ℓ2 norm exceeds ``max_norm``.
 
     ``g ← g · M / (‖g‖₂ + ε)`` if ``‖g‖₂ > M``, else ``g`` unchanged (exactly), with ε = 1e-6 as in
@@ -89,6 +96,9 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
         eps: ε added to the norm.
         inplace: scale the incoming gradient tensors in place (donating them: a train step that
             owns its freshly computed gradients saves one allocation and pass over them).
+        norm_fn: ``grads -> 0-d norm`` (default :func:`global_norm`). Sharded training
+            (:mod:`flm.shard`) passes the norm over every rank's shard, so each rank clips with the
+            whole model's norm.
 
     Returns:
         A :class:`GradientTransformation` whose state, a :class:`ClipState`, records the global
@@ -109,7 +119,7 @@ def clip_by_global_norm(max_norm: float, eps: float = 1e-6, *, inplace: bool = F
         leaves, spec = optree.tree_flatten(grads, namespace="")
         if not leaves:
             return grads, ClipState(torch.zeros(()))
-        norm = global_norm(grads)
+        norm = (global_norm if norm_fn is None else norm_fn)(grads)
         scale = torch.where(norm > max_norm, max_norm / (norm + eps), torch.ones_like(norm))
         if _kernels.use_foreach(leaves):  # one foreach call per dtype, each with the scale in that dtype
             groups = _by_dtype(leaves)

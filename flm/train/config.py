@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -350,7 +350,9 @@ def decay_mask(params: PyTree) -> PyTree:
     return tree_map(lambda p: p.dim() >= 2, params)
 
 
-def make_optimizer(cfg: TrainConfig, *, inplace: bool = False) -> optim.GradientTransformation:
+def make_optimizer(
+    cfg: TrainConfig, *, inplace: bool = False, norm_fn: Callable[[PyTree], torch.Tensor] | None = None
+) -> optim.GradientTransformation:
     """The handout's optimiser: global-norm clipping → AdamW on a warm-up + cosine schedule.
 
     Args:
@@ -359,6 +361,8 @@ def make_optimizer(cfg: TrainConfig, *, inplace: bool = False) -> optim.Gradient
         inplace: donate the gradients and the optimiser state to the update (clipping scales the
             gradients in place, AdamW writes its moments in place): what a training loop that owns
             them uses; the default stays pure.
+        norm_fn: the clipping's global norm (see :func:`flm.optim.clip_by_global_norm`; sharded
+            training passes the norm over every rank's shard).
 
     Returns:
         ``chain(clip_by_global_norm(grad_clip), adamw(...))`` (no clipping when ``grad_clip`` is 0).
@@ -370,5 +374,5 @@ def make_optimizer(cfg: TrainConfig, *, inplace: bool = False) -> optim.Gradient
         schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask, inplace=inplace
     )
     if cfg.grad_clip > 0:
-        return optim.chain(optim.clip_by_global_norm(cfg.grad_clip, inplace=inplace), adam)
+        return optim.chain(optim.clip_by_global_norm(cfg.grad_clip, inplace=inplace, norm_fn=norm_fn), adam)
     return adam

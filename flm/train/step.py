@@ -122,15 +122,17 @@ def _step_body(
     grad_accum_steps: int = 1,
     grad_reduce: Callable[[PyTree], PyTree] | None = None,
     donate: bool = False,
+    norm_fn: Callable[[PyTree], torch.Tensor] | None = None,
 ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
-    """Gradients (accumulated, reduced) → metrics → optimiser update → new params."""
+    """Gradients (accumulated, reduced) → metrics → optimiser update → new params (``norm_fn``:
+    the gradient norm when ``tx`` records none, default :func:`flm.optim.global_norm`)."""
     lr = optim.learning_rate_at(tx, opt_state)
     grads, loss = _accumulated_grads(loss_and_grad, params, inputs, targets, grad_accum_steps)
     if grad_reduce is not None:
         grads = grad_reduce(grads)
     # A clipping transformation computes the global norm anyway and records it in its state; only
     # without one does the step compute it (before the update, which may scale grads in place).
-    norm = None if optim.recorded_grad_norm(opt_state) is not None else optim.global_norm(grads)
+    norm = None if optim.recorded_grad_norm(opt_state) is not None else (norm_fn or optim.global_norm)(grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     metrics = {"loss": loss.detach(), "grad_norm": norm if norm is not None else optim.recorded_grad_norm(opt_state)}
     if lr is not None:

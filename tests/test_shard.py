@@ -1,0 +1,228 @@
+"""Sharded parameters (``flm.shard``, ``--shard``): the layout, and the sharded step against the
+replicated one.
+
+(a) shard/unshard round-trips any leaf for any world size (a hypothesis property), padding rows
+    are zeros; ``init_sharded_params`` draws exactly ``init_params``'s values;
+(b) without a process group (world 1) the sharded step equals ``make_train_step``;
+(c) 2 and 4 gloo processes (``torch.multiprocessing.spawn``): each rank's batch is its share of
+    one global batch; after 3 steps (float64, clipping active, weight decay, gradient
+    accumulation at world 2) the consolidated shards, AdamW's moments, the losses and the global
+    gradient norms equal one single-process step over the whole batch; the sharded forward's
+    logits equal ``transformer_lm``'s; a bf16 mixed-precision step stays close to the replicated
+    one.
+"""
+
+import socket
+
+import optree
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flm import optim
+from flm.model import TransformerConfig, init_params, transformer_lm
+from flm.shard import (
+    gather_tree,
+    init_sharded_params,
+    make_sharded_train_step,
+    shard_rows,
+    shard_tree,
+    sharded_global_norm,
+    sharded_transformer_lm,
+    unshard_rows,
+    unshard_tree,
+)
+from flm.train import decay_mask, make_train_step
+from flm.tree import tree_leaves, tree_map
+
+CFG = TransformerConfig(vocab_size=37, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=24)
+TIED = TransformerConfig(
+    vocab_size=37, context_length=8, d_model=16, num_layers=1, num_heads=2, d_ff=24, tie_embeddings=True
+)
+BATCH = 8
+STEPS = 3
+
+
+def _tx(norm_fn=None):
+    adam = optim.adamw(optim.cosine_schedule(1e-2, 1e-3, 1, 10), betas=(0.9, 0.95), weight_decay=0.1, mask=decay_mask)
+    return optim.chain(optim.clip_by_global_norm(0.5, norm_fn=norm_fn), adam)
+
+
+def _batches(cfg, steps=STEPS, batch=BATCH):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(steps):
+        w = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=g)
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    world=st.integers(1, 6),
+)
+def test_shard_unshard_round_trip(shape, world):
+    full = torch.randn(*shape, dtype=torch.float64)
+    shards = [shard_rows(full, r, world) for r in range(world)]
+    c = -(-shape[0] // world)
+    assert all(s.shape == (c, *shape[1:]) for s in shards)
+    assert torch.equal(unshard_rows(shards, shape[0]), full)
+    padding = torch.cat(shards)[shape[0] :]
+    assert not padding.any()
+    full[0] += 1  # shards are copies, not views of the caller's tensor
+    assert not torch.equal(unshard_rows(shards, shape[0]), full)
+
+
+def test_bad_shard_arguments():
+    with pytest.raises(ValueError, match="rank 2 is outside world_size 2"):
+        shard_rows(torch.zeros(3), 2, 2)
+    with pytest.raises(ValueError, match="different shapes"):
+        unshard_rows([torch.zeros(2), torch.zeros(3)], 4)
+    with pytest.raises(ValueError, match="cannot hold 5 rows"):
+        unshard_rows([torch.zeros(2), torch.zeros(2)], 5)
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_init_sharded_params_draws_init_params_values(world):
+    full = init_params(CFG, torch.Generator().manual_seed(3))
+    for rank in range(world):
+        mine = init_sharded_params(CFG, torch.Generator().manual_seed(3), rank, world)
+        for a, b in zip(tree_leaves(mine), tree_leaves(shard_tree(full, rank, world))):
+            assert torch.equal(a, b)
+    parts = [init_sharded_params(CFG, torch.Generator().manual_seed(3), r, world) for r in range(world)]
+    for a, b in zip(tree_leaves(unshard_tree(parts, full)), tree_leaves(full)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cfg", [CFG, TIED], ids=["untied", "tied"])
+def test_world_one_equals_the_plain_step(cfg):
+    params = init_params(cfg, torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref_step = make_train_step(cfg, _tx())
+    sh_step = make_sharded_train_step(cfg, _tx(sharded_global_norm), world_size=1)
+    p_ref, s_ref = params, _tx().init(params)
+    p_sh, s_sh = tree_map(torch.clone, params), _tx().init(params)
+    for x, y in _batches(cfg):
+        p_ref, s_ref, m_ref = ref_step(p_ref, s_ref, x, y)
+        p_sh, s_sh, m_sh = sh_step(p_sh, s_sh, x, y)
+        torch.testing.assert_close(m_sh["loss"], m_ref["loss"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(m_sh["grad_norm"], m_ref["grad_norm"], rtol=1e-12, atol=0)
+    for a, b in zip(tree_leaves(p_sh), tree_leaves(p_ref)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    logits = sharded_transformer_lm(p_sh, _batches(cfg)[0][0], cfg, world_size=1)
+    torch.testing.assert_close(logits, transformer_lm(p_sh, _batches(cfg)[0][0], cfg), rtol=0, atol=0)
+
+
+def test_gather_tree_refuses_mixed_dtypes():
+    shards = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="one dtype"):
+        gather_tree(shards, shards, 2)
+
+
+# ---- real processes ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replicated(cfg, accum):
+    """The single-process reference: whole batch, whole model, float64."""
+    params = init_params(cfg, torch.Generator().manual_seed(0), dtype=torch.float64)
+    step = make_train_step(cfg, _tx(), grad_accum_steps=accum)
+    state = _tx().init(params)
+    losses, norms = [], []
+    for x, y in _batches(cfg):
+        params, state, m = step(params, state, x, y)
+        losses.append(m["loss"])
+        norms.append(m["grad_norm"])
+    return params, state, losses, norms
+
+
+def _worker(rank, port, world, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {}
+        accum = 2 if world == 2 else 1
+        for name, cfg in (("untied", CFG), ("tied", TIED)):
+            params = shard_tree(init_params(cfg, torch.Generator().manual_seed(0), dtype=torch.float64), rank, world)
+            tx = _tx(sharded_global_norm)
+            state = tx.init(params)
+            step = make_sharded_train_step(cfg, tx, world_size=world, grad_accum_steps=accum)
+            local = BATCH // world
+            losses, norms = [], []
+            for x, y in _batches(cfg):
+                mine = slice(rank * local, (rank + 1) * local)
+                params, state, m = step(params, state, x[mine], y[mine])
+                both = torch.stack([m["loss"], m["grad_norm"]])
+                gathered = [torch.empty_like(both) for _ in range(world)]
+                dist.all_gather(gathered, both)
+                losses.append(torch.stack([g[0] for g in gathered]).mean())  # the global batch's loss
+                norms.append(m["grad_norm"])
+            with torch.no_grad():
+                logits = sharded_transformer_lm(params, _batches(cfg)[0][0], cfg, world_size=world)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, (params, state))
+            out[name] = (everyone, losses, norms, logits)
+        # bf16 mixed precision: gathered weights cast to bf16, gradients reduced in float32.
+        params = shard_tree(init_params(CFG, torch.Generator().manual_seed(0)), rank, world)
+        tx = _tx(sharded_global_norm)
+        step = make_sharded_train_step(CFG, tx, world_size=world, compute_dtype=torch.bfloat16)
+        x, y = _batches(CFG)[0]
+        local = BATCH // world
+        params, _, m = step(params, tx.init(params), x[rank * local : (rank + 1) * local], y[rank * local :][:local])
+        everyone = [None] * world
+        dist.all_gather_object(everyone, params)
+        out["bf16"] = (everyone, m["grad_norm"])
+        if rank == 0:  # numpy arrays travel by value (a queued tensor is shared memory the sender owns)
+            results.put(optree.tree_map(lambda t: t.numpy(), out, namespace=""))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_steps_equal_the_replicated_step(world):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, world, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        out = optree.tree_map(torch.from_numpy, results.get(timeout=240), namespace="")
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for name, cfg in (("untied", CFG), ("tied", TIED)):
+        everyone, losses, norms, logits = out[name]
+        ref_params, ref_state, ref_losses, ref_norms = _replicated(cfg, 2 if world == 2 else 1)
+        params = unshard_tree([p for p, _ in everyone], ref_params)
+        for a, b in zip(tree_leaves(params), tree_leaves(ref_params)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        state = unshard_tree([s for _, s in everyone], ref_state)
+        for a, b in zip(tree_leaves(state), tree_leaves(ref_state)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for a, b in zip(losses, ref_losses):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+        for a, b in zip(norms, ref_norms):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+        torch.testing.assert_close(logits, transformer_lm(ref_params, _batches(cfg)[0][0], cfg), rtol=1e-10, atol=1e-12)
+    everyone, norm = out["bf16"]
+    params = init_params(CFG, torch.Generator().manual_seed(0))
+    ref_step = make_train_step(CFG, _tx(), compute_dtype=torch.bfloat16)
+    x, y = _batches(CFG)[0]
+    ref, _, m = ref_step(params, _tx().init(params), x, y)
+    torch.testing.assert_close(norm, m["grad_norm"], rtol=2e-2, atol=0)
+    for a, b in zip(tree_leaves(unshard_tree(everyone, ref)), tree_leaves(ref)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
