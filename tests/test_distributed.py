@@ -4,15 +4,22 @@
 (b) one data-parallel step over two half-batches equals one single-process step over the whole
     batch (float64), and both ranks hold identical parameters;
 (c) a 2-process ``train_loop`` run that crashed after step 10 and resumed ends at the same
-    parameters as an uninterrupted one, and only rank 0 wrote files.
+    parameters as an uninterrupted one, and only rank 0 wrote files;
+(d) the global batch does not depend on the world size: 2 ranks read exactly the batches one
+    process draws, the losses and gradient norms agree within float rounding, and a checkpoint
+    saved at world 2 resumes at world 1 and the reverse, continuing the uninterrupted run;
+    a checkpoint from before (per-rank sampler states) resumes from rank 0's and says so.
 
-Each spawn group does all of its work in one go (process start-up dominates the run time).
+Each spawn group does all of its work in one go (process start-up dominates the run time), under
+a timeout.
 """
 
+import base64
 import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +51,22 @@ def _join(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
 
 
+SPAWN_TIMEOUT = 240
+
+
 def _spawn(fn, *args) -> None:
-    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+    """Run ``fn(rank, port, *args)`` on ``WORLD`` processes; fail (killing them) after ``SPAWN_TIMEOUT`` s."""
+    ctx = mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    try:
+        while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{fn.__name__}: the {WORLD} processes did not finish within {SPAWN_TIMEOUT} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
 
 
 def _tree(rank: int) -> dict:
@@ -252,3 +273,189 @@ def test_torchrun_flm_train_prints_the_plan_once_and_leaves_no_lock(texts, tmp_p
     assert json.loads((out / "results.json").read_text())["steps"] == 4
     assert not (out / ".lock").exists()
     assert not any(p.name.startswith("rank") for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) the global batch depends on the step only: world 2 against world 1, resumes across them
+# ------------------------------------------------------------------------------------------------
+
+GLOBAL = TrainConfig(
+    batch_size=8,
+    max_iters=8,
+    lr=3e-3,
+    min_lr=3e-4,
+    warmup_iters=2,
+    eval_interval=0,
+    checkpoint_interval=4,
+    keep_checkpoints=10,
+    log_interval=1,
+    seed=3,
+)
+CUT = 4  # the "crash": the checkpoint at this step survives, the later ones never happened
+
+
+def _tokens() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, CFG.vocab_size, 3000).astype(np.uint16)
+
+
+def _recorded_run(out: Path, *, resume: bool = False, info=None, cfg: TrainConfig = GLOBAL) -> dict:
+    """``train_loop`` on :func:`_tokens`, recording the batches this process read and its per-step
+    losses (the logged ``train_loss`` is rank 0's share only)."""
+    import flm.train
+    import flm.train.loop
+
+    batches: list[torch.Tensor] = []
+    losses: list[float] = []
+    real_get, real_add = flm.train.loop.get_batch, flm.train.loop.StepMeter.add
+
+    def get_batch(*a, **k):
+        batch = real_get(*a, **k)
+        batches.append(batch[0].clone())
+        return batch
+
+    def add(self, m):
+        losses.append(float(m["loss"]))
+        return real_add(self, m)
+
+    lines: list[str] = []
+    flm.train.loop.get_batch, flm.train.loop.StepMeter.add = get_batch, add
+    try:
+        summary = flm.train.train_loop(CFG, cfg, _tokens(), None, out, resume=resume, log=lines.append, dist_info=info)
+    finally:
+        flm.train.loop.get_batch, flm.train.loop.StepMeter.add = real_get, real_add
+    return {"summary": summary, "batches": batches, "losses": losses, "log": lines}
+
+
+def _cut(run: Path, to: Path) -> None:
+    """A copy of ``run`` as if it had been killed after step ``CUT``."""
+    shutil.copytree(run, to)
+    for p in to.glob("ckpt_*.safetensors"):
+        if int(p.stem.split("_")[1]) > CUT:
+            p.unlink()
+
+
+def _world2_worker(rank: int, port: int, root: str) -> None:
+    from flm.distributed import DistInfo
+
+    _join(rank, port)
+    try:
+        info = DistInfo(rank=rank, world_size=WORLD, local_rank=rank, device="cpu")
+        res = {"full": _recorded_run(Path(root, "w2_full"), info=info)}
+        dist.barrier()
+        if rank == 0:
+            _cut(Path(root, "w2_full"), Path(root, "w2_cut"))
+        dist.barrier()
+        res["from_w1"] = _recorded_run(Path(root, "w1_cut"), resume=True, info=info)  # saved at world 1
+        torch.save(res, f"{root}/world2_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    """World 1 in this process, world 2 in a spawn group; each resumes the other's checkpoint."""
+    root = tmp_path_factory.mktemp("worlds")
+    w1 = _recorded_run(root / "w1_full")
+    _cut(root / "w1_full", root / "w1_cut")
+    _spawn(_world2_worker, str(root))
+    w2 = [torch.load(root / f"world2_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from_w2 = _recorded_run(root / "w2_cut", resume=True)  # saved at world 2, resumed at world 1
+    return {"root": root, "w1": w1, "w2": w2, "from_w2": from_w2}
+
+
+def _close(a, b) -> None:
+    np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-5, atol=0)
+
+
+def _metric(run: Path, key: str) -> list[float]:
+    from flm.train import read_metrics
+
+    return [m[key] for m in read_metrics(run / "metrics.jsonl")]
+
+
+@pytest.mark.distributed
+def test_two_ranks_read_the_global_batch_one_process_draws(worlds):
+    w1, (r0, r1) = worlds["w1"], worlds["w2"]
+    n = GLOBAL.max_iters
+    assert len(w1["batches"]) == len(r0["full"]["batches"]) == len(r1["full"]["batches"]) == n
+    for step in range(n):
+        assert r0["full"]["batches"][step].shape[0] == GLOBAL.batch_size // WORLD
+        both = torch.cat([r0["full"]["batches"][step], r1["full"]["batches"][step]])
+        assert torch.equal(both, w1["batches"][step]), f"step {step + 1}: the ranks' rows are not the global batch"
+    # The same global batch gives the same training, up to the float rounding of the gradient average:
+    # the mean of the two half-batch losses is the whole batch's loss, the gradient norm is global.
+    _close([(a + b) / 2 for a, b in zip(r0["full"]["losses"], r1["full"]["losses"])], w1["losses"])
+    root = worlds["root"]
+    _close(_metric(root / "w2_full", "grad_norm"), _metric(root / "w1_full", "grad_norm"))
+    _close(_metric(root / "w2_full", "train_loss"), r0["full"]["losses"])  # rank 0's share is logged
+
+
+def test_a_single_process_draws_what_it_drew_before(worlds):
+    """World 1 reads the batches of one ``seed + 1`` sampler drawing ``batch_size`` windows per step,
+    as before the global sampler: its losses are bitwise unchanged."""
+    from flm.data import get_batch
+
+    g = torch.Generator().manual_seed(GLOBAL.seed + 1)
+    want = [get_batch(_tokens(), GLOBAL.batch_size, CFG.context_length, "cpu", g)[0] for _ in range(GLOBAL.max_iters)]
+    assert all(torch.equal(a, b) for a, b in zip(worlds["w1"]["batches"], want, strict=True))
+
+
+@pytest.mark.distributed
+def test_a_checkpoint_resumes_at_another_world_size(worlds):
+    from flm.checkpoint import load_checkpoint
+
+    root, w1, (r0, r1), from_w2 = worlds["root"], worlds["w1"], worlds["w2"], worlds["from_w2"]
+    later = slice(CUT, GLOBAL.max_iters)
+    # Saved at world 2, resumed at world 1: the global batches and losses of the uninterrupted run.
+    assert any(line.startswith(f"resumed from ckpt_{CUT:07d}") for line in from_w2["log"])
+    assert all(torch.equal(a, b) for a, b in zip(from_w2["batches"], w1["batches"][later], strict=True))
+    _close(from_w2["losses"], w1["losses"][later])
+    _close(_metric(root / "w2_cut", "train_loss")[later], _metric(root / "w1_full", "train_loss")[later])
+    # Saved at world 1, resumed at world 2: each rank reads its rows of the same global batches.
+    for rank, r in enumerate((r0, r1)):
+        k = GLOBAL.batch_size // WORLD
+        rows = [b[rank * k : (rank + 1) * k] for b in w1["batches"][later]]
+        assert all(torch.equal(a, b) for a, b in zip(r["from_w1"]["batches"], rows, strict=True))
+    _close([(a + b) / 2 for a, b in zip(r0["from_w1"]["losses"], r1["from_w1"]["losses"])], w1["losses"][later])
+    _close(_metric(root / "w1_cut", "train_loss")[later], r0["full"]["losses"][later])
+    # Both end where the uninterrupted runs end, up to float rounding.
+    last = f"ckpt_{GLOBAL.max_iters:07d}.safetensors"
+    for resumed, ref in (("w2_cut", "w1_full"), ("w1_cut", "w2_full")):
+        a, b = load_checkpoint(root / resumed / last), load_checkpoint(root / ref / last)
+        for x, y in zip(tree_leaves(a.params), tree_leaves(b.params), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+        assert torch.equal(a.rng_state, b.rng_state)  # one sampler state, whatever the world size
+
+
+def test_a_checkpoint_with_per_rank_sampler_states_resumes_from_rank_0s(tmp_path):
+    """A data-parallel checkpoint saved before the global sampler lists every rank's sampler state
+    (``rng_states``): it resumes from rank 0's and the log says the batches differ from the
+    original run's."""
+    from flm.checkpoint import load_checkpoint, save_checkpoint
+
+    full = tmp_path / "full"
+    ref = _recorded_run(full)
+    _cut(full, tmp_path / "old")
+    path = tmp_path / "old" / f"ckpt_{CUT:07d}.safetensors"
+    ck = load_checkpoint(path)
+
+    def encode(g: torch.Generator) -> str:
+        return base64.b64encode(g.get_state().numpy().tobytes()).decode()
+
+    rank0 = torch.Generator()
+    rank0.set_state(ck.rng_state)
+    other = torch.Generator().manual_seed(12345)  # rank 1's, and a single-process field that must not win
+    meta = {**ck.metadata, "rng_states": [encode(rank0), encode(other)]}
+    save_checkpoint(
+        path, params=ck.params, opt_state=ck.opt_state, step=ck.step, config=ck.config, metadata=meta, generator=other
+    )
+
+    old = _recorded_run(tmp_path / "old", resume=True)
+    said = [line for line in old["log"] if "per-rank sampler states" in line]
+    assert len(said) == 1 and "continuing from rank 0's" in said[0] and "differ" in said[0], old["log"]
+    assert all(torch.equal(a, b) for a, b in zip(old["batches"], ref["batches"][CUT:], strict=True))
+    assert old["losses"] == ref["losses"][CUT:]
+    # A checkpoint of today's kind says nothing of the kind.
+    _cut(full, tmp_path / "new")
+    new = _recorded_run(tmp_path / "new", resume=True)
+    assert not any("per-rank" in line for line in new["log"]) and new["losses"] == ref["losses"][CUT:]

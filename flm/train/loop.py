@@ -49,10 +49,6 @@ from flm.train.step import make_train_step
 __all__ = ["train_loop", "CompileError"]
 
 
-def _encode_state(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode()
-
-
 def train_loop(
     model_config: TransformerConfig,
     cfg: TrainConfig,
@@ -91,9 +87,12 @@ def train_loop(
         tokenizer_fingerprint: stored in checkpoints and checked on resume.
         log: where log lines go (default: the ``flm`` logger at INFO).
         dist_info: a :class:`flm.distributed.DistInfo` for data parallelism: ``batch_size`` is
-            the global batch, each rank draws its share from its own rank-seeded sampler,
+            the global batch, drawn by one sampler seeded alike on every rank (seed + 1, a single
+            process's), each rank reading only its rows ``[rank * b, (rank + 1) * b)`` of it
+            (``b = batch_size // world_size``), so the batches do not depend on the world size;
             gradients are averaged with a bucketed all-reduce, and only rank 0 logs, evaluates
-            and writes files (checkpoints hold every rank's sampler state).
+            and writes files. A checkpoint holds the one sampler state, so it resumes at any
+            world size.
 
     Returns:
         A summary: ``step``, ``status`` ("done" | "interrupted" | "terminated" | "time_budget"),
@@ -161,19 +160,29 @@ def _resume(
     like: dict[str, Any],
     model_config: TransformerConfig,
     sampler: torch.Generator,
-    dist_info: distributed.DistInfo,
     log: Callable[[str], None],
 ) -> tuple[Any, Any, int, float] | None:
     """Load the newest good checkpoint into ``(params, opt_state, step, wall time)`` and restore
-    this rank's sampler; ``None`` when there is none."""
+    the sampler (the same state on every rank, whatever the world size the checkpoint was saved
+    at); ``None`` when there is none.
+
+    A checkpoint of a data-parallel run from before the global sampler holds every rank's sampler
+    state (metadata ``rng_states``, one per rank): it resumes from rank 0's, and the log says the
+    batches from there on differ from the original run's (which drew each rank's share from its
+    own sampler)."""
     loaded = ckpt.resume(like, model_config)
     if loaded is None:
         log("no checkpoint to resume from: starting at step 0")
         return None
     states = loaded.metadata.get("rng_states")
-    if dist_info.world_size > 1 and states and len(states) == dist_info.world_size:
-        sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[dist_info.rank])), dtype=torch.uint8))
-    elif loaded.rng_state is not None and dist_info.rank == 0:
+    if states:  # the per-rank samplers of older checkpoints: continue from rank 0's
+        sampler.set_state(torch.frombuffer(bytearray(base64.b64decode(states[0])), dtype=torch.uint8))
+        log(
+            f"{ckpt.last_good.name} holds {len(states)} per-rank sampler states (saved before the batches became "
+            "independent of the world size): continuing from rank 0's, so the batches from here on differ "
+            "from the original run's"
+        )
+    elif loaded.rng_state is not None:
         sampler.set_state(loaded.rng_state)
     log(f"resumed from {ckpt.last_good.name} at step {loaded.step}")
     return loaded.params, loaded.opt_state, loaded.step, float(loaded.metadata.get("wall_time") or 0.0)
@@ -215,7 +224,10 @@ class _Run:
         tx = make_optimizer(cfg, inplace=True)
         self.params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
         self.opt_state = tx.init(self.params)
-        self.sampler = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * dist_info.rank)
+        # One sampler for the global batch, seeded alike on every rank (a single process's seed);
+        # this rank reads only its rows of each batch, so the batches do not depend on the world size.
+        self.sampler = torch.Generator().manual_seed(cfg.seed + 1)
+        self.rows = slice(dist_info.rank * local_batch, (dist_info.rank + 1) * local_batch)
         self.ckpt = Checkpointer(
             out,
             interval=cfg.checkpoint_interval,
@@ -227,7 +239,7 @@ class _Run:
         )
         self.start, wall_offset = 0, 0.0
         like = {"params": self.params, "opt_state": self.opt_state}
-        loaded = _resume(self.ckpt, like, model_config, self.sampler, dist_info, log) if resume else None
+        loaded = _resume(self.ckpt, like, model_config, self.sampler, log) if resume else None
         if loaded is not None:
             self.params, self.opt_state, self.start, wall_offset = loaded
         self.step = self.start
@@ -270,7 +282,7 @@ class _Run:
             status = "terminated" if signals.terminated else "interrupted"
             self.log(f"{'SIGTERM' if signals.terminated else 'interrupted'} at step {self.step}: saving a checkpoint")
             try:
-                self.save_periodic(gather=False)  # other ranks may be gone: no collective here
+                self.save_periodic()  # no collective: other ranks may be gone
             except NonFiniteLossError as err:
                 self.log(f"not saved: {err}")
         finally:
@@ -309,12 +321,17 @@ class _Run:
             if signals.take_checkpoint_request() and self.ckpt.last_saved_step != self.step:
                 self.log(f"SIGUSR1 at step {self.step}: saving a checkpoint and continuing")
                 with self.clock.aside():
-                    self.save_periodic(gather=False)  # only this rank was signalled: no collective
+                    self.save_periodic()  # no collective: only this rank may have been signalled
             if self.clock.over_budget():
                 self.log(f"time budget of {cfg.time_budget:g} min reached at step {self.step}")
                 return "time_budget"
             batch = get_batch(
-                self.train_tokens, self.local_batch, self.model_config.context_length, self.device, self.sampler
+                self.train_tokens,
+                cfg.batch_size,
+                self.model_config.context_length,
+                self.device,
+                self.sampler,
+                rows=self.rows,
             )
             if cfg.compile and self.step == self.start:  # the first call compiles: time it aside, say so
                 self.params, self.opt_state, m = _compile_first_step(self, *batch)
@@ -366,12 +383,10 @@ class _Run:
             with clock.aside():
                 self.save_periodic()
 
-    def save_periodic(self, gather: bool = True) -> None:
-        """Checkpoint the current step (``gather``: with every rank's sampler state, a collective)."""
-        states = None
-        if self.dist_info.enabled and gather:  # a collective: every rank takes part
-            states = [_encode_state(t) for t in distributed.all_gather_bytes(self.sampler.get_state())]
-        meta = {"wall_time": self.clock.elapsed(), **({"rng_states": states} if states else {})}
+    def save_periodic(self) -> None:
+        """Checkpoint the current step with the sampler state (rank 0 writes; every rank's sampler is
+        the same, so no collective: safe when only this rank was signalled or the others are gone)."""
+        meta = {"wall_time": self.clock.elapsed()}
         self.ckpt.save(self.step, self.params, self.opt_state, sampler=self.sampler, metadata=meta)
 
 
