@@ -472,3 +472,67 @@ def load_checkpoint(src: PathOrFile, like: Any = None, *, verify: bool = False) 
         metadata=header.get("metadata") or {},
         rng_state=rng_state,
     )
+
+
+# ------------------------------------------------ shared with flm.sharded_checkpoint (same format)
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """The CRC-32 a checkpoint records for ``tensors`` (``{key: tensor}``; independent of the file layout).
+
+    Returns:
+        Eight hex digits.
+    """
+    return _checksum(tensors)
+
+
+def checkpoint_tensors(
+    prefix: str, tree: Any, *, allow_nonfinite: bool = True, target: str = ""
+) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for ``tree``: ``{"<prefix>.<dotted path>": contiguous CPU tensor}``.
+
+    Raises:
+        ValueError: a non-tensor leaf, or (unless ``allow_nonfinite``) NaN/inf values (naming
+            the key and ``target``).
+    """
+    return _tensor_dict(prefix, tree, allow_nonfinite=allow_nonfinite, target=target)
+
+
+def describe_state(opt_state: Any) -> Any:
+    """The JSON description of an optimiser state's structure a checkpoint header records
+    (``opt_state_tree``), or ``None`` when it holds classes outside flm's state classes."""
+    return _describe(opt_state, _state_classes())
+
+
+def rebuild_state(desc: Any, flat: dict[str, torch.Tensor], name: str) -> Any:
+    """The optimiser state ``desc`` (:func:`describe_state`) describes, with the ``opt_state.<path>``
+    tensors of ``flat`` at its leaves (popped from ``flat``; what is left was not described).
+
+    Raises:
+        ValueError: a corrupt description or a missing tensor (naming ``name``).
+    """
+    return _rebuild(desc, flat, "", _state_classes(), name)
+
+
+def restore_tree(prefix: str, flat: dict[str, torch.Tensor], template: Any, name: str) -> Any:
+    """``template``'s structure with the ``<prefix>.<path>`` tensors of ``flat``, moved to each
+    template leaf's device and dtype.
+
+    Raises:
+        ValueError: a missing or extra key, or a shape that differs from the template's.
+    """
+    return _restore(prefix, flat, template, name)
+
+
+def config_json(config: Any) -> Any:
+    """A config as a checkpoint header stores it (``TransformerConfig.to_dict()``, a dict, or ``None``).
+
+    Raises:
+        ValueError: another type.
+    """
+    return _config_to_json(config)
+
+
+def flm_version() -> str:
+    """The flm version a checkpoint header records."""
+    return _flm_version()

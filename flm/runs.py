@@ -6,6 +6,8 @@ A run directory (``flm train --out-dir RUN``) holds::
     vocab.json, merges.txt     the BPE tokenizer (GPT-2 format), tokenizer.stamp.json
     train.tokens, valid.tokens token files (+ .json sidecars, *.stamp.json)
     ckpt_<step>.safetensors    periodic checkpoints (params + optimiser state), best.safetensors
+    ckpt_<step>.shards/        the same, sharded (``flm train --shard``: one file per rank plus
+    best.shards/               index.json, flm.sharded_checkpoint); ``flm consolidate`` makes a file
     metrics.jsonl, loss.png    the learning curves
     results.json, samples.txt  the final evaluation and samples
     .lock                      the lock of the process writing it
@@ -32,9 +34,20 @@ import torch
 
 from flm import manifest
 from flm._io import LOCK_NAME, atomic_write_json, is_temp_name
-from flm.checkpoint import is_checkpoint_name, list_checkpoints, load_checkpoint, read_header
+from flm.checkpoint import is_checkpoint_name, list_checkpoints
 from flm.model import TransformerConfig, check_params
 from flm.progress import info
+from flm.sharded_checkpoint import (
+    BEST_SHARDS,
+    checkpoint_step,
+    is_complete,
+    is_sharded_checkpoint_name,
+    list_all_checkpoints,
+    list_sharded_checkpoints,
+    load_any,
+    merge_checkpoints,
+    read_any_header,
+)
 from flm.tokenizer import EOS_TOKEN, Tokenizer, encode_file, train_bpe
 from flm.tokens import load_tokens
 from flm.tree import tree_map
@@ -54,12 +67,13 @@ __all__ = [
     "load_model",
     "load_run",
     "BEST",
+    "BEST_SHARDS",
 ]
 
 BEST = "best.safetensors"
 _TOKENIZER_STAMP = "tokenizer.stamp.json"
 # What a finished or interrupted run leaves behind; --overwrite removes exactly these.
-_RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "results.json", "samples.txt", BEST, "config.json")
+_RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "results.json", "samples.txt", BEST, BEST_SHARDS, "config.json")
 # The cached stages' files: reused or replaced by a run, never removed by --overwrite.
 _CACHE_FILES = ("vocab.json", "merges.txt", _TOKENIZER_STAMP) + tuple(
     f"{split}{ext}" for split in ("train", "valid") for ext in (".tokens", ".tokens.json", ".stamp.json")
@@ -68,7 +82,13 @@ _CACHE_FILES = ("vocab.json", "merges.txt", _TOKENIZER_STAMP) + tuple(
 
 def _is_target(name: str) -> bool:
     """Whether a run may write or delete an entry of this name (so it must be flm's own)."""
-    return name in _RUN_OUTPUTS or name in _CACHE_FILES or name == "tensorboard" or is_checkpoint_name(name)
+    return (
+        name in _RUN_OUTPUTS
+        or name in _CACHE_FILES
+        or name == "tensorboard"
+        or is_checkpoint_name(name)
+        or is_sharded_checkpoint_name(name)
+    )
 
 
 @dataclass(frozen=True)
@@ -76,8 +96,10 @@ class RunState:
     """What a run directory already holds.
 
     Attributes:
-        checkpoints: the periodic checkpoints, oldest first.
-        outputs: the other files a run writes (metrics, best model, results, config).
+        checkpoints: the periodic checkpoints, oldest first (files, and complete sharded
+            directories).
+        outputs: the other files a run writes (metrics, best model, results, config; sharded
+            checkpoint directories a killed save left incomplete).
         last_step: the step of the newest checkpoint (``None`` without one).
         foreign: entries with names flm never writes: a new run refuses to start among them
             without ``--overwrite``, and never touches them.
@@ -95,7 +117,7 @@ class RunState:
     @property
     def has_run(self) -> bool:
         """Whether training state lives here (checkpoints, a best model or metrics)."""
-        return bool(self.checkpoints) or any(p.name in ("metrics.jsonl", BEST) for p in self.outputs)
+        return bool(self.checkpoints) or any(p.name in ("metrics.jsonl", BEST, BEST_SHARDS) for p in self.outputs)
 
     @property
     def removable(self) -> list[Path]:
@@ -116,15 +138,17 @@ def run_state(out_dir: str | os.PathLike) -> RunState:
     entries = sorted(d.iterdir()) if d.is_dir() else []
     refused = manifest.refused(d, [p.name for p in entries if _is_target(p.name)])
     bad = set(refused) | {p for p in entries if p.is_symlink()}
-    ckpts = [p for p in list_checkpoints(d) if p not in bad]
+    shards = list_sharded_checkpoints(d)
+    ckpts = [p for p in merge_checkpoints(list_checkpoints(d), [s for s in shards if is_complete(s)]) if p not in bad]
     outputs = [d / name for name in (*_RUN_OUTPUTS, "tensorboard") if (d / name).exists() and d / name not in bad]
-    outputs = [p for p in outputs if p.name != "tensorboard" or p.is_dir()]
+    outputs = [p for p in outputs if p.name not in ("tensorboard", BEST_SHARDS) or p.is_dir()]
+    outputs += [p for p in shards if p not in bad and p not in ckpts]
     last = None
     if ckpts:
         try:
-            last = int(read_header(ckpts[-1]).get("step", 0))
+            last = int(read_any_header(ckpts[-1]).get("step", 0))
         except ValueError:
-            last = int(ckpts[-1].stem.split("_")[1])
+            last = checkpoint_step(ckpts[-1])
     foreign = [p for p in entries if not _is_flm_entry(p.name)]
     return RunState(ckpts, outputs, last, foreign, refused)
 
@@ -288,29 +312,46 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _val_loss(path: Path) -> float:
+    """A best model's recorded validation loss (``inf`` when unknown or unreadable)."""
+    try:
+        loss = (read_any_header(path).get("metadata") or {}).get("val_loss")
+        return float(loss) if loss is not None else float("inf")
+    except (ValueError, TypeError):
+        return float("inf")
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file from a path: the file itself, or a run directory's ``best.safetensors``
-    (else its newest ``ckpt_*``).
+    """A checkpoint from a path: the file itself, a sharded checkpoint directory (``*.shards``), or
+    a run directory's best model (``best.safetensors`` or ``best.shards``: the one with the lower
+    recorded validation loss, the file on a tie) else its newest periodic checkpoint (either format).
 
     Args:
-        path: a checkpoint file or a run directory.
+        path: a checkpoint file, a ``.shards`` directory or a run directory.
 
     Returns:
-        The checkpoint's path.
+        The checkpoint's path (a file, or a complete ``.shards`` directory).
 
     Raises:
-        ValueError: nothing there, or a directory without checkpoints.
+        ValueError: nothing there, an incomplete ``.shards`` directory (no ``index.json``), or a
+            directory without checkpoints.
     """
     p = Path(path)
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / BEST).is_file():
-            return p / BEST
-        ckpts = list_checkpoints(p)
+        if p.name.endswith(".shards"):
+            read_any_header(p)  # an incomplete or foreign directory: its error, naming it
+            return p
+        best = [b for b in (p / BEST, p / BEST_SHARDS) if (b.is_file() if b.name == BEST else is_complete(b))]
+        if best:
+            return min(best, key=_val_loss)  # min keeps the first (the file) on a tie
+        ckpts = list_all_checkpoints(p)
         if ckpts:
             return ckpts[-1]
-        raise ValueError(f"{p} holds no checkpoint (no {BEST}, no ckpt_*.safetensors)")
+        raise ValueError(
+            f"{p} holds no checkpoint (no {BEST} or {BEST_SHARDS}, no ckpt_*.safetensors or ckpt_*.shards)"
+        )
     raise ValueError(f"{p} does not exist")
 
 
@@ -336,21 +377,24 @@ def load_model(
     allocates nothing), so a hand-edited ``vocab_size``/``d_ff``/``num_layers`` is an error, not
     an obscure failure or a silently wrong model.
 
+    A sharded checkpoint (``.shards``) is consolidated in memory.
+
     Args:
-        path: a checkpoint file or a run directory (see :func:`find_checkpoint`).
+        path: a checkpoint file, a ``.shards`` directory or a run directory (see :func:`find_checkpoint`).
         device: where to put the parameters (default: CPU).
         verify: check the stored CRC-32 of the tensor bytes.
 
     Returns:
-        ``(params, config, header)`` (the header as :func:`flm.checkpoint.read_header` gives it).
+        ``(params, config, header)`` (the header as :func:`flm.checkpoint.read_header` gives it;
+        for a sharded checkpoint, :func:`flm.sharded_checkpoint.read_sharded_header`).
 
     Raises:
         ValueError: a missing, corrupt or inconsistent checkpoint (naming the file).
     """
     ckpt_path = find_checkpoint(path)
-    header = read_header(ckpt_path)
+    header = read_any_header(ckpt_path)
     config = _model_config(header.get("config"), str(ckpt_path))
-    ckpt = load_checkpoint(ckpt_path, verify=verify)
+    ckpt = load_any(ckpt_path, verify=verify)
     check_params(ckpt.params, config, name=str(ckpt_path))
     params = tree_map(lambda t: t.to(device), ckpt.params) if device is not None else ckpt.params
     return params, config, header

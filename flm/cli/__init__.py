@@ -8,6 +8,7 @@
     flm tokenize    train a BPE tokenizer / encode a text file
     flm download    fetch TinyStories or the OpenWebText sample (resumable, verified)
     flm export-hf   write a run as a Hugging Face Llama directory
+    flm consolidate write a sharded checkpoint (--shard) as one .safetensors file
 
 Every subcommand prints ``error: …`` on one line and exits 2 (usage) or 1 (runtime) for anything
 a user can cause; ``--debug`` (or ``FLM_DEBUG=1``) shows the traceback. See :mod:`flm.cli.common`.

@@ -1,10 +1,12 @@
-"""The smaller ``flm`` subcommands: ``tokenize`` (train / encode), ``download``, ``eval``, ``export-hf``.
+"""The smaller ``flm`` subcommands: ``tokenize`` (train / encode), ``download``, ``eval``, ``export-hf``,
+``consolidate``.
 
 flm tokenize train INPUT --vocab-size 10000 --out-dir tok/
 flm tokenize encode INPUT OUTPUT --tokenizer tok/
 flm download tinystories data/
 flm eval runs/cpu-small --text ../shared/data/tinystories/valid.txt
 flm export-hf runs/cpu-small --out hf-model/
+flm consolidate runs/sharded            (best.shards -> best.safetensors)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _input_file(path: str | Path, what: str) -> Path:
 
 
 def add_parsers(sub: Any, argv: list[str]) -> None:
-    """Register ``tokenize``, ``download``, ``eval`` and ``export-hf``."""
+    """Register ``tokenize``, ``download``, ``eval``, ``export-hf`` and ``consolidate``."""
     from flm.download import DATASETS
     from flm.tokenizer import EOS_TOKEN
 
@@ -94,6 +96,21 @@ def add_parsers(sub: Any, argv: list[str]) -> None:
     ex.add_argument("--out", required=True, help="the output directory (must be empty or new)")
     ex.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="store the weights in this dtype")
     ex.set_defaults(handler=run_export)
+
+    co = sub.add_parser(
+        "consolidate", help="write a sharded checkpoint (flm train --shard) as one ordinary .safetensors file"
+    )
+    co.add_argument(
+        "src",
+        metavar="RUN_OR_SHARDS",
+        help="a run directory (its best.shards, else its newest ckpt_*.shards) or a .shards directory",
+    )
+    co.add_argument(
+        "--out",
+        help="the file to write (default: RUN/best.safetensors for a run directory, parameters only; "
+        "DIR.safetensors beside a DIR.shards directory)",
+    )
+    co.set_defaults(handler=run_consolidate)
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
@@ -250,4 +267,49 @@ def run_export(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     save_hf(params, config, out, tokenizer, dtype=dtype)
     log(f"wrote {out}: LlamaForCausalLM.from_pretrained({str(out)!r}) and AutoTokenizer load it")
+    return 0
+
+
+def _consolidate_source(src: Path) -> tuple[Path, Path, bool]:
+    """What ``flm consolidate SRC`` reads and writes by default: ``(shards directory, output file,
+    parameters only)``.
+
+    Raises:
+        UsageError: a missing path, or a run directory without a complete sharded checkpoint.
+    """
+    from flm.sharded_checkpoint import BEST_SHARDS, is_complete, list_sharded_checkpoints
+
+    if not src.exists():
+        raise UsageError(f"{src} does not exist")
+    if not src.is_dir():
+        raise UsageError(f"{src} is a file; give a run directory or a .shards directory")
+    if src.name.endswith(".shards"):
+        return src, src.with_name(src.name[: -len(".shards")] + ".safetensors"), False
+    if is_complete(src / BEST_SHARDS):
+        return src / BEST_SHARDS, src / "best.safetensors", False
+    periodic = [p for p in list_sharded_checkpoints(src) if is_complete(p)]
+    if periodic:
+        return periodic[-1], src / "best.safetensors", True
+    partial = [p.name for p in (src / BEST_SHARDS, *list_sharded_checkpoints(src)) if p.is_dir()]
+    what = f" ({', '.join(partial)} incomplete: a save that did not finish)" if partial else ""
+    raise UsageError(f"{src} holds no complete sharded checkpoint (best.shards or ckpt_*.shards){what}")
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    """``flm consolidate``: read every rank's shards (CRC-verified) and write one checkpoint file atomically."""
+    from flm._io import run_lock
+    from flm.sharded_checkpoint import write_consolidated
+
+    source, out, params_only = _consolidate_source(Path(args.src))
+    if args.out is not None:
+        out, params_only = Path(args.out), False
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give the .safetensors file to write")
+    if out.parent.is_dir() and manifest.has_manifest(out.parent):
+        with run_lock(out.parent):  # a tracked directory: not while a run writes its manifest
+            ckpt = write_consolidated(source, out, params_only=params_only)
+    else:
+        ckpt = write_consolidated(source, out, params_only=params_only)
+    what = "parameters" if params_only or ckpt.opt_state is None else "parameters and optimiser state"
+    log(f"wrote {out} (step {ckpt.step}, {what}) from {source}")
     return 0
