@@ -311,7 +311,7 @@ def make_sharded_train_step(
 
     Source: ZeRO stage 3 (Rajbhandari et al., 2020); handout §4–§5.
     """
-    from flm.train.step import _step_body
+    from flm.train.step import step_body
 
     def loss_and_grad(params: PyTree, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[PyTree, torch.Tensor]:
         leaves, spec = optree.tree_flatten(params, namespace="")
@@ -333,7 +333,7 @@ def make_sharded_train_step(
         return sharded_global_norm(grads, group)
 
     def step(params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor):
-        return _step_body(
+        return step_body(
             tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, None, donate, norm_fn=norm
         )
 

@@ -12,17 +12,25 @@ replicated one.
     one.
 """
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import optree
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import train_argv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flm import optim
+from flm.cli import main
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.shard import (
     gather_tree,
@@ -35,7 +43,7 @@ from flm.shard import (
     unshard_rows,
     unshard_tree,
 )
-from flm.train import decay_mask, make_train_step
+from flm.train import decay_mask, make_train_step, read_metrics
 from flm.tree import tree_leaves, tree_map
 
 CFG = TransformerConfig(vocab_size=37, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=24)
@@ -226,3 +234,58 @@ def test_sharded_steps_equal_the_replicated_step(world):
     for a, b in zip(tree_leaves(unshard_tree(everyone, ref)), tree_leaves(ref)):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+
+
+# ---- flm train --shard under torchrun -----------------------------------------------------------
+
+
+def _torchrun(nproc: int, argv: list[str], log: Path) -> None:
+    """``torchrun --standalone --nproc_per_node N -m flm …`` on CPU (gloo), under a timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "flm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    with open(log, "w") as f:
+        rc = subprocess.run([*cmd, *argv], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=300).returncode
+    assert rc == 0, log.read_text()[-3000:]
+
+
+def _norms(out: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(out / "metrics.jsonl") if r.get("grad_norm") is not None}
+
+
+@pytest.mark.distributed
+def test_flm_train_shard_saves_at_4_resumes_at_2_and_1(texts, tmp_path):
+    """``flm train --shard`` at world 4 for 8 steps (sharded checkpoints at 4 and 8), then resumed
+    from its step-4 checkpoint sharded at world 2 and at world 1: every step's global gradient norm
+    and the best validation loss equal an uninterrupted replicated run at world 2 (same global
+    batches: they depend on the step only); the run directory holds sharded checkpoints and a
+    sharded best model, which ``flm generate`` reads and ``flm consolidate`` turns into
+    ``best.safetensors``."""
+    common = ["--eval-interval", "4", "--checkpoint-interval", "4", "--log-interval", "1", "--max-new-tokens", "0"]
+    common += ["--max-iters", "8"]
+    ref = tmp_path / "replicated"
+    _torchrun(2, train_argv(texts, ref, *common), tmp_path / "ref.log")
+    sharded = tmp_path / "sharded"
+    _torchrun(4, train_argv(texts, sharded, *common, "--shard"), tmp_path / "s4.log")
+    assert (sharded / "ckpt_0000004.shards" / "index.json").exists()
+    assert (sharded / "best.shards" / "index.json").exists()
+    assert not list(sharded.glob("*.safetensors"))
+    at2, at1 = tmp_path / "at2", tmp_path / "at1"
+    for copy in (at2, at1):
+        shutil.copytree(sharded, copy)
+        shutil.rmtree(copy / "ckpt_0000008.shards")  # resume from step 4's, saved at world 4
+    _torchrun(2, train_argv(texts, at2, *common, "--shard", "--resume"), tmp_path / "s2.log")
+    assert main(train_argv(texts, at1, *common, "--shard", "--resume")) == 0
+    assert "resumed from ckpt_0000004.shards at step 4" in (tmp_path / "s2.log").read_text()
+    want = _norms(ref)
+    ref_final = json.loads((ref / "results.json").read_text())
+    for out in (sharded, at2, at1):
+        got = _norms(out)
+        assert sorted(got) == list(range(1, 9))
+        for step in range(1, 9):
+            assert got[step] == pytest.approx(want[step], rel=1e-5), (out.name, step)
+        final = json.loads((out / "results.json").read_text())
+        assert final["val_loss"] == pytest.approx(ref_final["val_loss"], rel=1e-5)
+        assert final["best_step"] == ref_final["best_step"]
+    assert main(["generate", str(sharded), "--prompt", "Once", "--max-new-tokens", "4", "--seed", "0"]) == 0
+    assert main(["consolidate", str(sharded)]) == 0
+    assert (sharded / "best.safetensors").exists()

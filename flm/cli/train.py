@@ -33,7 +33,6 @@ import torch
 
 from flm import distributed, manifest
 from flm._io import atomic_write_json, atomic_write_text, remove_orphan_temps, run_lock
-from flm.checkpoint import list_checkpoints, read_header
 from flm.cli.args import add_config_flags, base_config, config_from_args, presets_epilog
 from flm.cli.common import (
     OutOfMemory,
@@ -69,6 +68,7 @@ from flm.runs import (
     train_tokenizer,
     unigram_entropy,
 )
+from flm.sharded_checkpoint import list_all_checkpoints, read_any_header
 from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
 from flm.train.checkpointer import model_config_changes, newest_loadable
@@ -1048,7 +1048,7 @@ def check_data(plan: Plan) -> tuple[Tokenizer, dict[str, Any] | None]:
         }
     tokenizer, new_stamp = _tokenizer_for(plan)
     if plan.resume_from is not None:
-        saved = (read_header(plan.resume_from[0]).get("metadata") or {}).get("tokenizer_fingerprint")
+        saved = (read_any_header(plan.resume_from[0]).get("metadata") or {}).get("tokenizer_fingerprint")
         if saved and saved != tokenizer.fingerprint():
             raise UsageError(f"--resume: {plan.resume_from[0].name} was trained with another tokenizer ({saved[:12]}…)")
     need = cfg.model.context_length + 1
@@ -1143,7 +1143,7 @@ def run(args: argparse.Namespace) -> int:
         # (--resume auto: only when there is a checkpoint to continue; a start takes the flags alone).
         preset = args.preset or default_preset()
         saved = Path(args.out_dir or f"runs/{preset}") / "config.json"
-        if saved.is_file() and (args.resume is True or list_checkpoints(saved.parent)):
+        if saved.is_file() and (args.resume is True or list_all_checkpoints(saved.parent)):
             args.config = str(saved)
     try:
         cfg = config_from_args(args)

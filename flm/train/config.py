@@ -76,6 +76,7 @@ class TrainConfig:
         compile_scope: what compile compiles: step (the whole step as one graph: fastest steps; compile time grows with num_layers) or blocks (one Transformer block reused by every layer, the rest eager: compile time independent of depth, for deep models).
         dtype: compute dtype, float32, bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss) or auto (bf16 on a CUDA GPU that supports it, else float32).
         tf32: let float32 matmuls use TensorFloat-32 on CUDA for the run's duration (auto: on with CUDA; no effect elsewhere).
+        shard: shard the parameters, gradients and AdamW state over the ranks (ZeRO-3/FSDP: each rank holds ~1/world of them and gathers one part of the model at a time; blocks are recomputed in the backward); not with compile or the vmapped sweep yet.
         grad_accum_steps: split each (per-rank) batch into this many equal micro-batches and average their gradients.
         time_budget: stop training after this many minutes of wall time (resumes included), keeping the longest evaluation/checkpoint pause seen in reserve so the last evaluation and checkpoint also fit (None: no limit). flm train's report afterwards (the best model on every validation token, samples) is not counted.
         peak_flops: the device's peak FLOP/s for the MFU column (None: a known GPU's datasheet value, or a short matmul measurement on the CPU).
@@ -103,6 +104,7 @@ class TrainConfig:
     compile_scope: str = "step"
     dtype: str = "auto"
     tf32: bool | str = "auto"
+    shard: bool = False
     grad_accum_steps: int = 1
     time_budget: float | None = None
     peak_flops: float | None = None
@@ -139,6 +141,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: need min_lr ≤ lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.dtype != "auto" and self.dtype not in COMPUTE_DTYPES:
             raise bad("dtype", f"one of {sorted(COMPUTE_DTYPES)} or auto")
+        if self.shard and self.compile is True:
+            raise ValueError(
+                "TrainConfig: shard does not combine with compile yet (the sharded step differentiates "
+                "with torch.autograd around collectives, which torch.compile does not trace here); use --no-compile"
+            )
         if self.compile_scope not in COMPILE_SCOPES:
             raise bad("compile_scope", " or ".join(COMPILE_SCOPES))
         for name in ("compile", "tf32"):
@@ -301,7 +308,10 @@ def resolve_auto(
         if caps.device_type not in ("cuda", "cpu"):
             why = f"{caps.device_type}: not measured"
         reasons.append(f"dtype {changes['dtype']} ({why})")
-    if cfg.compile == "auto":
+    if cfg.compile == "auto" and cfg.shard:
+        changes["compile"] = False
+        reasons.append("compile off (the sharded step is not compiled yet)")
+    elif cfg.compile == "auto":
         changes["compile"] = cuda and caps.triton
         if cuda:
             why = (

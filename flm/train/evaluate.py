@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     progress: bool = False,
+    logits_fn: Callable[[PyTree, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean per-token loss and perplexity of the model on a token sequence.
 
@@ -57,6 +58,8 @@ def evaluate(
         num_batches: evaluate only this many batches (``None``: everything).
         device: where to run (default: the parameters' device).
         progress: show a progress bar over the batches (stderr).
+        logits_fn: ``(params, inputs) -> logits`` (default :func:`flm.model.transformer_lm` with
+            ``config``); sharded training passes its gathering forward, which every rank runs.
 
     Returns:
         ``{"loss": nats/token, "perplexity": exp(loss), "tokens": number of predicted tokens}``
@@ -104,7 +107,8 @@ def evaluate(
             else torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))
         )
         window = window.to(device=device, dtype=torch.int64)
-        logits = transformer_lm(params, window[:, :-1], config)
+        inputs = window[:, :-1]
+        logits = transformer_lm(params, inputs, config) if logits_fn is None else logits_fn(params, inputs)
         losses = token_cross_entropy(logits, window[:, 1:]).double()
         first = skip[i : i + batch_size]
         if first.any():  # a masked sum (not a slice): every window keeps its shape
@@ -130,6 +134,7 @@ class Evaluator:
         batch_size: windows per forward pass.
         num_batches: batches per periodic evaluation (``None``: all windows).
         interval: evaluate every this many steps (0: only at the end).
+        logits_fn: the forward (see :func:`evaluate`).
 
     Raises:
         ValueError: fewer than ``context_length + 1`` tokens, or ``num_batches`` < 1.
@@ -142,6 +147,8 @@ class Evaluator:
         batch_size: int,
         num_batches: int | None,
         interval: int,
+        *,
+        logits_fn: Callable[[PyTree, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         need = config.context_length + 1
         if tokens.ndim != 1 or int(tokens.shape[0]) < need:
@@ -152,7 +159,7 @@ class Evaluator:
         if num_batches is not None and num_batches < 1:
             raise ValueError(f"eval_batches must be ≥ 1 or None (all), got {num_batches}")
         self.tokens, self.config, self.batch_size = tokens, config, batch_size
-        self.num_batches, self.interval = num_batches, interval
+        self.num_batches, self.interval, self.logits_fn = num_batches, interval, logits_fn
         self.last: tuple[int, float] | None = None  # (step, loss) of the latest evaluation
 
     def due(self, step: int) -> bool:
@@ -170,6 +177,7 @@ class Evaluator:
             self.batch_size,
             self.config.context_length,
             None if full else self.num_batches,
+            logits_fn=self.logits_fn,
         )
         res["seconds"] = time.perf_counter() - t0
         self.last = (step, res["loss"])

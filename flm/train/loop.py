@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import math
 import os
 import time
@@ -26,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from flm import distributed, manifest
+from flm import distributed, manifest, shard
 from flm._compat import is_compile_error
 from flm._io import remove_orphan_temps, run_lock
 from flm.data import get_batch, resolve_device
-from flm.model import TransformerConfig, init_params, train_step_flops
+from flm.model import TransformerConfig, init_params, param_template, train_step_flops
 from flm.progress import format_duration, info
-from flm.train.checkpointer import Checkpointer, NonFiniteLossError
+from flm.train.checkpointer import Checkpointer, NonFiniteLossError, ShardSpec
 from flm.train.clock import Clock
 from flm.train.config import TrainConfig, make_optimizer, resolve_auto, tf32_matmuls
 from flm.train.evaluate import Evaluator
@@ -217,12 +218,24 @@ class _Run:
         main = dist_info.is_main
         self.model_config, self.cfg, self.train_tokens, self.local_batch = model_config, cfg, train_tokens, local_batch
         self.log, self.dist_info, self.device = log, dist_info, device
-        self.evaluator = evaluator if main else None
+        # Sharded (--shard), every rank holds only its shards: each forward, evaluation and save is
+        # a collective that every rank runs; replicated, rank 0 alone evaluates and saves.
+        self.sharded = bool(cfg.shard)
+        rank, world = dist_info.rank, dist_info.world_size
+        if self.sharded and evaluator is not None:
+            evaluator.logits_fn = functools.partial(
+                _sharded_logits, config=model_config, world_size=world, compute_dtype=cfg.compute_dtype
+            )
+        self.evaluator = evaluator if main or self.sharded else None
         # The loop owns its params, optimiser state and gradients, so the step updates them in place
         # (donated buffers: no allocation per step); Ctrl-C is deferred to the end of the step
         # (_interrupt_guard), so an interrupted run never saves a half-applied update.
-        tx = make_optimizer(cfg, inplace=True)
-        self.params = init_params(model_config, torch.Generator().manual_seed(cfg.seed), device=device)
+        tx = make_optimizer(cfg, inplace=True, norm_fn=shard.sharded_global_norm if self.sharded else None)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        if self.sharded:
+            self.params = shard.init_sharded_params(model_config, gen, rank, world, device=device)
+        else:
+            self.params = init_params(model_config, gen, device=device)
         self.opt_state = tx.init(self.params)
         # One sampler for the global batch, seeded alike on every rank (a single process's seed);
         # this rank reads only its rows of each batch, so the batches do not depend on the world size.
@@ -234,8 +247,9 @@ class _Run:
             keep=cfg.keep_checkpoints,
             run_config=run_config,
             tokenizer_fingerprint=fingerprint,
-            enabled=main,
+            enabled=main or self.sharded,
             log=log,
+            shard=_shard_spec(model_config, tx, rank, world) if self.sharded else None,
         )
         self.start, wall_offset = 0, 0.0
         like = {"params": self.params, "opt_state": self.opt_state}
@@ -252,15 +266,25 @@ class _Run:
             enabled=main,
         )
         self.meter = StepMeter(cfg.log_interval)
-        self.step_fn = make_train_step(
-            model_config,
-            tx,
-            compile="blocks" if cfg.compile and cfg.compile_scope == "blocks" else cfg.compile,
-            donate=True,
-            compute_dtype=cfg.compute_dtype,
-            grad_accum_steps=cfg.grad_accum_steps,
-            grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
-        )
+        if self.sharded:
+            self.step_fn = shard.make_sharded_train_step(
+                model_config,
+                tx,
+                world_size=world,
+                compute_dtype=cfg.compute_dtype,
+                grad_accum_steps=cfg.grad_accum_steps,
+                donate=True,
+            )
+        else:
+            self.step_fn = make_train_step(
+                model_config,
+                tx,
+                compile="blocks" if cfg.compile and cfg.compile_scope == "blocks" else cfg.compile,
+                donate=True,
+                compute_dtype=cfg.compute_dtype,
+                grad_accum_steps=cfg.grad_accum_steps,
+                grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
+            )
         peak = cfg.peak_flops or (device_peak_flops(device, cfg.compute_dtype) if main else None)
         self.clock = Clock(
             Throughput(train_step_flops(model_config, 1) / model_config.context_length, peak),
@@ -315,14 +339,25 @@ class _Run:
         asks for. Returns ``"done"`` or ``"time_budget"``; Ctrl-C and SIGTERM raise
         ``KeyboardInterrupt`` at a step boundary."""
         cfg = self.cfg
+        # Ranks see a signal or the time budget at slightly different moments. Where acting on it is
+        # a collective (a sharded save; any stop before the next step's collectives), the ranks agree
+        # at every step boundary with one tiny all-gather, so all stop at the same step.
+        agree = self.sharded or (self.dist_info.enabled and cfg.time_budget is not None)
         while self.step < cfg.max_iters:
-            if signals.stop:  # Ctrl-C or SIGTERM, deferred to this step boundary
+            stop, over = signals.stop, self.clock.over_budget()
+            if agree:
+                stop, over = _any_rank(stop, over)
+            if stop:  # Ctrl-C or SIGTERM, deferred to this step boundary
+                signals.stop = True
                 raise KeyboardInterrupt
             if signals.take_checkpoint_request() and self.ckpt.last_saved_step != self.step:
-                self.log(f"SIGUSR1 at step {self.step}: saving a checkpoint and continuing")
-                with self.clock.aside():
-                    self.save_periodic()  # no collective: only this rank may have been signalled
-            if self.clock.over_budget():
+                if self.sharded:  # only this rank was signalled; a sharded save needs every rank
+                    self.log(f"SIGUSR1 at step {self.step}: ignored under --shard (a sharded save needs every rank)")
+                else:
+                    self.log(f"SIGUSR1 at step {self.step}: saving a checkpoint and continuing")
+                    with self.clock.aside():
+                        self.save_periodic()  # no collective: only this rank may have been signalled
+            if over:
                 self.log(f"time budget of {cfg.time_budget:g} min reached at step {self.step}")
                 return "time_budget"
             batch = get_batch(
@@ -388,6 +423,32 @@ class _Run:
         the same, so no collective: safe when only this rank was signalled or the others are gone)."""
         meta = {"wall_time": self.clock.elapsed()}
         self.ckpt.save(self.step, self.params, self.opt_state, sampler=self.sampler, metadata=meta)
+
+
+def _sharded_logits(
+    params: Any, inputs: torch.Tensor, *, config: TransformerConfig, world_size: int, compute_dtype: Any
+) -> torch.Tensor:
+    """The evaluator's forward under ``--shard`` (every rank runs it: it gathers the weights)."""
+    return shard.sharded_transformer_lm(params, inputs, config, world_size=world_size, compute_dtype=compute_dtype)
+
+
+def _shard_spec(config: TransformerConfig, tx: Any, rank: int, world: int) -> ShardSpec:
+    """How the checkpointer saves this rank's shards: full-size templates, a barrier, an agreement."""
+    template = param_template(config)
+    return ShardSpec(
+        rank,
+        world,
+        {"params": template, "opt_state": tx.init(template)},
+        barrier=distributed.barrier,
+        agree=lambda flag: not _any_rank(not flag)[0],
+    )
+
+
+def _any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks (a collective; the flags themselves without a process group)."""
+    mine = torch.tensor([bool(f) for f in flags], dtype=torch.uint8)
+    rows = distributed.all_gather_bytes(mine)
+    return tuple(any(bool(row[i]) for row in rows) for i in range(len(flags)))
 
 
 class CompileError(RuntimeError):

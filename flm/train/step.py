@@ -24,7 +24,15 @@ from flm.loss import cross_entropy
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import stack, tree_map
 
-__all__ = ["make_loss_fn", "grad_and_value", "make_train_step", "make_vmapped_train_step", "init_vmapped", "TrainStep"]
+__all__ = [
+    "make_loss_fn",
+    "grad_and_value",
+    "step_body",
+    "make_train_step",
+    "make_vmapped_train_step",
+    "init_vmapped",
+    "TrainStep",
+]
 
 PyTree = Any
 TrainStep = Callable[[PyTree, Any, torch.Tensor, torch.Tensor], tuple[PyTree, Any, dict[str, torch.Tensor]]]
@@ -112,7 +120,7 @@ def _accumulated_grads(
     return tree_map(lambda g: g / steps, grads), loss / steps
 
 
-def _step_body(
+def step_body(
     tx: optim.GradientTransformation,
     loss_and_grad: Callable,
     params: PyTree,
@@ -124,8 +132,25 @@ def _step_body(
     donate: bool = False,
     norm_fn: Callable[[PyTree], torch.Tensor] | None = None,
 ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
-    """Gradients (accumulated, reduced) → metrics → optimiser update → new params (``norm_fn``:
-    the gradient norm when ``tx`` records none, default :func:`flm.optim.global_norm`)."""
+    """One train step's body: gradients (accumulated, reduced) → metrics → optimiser update → new params.
+
+    Shared by :func:`make_train_step`, :func:`make_vmapped_train_step` and
+    :func:`flm.shard.make_sharded_train_step`, which differ only in ``loss_and_grad``.
+
+    Args:
+        tx: the optimiser.
+        loss_and_grad: ``(params, inputs, targets) -> (grads, loss)``.
+        params, opt_state: the state before the step.
+        inputs, targets: ``(batch, seq_len)`` int64.
+        grad_accum_steps: micro-batches (see :func:`make_train_step`).
+        grad_reduce: applied to the gradients first (e.g. the data-parallel all-reduce).
+        donate: update ``params`` in place.
+        norm_fn: the gradient norm reported when ``tx`` records none (default
+            :func:`flm.optim.global_norm`).
+
+    Returns:
+        ``(params, opt_state, metrics)`` as :func:`make_train_step`'s step.
+    """
     lr = optim.learning_rate_at(tx, opt_state)
     grads, loss = _accumulated_grads(loss_and_grad, params, inputs, targets, grad_accum_steps)
     if grad_reduce is not None:
@@ -202,7 +227,7 @@ def make_train_step(
     def step(
         params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
-        return _step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
+        return step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
 
     if compile is True:
         return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
@@ -258,7 +283,7 @@ def make_vmapped_train_step(
     def single(
         params: PyTree, opt_state: Any, hparams: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor
     ):
-        return _step_body(make_tx(hparams), loss_and_grad, params, opt_state, inputs, targets)
+        return step_body(make_tx(hparams), loss_and_grad, params, opt_state, inputs, targets)
 
     batch_dim = None if shared_batch else 0
     step = torch.func.vmap(single, in_dims=(0, 0, 0, batch_dim, batch_dim))
