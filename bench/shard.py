@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from flm import distributed, optim
+from flm._compat import all_gather_autograd
 from flm.model import TransformerConfig, init_params, param_template
 from flm.shard import init_sharded_params, make_sharded_train_step, sharded_global_norm
 from flm.train import decay_mask, make_train_step
@@ -61,10 +62,15 @@ def _worker(rank: int, port: int, world: int, mode: str, model: dict, batch: int
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = TransformerConfig(**model)
-        # Code both modes load on first use (the functional collectives import much of dynamo) is
-        # not model memory: import it before the baseline.
-        importlib.import_module("torch.distributed._functional_collectives")
+        # What both modes set up on first use is not model memory: the first autograd-aware
+        # collective alone adds ~75 MiB of RSS whatever its size (measured: 1 K to 8 M elements
+        # gathered, the same 75 MiB), so one tiny gather, backward, all-reduce and recomputed
+        # call run before the baseline, in both modes.
         importlib.import_module("torch.utils.checkpoint")
+        warm = torch.ones(4, requires_grad=True)
+        torch.autograd.grad(all_gather_autograd(warm).sum(), warm)
+        torch.autograd.grad(torch.utils.checkpoint.checkpoint(torch.sin, warm, use_reentrant=False).sum(), warm)
+        dist.all_reduce(torch.ones(4))
 
         baseline = _peak_bytes()
         if mode == "sharded":
@@ -114,6 +120,10 @@ def _free_port() -> int:
 
 def run_group(world: int, mode: str, model: dict, batch: int, steps: int, timeout: float = 600) -> dict:
     """One (mode, world) row in fresh processes; returns rank 0's report."""
+    # glibc raises its mmap threshold after a large block is freed, and later large blocks then stay
+    # in the heap after being freed: RSS would measure fragmentation, not live memory. A fixed
+    # threshold (read at process start, so set before spawning) returns large blocks on free.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory = the highest rank's peak RSS above its own baseline (after import and joining the group)",
         "sharded recomputes each block and the head in the backward (their gathered weights are not kept), "
         "so it runs one more forward per step than the replicated run",
+        "children run with MALLOC_MMAP_THRESHOLD_=65536 (glibc's dynamic threshold otherwise keeps freed large "
+        "blocks in the heap, and RSS measures fragmentation)",
     ]
     return common.finish(common.make_result("shard", args, rows, notes, targets=targets), args)
 

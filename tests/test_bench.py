@@ -230,3 +230,17 @@ def test_compile_time_bench_quick_runs_fresh_processes_and_reports_the_depth_rat
     assert all(r["first call (s)"] > 0 and r["step (ms)"] > 0 for r in res["rows"])
     (name,) = res["targets"]
     assert name.startswith("blocks: first call at 2 layers / at 1 layers")
+
+
+@pytest.mark.distributed
+def test_shard_bench_quick_compares_sharded_and_replicated_in_fresh_processes():
+    import shard
+
+    res = shard.main(["--quick"])
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"replicated", "sharded"}
+    assert rows["sharded"]["held params MiB"] == pytest.approx(rows["replicated"]["held params MiB"] / 2, rel=0.1)
+    # peak above the pre-model baseline: may be 0 at the smoke size (the start-up peak is higher)
+    assert all(r["peak MiB"] >= 0 and r["step (ms)"] > 0 for r in rows.values())
+    loss = next(k for k in res["targets"] if k.startswith("world 2: |loss"))
+    assert res["targets"][loss]["met"]

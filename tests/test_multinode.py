@@ -237,3 +237,13 @@ def test_a_shared_data_dir_is_downloaded_into_once(remote, tmp_path):  # noqa: F
     per_directory = len(srv.requests) / 2
     assert per_directory == int(per_directory) and per_directory >= 1, srv.requests
     assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in alone.iterdir())
+
+
+def test_shard_refuses_node_local_run_directories(texts, tmp_path):
+    """``--shard`` writes every rank's shard of a checkpoint into one directory: with node-local
+    run directories every rank stops with one error line before preparing or writing anything."""
+    argvs = [train_argv(texts, tmp_path / f"node{i}" / "run", *STEPS, "--shard") for i in range(2)]
+    output = _two_nodes(argvs, ok=False)
+    assert "error: --shard: the ranks see 2 different" in output, output[-4000:]
+    assert "/flm/cli/" not in output  # no traceback through flm's code (torchrun prints its own)
+    assert not any((tmp_path / n / "run" / "vocab.json").exists() for n in ("node0", "node1"))

@@ -289,3 +289,23 @@ def test_flm_train_shard_saves_at_4_resumes_at_2_and_1(texts, tmp_path):
     assert main(["generate", str(sharded), "--prompt", "Once", "--max-new-tokens", "4", "--seed", "0"]) == 0
     assert main(["consolidate", str(sharded)]) == 0
     assert (sharded / "best.safetensors").exists()
+
+
+def test_cli_refuses_what_does_not_combine_with_shard_in_one_line(texts, tmp_path, capsys):
+    """``--shard`` with ``--compile`` (flm train) and with the vmapped sweep: one ``error:`` line,
+    a non-zero exit, nothing written."""
+    assert main(train_argv(texts, tmp_path / "run", "--shard", "--compile")) != 0
+    err = capsys.readouterr().err
+    assert "error:" in err and "shard does not combine with compile" in err and "Traceback" not in err
+    sweep = ["sweep", "--preset", "tiny", "--train-text", str(texts[0]), "--valid-text", str(texts[1])]
+    assert main([*sweep, "--out-dir", str(tmp_path / "sweep"), "--lrs", "1e-3", "1e-2", "--shard"]) != 0
+    err = capsys.readouterr().err
+    assert "error: --shard does not combine with the vmapped sweep" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_auto_compile_resolves_off_under_shard():
+    from flm.train.config import TrainConfig, resolve_auto
+
+    cfg, reasons = resolve_auto(TrainConfig(shard=True), torch.device("cpu"))
+    assert cfg.compile is False and any("sharded step is not compiled" in r for r in reasons)

@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if cfg.model.attention == "sdpa":
         raise UsageError("--attention sdpa has no vmap batching rule; use auto or flm for a sweep")
+    if cfg.train.shard:
+        raise UsageError("--shard does not combine with the vmapped sweep yet (its step is not a torch.func transform)")
     vs = variants(args.lrs, args.weight_decays)
     if args.resume:
         out = args.out_dir or "OUT"

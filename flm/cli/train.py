@@ -806,6 +806,12 @@ def execute(plan: Plan) -> dict[str, Any]:
             owners = distributed.directory_owners(out)
             prepares = owners[info.rank] == info.rank
             line = data_line(len(set(owners)), distributed.node_count(), out)
+            if cfg.train.shard and len(set(owners)) > 1:  # every rank sees the same owners: all stop
+                raise UsageError(
+                    f"--shard: the ranks see {len(set(owners))} different {out} directories (node-local disks); "
+                    "every rank writes its shard of each checkpoint into one directory, so --out-dir must be "
+                    "on a file system all nodes share"
+                )
             if info.is_main:
                 log(line)
             download_once(plan, info)
