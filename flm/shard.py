@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 PyTree = Any
+# Logit values per chunk of the sharded loss (4 MiB in float32): rows per chunk = this // vocab_size.
+_LOSS_CHUNK_VALUES = 2**20
 
 
 def rows_per_rank(d0: int, world_size: int) -> int:
@@ -215,8 +217,9 @@ def sharded_transformer_lm(
         group: the process group (default: the whole job).
         compute_dtype: mixed precision: the gathered (float32) weights are cast to it, so the
             gradients are reduced in the parameters' own dtype.
-        targets: ``(batch, seq_len)``: return the mean cross-entropy instead of the logits (the
-            logits then exist only inside the head's part, also when it is recomputed).
+        targets: ``(batch, seq_len)``: return the mean cross-entropy instead of the logits,
+            computed in row chunks of about ``2**20`` logits, each recomputed in the backward, so
+            the whole ``(batch · seq_len, vocab_size)`` logits never exist at once.
 
     Returns:
         Logits ``(batch, seq_len, vocab_size)``, or the 0-d float32 loss when ``targets`` is given.
@@ -249,14 +252,25 @@ def sharded_transformer_lm(
     head_key = "token_embeddings" if config.tie_embeddings else "lm_head"
     parts = {k: params[k] for k in ("ln_final", head_key) if k in params}
 
-    def head(parts: PyTree, h: torch.Tensor) -> torch.Tensor:
-        full = whole(parts, {k: like[k] for k in parts})
+    def logits_of(full: PyTree, h: torch.Tensor) -> torch.Tensor:
         if "ln_final" in full:
             h = nn.rms_norm(full["ln_final"], h, config.eps)
-        logits = nn.linear(full[head_key], h)
-        return logits if targets is None else cross_entropy(logits, targets, check=False)
+        return nn.linear(full[head_key], h)
 
-    return run(head, parts, x)
+    if targets is None:
+        return run(lambda parts, h: logits_of(whole(parts, {k: like[k] for k in parts}), h), parts, x)
+    # The loss in row chunks, each recomputed in the backward: the head's weights are gathered once
+    # (the one part kept whole until the backward has passed every chunk), and at most one chunk's
+    # logits (~2**20 values) and their gradient exist at a time, never the whole (rows, vocab).
+    full = whole(parts, {k: like[k] for k in parts})
+    rows, labels = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    chunk = max(1, _LOSS_CHUNK_VALUES // config.vocab_size)
+
+    def chunk_loss(full: PyTree, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits_of(full, h), t, check=False) * t.shape[0]  # the chunk's sum
+
+    total = sum(run(chunk_loss, full, rows[i : i + chunk], labels[i : i + chunk]) for i in range(0, len(rows), chunk))
+    return total / rows.shape[0]
 
 
 def sharded_global_norm(grads: PyTree, group: Any = None) -> torch.Tensor:

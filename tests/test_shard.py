@@ -29,6 +29,7 @@ from helpers import train_argv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flm.shard
 from flm import optim
 from flm.cli import main
 from flm.model import TransformerConfig, init_params, transformer_lm
@@ -106,8 +107,11 @@ def test_init_sharded_params_draws_init_params_values(world):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["one-chunk", "5-row-chunks"])
 @pytest.mark.parametrize("cfg", [CFG, TIED], ids=["untied", "tied"])
-def test_world_one_equals_the_plain_step(cfg):
+def test_world_one_equals_the_plain_step(cfg, chunk_rows, monkeypatch):
+    if chunk_rows is not None:  # the loss in uneven row chunks (64 rows per batch): the same step
+        monkeypatch.setattr(flm.shard, "_LOSS_CHUNK_VALUES", chunk_rows * cfg.vocab_size)
     params = init_params(cfg, torch.Generator().manual_seed(0), dtype=torch.float64)
     ref_step = make_train_step(cfg, _tx())
     sh_step = make_sharded_train_step(cfg, _tx(sharded_global_norm), world_size=1)
@@ -154,6 +158,7 @@ def _replicated(cfg, accum):
 
 def _worker(rank, port, world, results):
     torch.set_num_threads(1)
+    flm.shard._LOSS_CHUNK_VALUES = 5 * CFG.vocab_size  # the loss in uneven chunks of 5 rows
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         out = {}
