@@ -72,10 +72,26 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     Returns:
         Their paths, sorted by step.
     """
+    return list_by_step(out_dir, _CKPT)
+
+
+def list_by_step(out_dir: str | os.PathLike, pattern: re.Pattern[str], *, directories: bool = False) -> list[Path]:
+    """The entries of ``out_dir`` whose name ``pattern`` matches, sorted by the step its first group holds.
+
+    Args:
+        out_dir: a run directory (a missing one has none).
+        pattern: a name pattern whose group 1 is the step, e.g. ``ckpt_(\\d+)\\.safetensors``.
+        directories: keep only directories (sharded checkpoints) instead of any entry.
+
+    Returns:
+        Their paths, lowest step first.
+    """
     d = Path(out_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in d.iterdir() if (m := pattern.match(p.name)) and (not directories or p.is_dir())
+    ]
     return [p for _, p in sorted(found)]
 
 

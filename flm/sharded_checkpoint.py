@@ -56,6 +56,7 @@ from flm.checkpoint import (
     config_json,
     describe_state,
     flm_version,
+    list_by_step,
     list_checkpoints,
     load_checkpoint,
     read_header,
@@ -151,11 +152,7 @@ def list_sharded_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     Returns:
         Their paths, sorted by step.
     """
-    d = Path(out_dir)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CKPT_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return list_by_step(out_dir, _CKPT_DIR, directories=True)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
