@@ -3,7 +3,8 @@
 Each (mode, world size) runs in a fresh group of processes (``torch.multiprocessing`` spawn, one
 torch thread each), so every rank's memory starts from the same baseline. Per rank: the baseline
 is the process's peak RSS after importing torch and joining the group, before the model is built;
-the row's memory is the highest rank's peak RSS above its baseline over building the model and
+two train steps of the same mode on a tiny model come first (what a mode initialises or pages in
+on first use is not model memory); the row's memory is the highest rank's peak RSS above its baseline over building the model and
 optimiser state and ``--steps`` train steps (the peak, so it includes the gathered part's whole
 weights and gradients, activations and the allocator's slack). Both modes train the same model
 from the same seed on the same global batches (each rank its rows), with the train loop's
@@ -20,7 +21,7 @@ gradients (the issue's bound), and the step-time ratio sharded / replicated (inf
 
 from __future__ import annotations
 
-import importlib
+import gc
 import os
 import resource
 import socket
@@ -37,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 from flm import distributed, optim
-from flm._compat import all_gather_autograd
 from flm.model import TransformerConfig, init_params, param_template
 from flm.shard import init_sharded_params, make_sharded_train_step, sharded_global_norm
 from flm.train import decay_mask, make_train_step
@@ -57,41 +57,46 @@ def _tx(steps: int, norm_fn=None) -> optim.GradientTransformation:
     return optim.chain(optim.clip_by_global_norm(1.0, inplace=True, norm_fn=norm_fn), adam)
 
 
+def _train(model: dict, mode: str, rank: int, world: int, batch: int, steps: int):
+    """Build ``model`` in ``mode`` and train it ``steps`` steps on seeded global batches (this rank's
+    rows); yields ``(step seconds, loss, bytes of parameters held)`` after each step."""
+    cfg = TransformerConfig(**model)
+    if mode == "sharded":
+        params = init_sharded_params(cfg, torch.Generator().manual_seed(0), rank, world)
+        tx = _tx(steps, sharded_global_norm)
+        step = make_sharded_train_step(cfg, tx, world_size=world, donate=True)
+    else:
+        params = init_params(cfg, torch.Generator().manual_seed(0))
+        tx = _tx(steps)
+        step = make_train_step(cfg, tx, donate=True, grad_reduce=distributed.all_reduce_mean)
+    state = tx.init(params)
+    held = sum(t.numel() * t.element_size() for t in tree_leaves(params))
+    sampler = torch.Generator().manual_seed(1)
+    local = batch // world
+    for _ in range(steps):
+        w = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=sampler)
+        mine = w[rank * local : (rank + 1) * local]
+        t = time.perf_counter()
+        params, state, m = step(params, state, mine[:, :-1], mine[:, 1:])
+        yield time.perf_counter() - t, m["loss"], held
+
+
 def _worker(rank: int, port: int, world: int, mode: str, model: dict, batch: int, steps: int, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = TransformerConfig(**model)
-        # What both modes set up on first use is not model memory: the first autograd-aware
-        # collective alone adds ~75 MiB of RSS whatever its size (measured: 1 K to 8 M elements
-        # gathered, the same 75 MiB), so one tiny gather, backward, all-reduce and recomputed
-        # call run before the baseline, in both modes.
-        importlib.import_module("torch.utils.checkpoint")
-        warm = torch.ones(4, requires_grad=True)
-        torch.autograd.grad(all_gather_autograd(warm).sum(), warm)
-        torch.autograd.grad(torch.utils.checkpoint.checkpoint(torch.sin, warm, use_reentrant=False).sum(), warm)
-        dist.all_reduce(torch.ones(4))
-
+        # What a mode sets up or touches on first use is not model memory: the first
+        # autograd-aware collective alone adds ~75 MiB of RSS whatever its size, and the first
+        # step pages in ~11 MiB of libtorch code its kernels live in (counted in RSS). So each
+        # rank first runs two steps of its own mode on a tiny model, then takes its baseline.
+        for _ in _train(QUICK, mode, rank, world, batch, steps=2):
+            pass
+        gc.collect()
         baseline = _peak_bytes()
-        if mode == "sharded":
-            params = init_sharded_params(cfg, torch.Generator().manual_seed(0), rank, world)
-            tx = _tx(steps, sharded_global_norm)
-            step = make_sharded_train_step(cfg, tx, world_size=world, donate=True)
-        else:
-            params = init_params(cfg, torch.Generator().manual_seed(0))
-            tx = _tx(steps)
-            step = make_train_step(cfg, tx, donate=True, grad_reduce=distributed.all_reduce_mean)
-        state = tx.init(params)
-        sampler = torch.Generator().manual_seed(1)
-        local = batch // world
-        times, loss = [], None
-        for _ in range(steps):
-            w = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=sampler)
-            mine = w[rank * local : (rank + 1) * local]
-            t = time.perf_counter()
-            params, state, m = step(params, state, mine[:, :-1], mine[:, 1:])
-            times.append(time.perf_counter() - t)
-            loss = m["loss"]
+        times, loss, held = [], None, 0
+        for dt, last_loss, held_bytes in _train(model, mode, rank, world, batch, steps):
+            times.append(dt)
+            loss, held = last_loss, held_bytes
         total = loss.detach().clone()
         dist.all_reduce(total)
         peak = torch.tensor([float(_peak_bytes() - baseline)])
@@ -99,7 +104,6 @@ def _worker(rank: int, port: int, world: int, mode: str, model: dict, batch: int
         step_s = torch.tensor([statistics.median(times[min(2, steps - 1) :])])
         dist.all_reduce(step_s, op=dist.ReduceOp.MAX)
         if rank == 0:
-            held = sum(t.numel() * t.element_size() for t in tree_leaves(params))
             out.put(
                 {
                     "loss": float(total) / world,
@@ -108,6 +112,11 @@ def _worker(rank: int, port: int, world: int, mode: str, model: dict, batch: int
                     "params_MiB": held / 2**20,
                 }
             )
+        # The last collective must not be one on a Python-owned tensor: gloo's worker thread
+        # drops a finished work (and its tensors) just after the wait returns, and a rank exiting
+        # at once can reach interpreter shutdown first (SIGABRT, "terminate called without an
+        # active exception"; seen in 1 of 3 to 1 of 15 runs). A barrier's tensors are C++-only.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -195,7 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     common.print_table(rows, cols)
     notes = [
         f"model {model}, global batch {args.batch}, {steps} steps, gloo on CPU, one torch thread per rank; "
-        "memory = the highest rank's peak RSS above its own baseline (after import and joining the group)",
+        "memory = the highest rank's peak RSS above its own baseline (taken after import, joining the group and "
+        "two steps of the same mode on a tiny model, so first-use initialisation and paged-in library code are "
+        "not counted as model memory)",
         "sharded recomputes each block and the head in the backward (their gathered weights are not kept), "
         "so it runs one more forward per step than the replicated run",
         "children run with MALLOC_MMAP_THRESHOLD_=65536 (glibc's dynamic threshold otherwise keeps freed large "

@@ -11,7 +11,7 @@ import torch
 
 from flm._compat import checks_enabled, in_forward_mode, is_compiling, is_transformed
 
-__all__ = ["token_cross_entropy", "cross_entropy", "perplexity"]
+__all__ = ["token_cross_entropy", "cross_entropy", "token_linear_cross_entropy", "perplexity"]
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -116,6 +116,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             log_total = shifted.exp_().sum(dim=-1, keepdim=True).log_()
             losses.append((log_total - shifted_target).squeeze(-1))
             lses.append((m + log_total).squeeze(-1))
+            del shifted  # before the next chunk's copy exists
         return torch.cat(losses), torch.cat(lses)
 
     @staticmethod
@@ -146,6 +147,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             p = x.to(compute, copy=True).sub_(s.unsqueeze(-1)).exp_()  # softmax(o) = exp(o − lse)
             p.scatter_add_(-1, t.unsqueeze(-1), p.new_full((t.shape[0], 1), -1.0))
             out.copy_(p.mul_(g.unsqueeze(-1)))
+            del p  # before the next chunk's copy exists
         return grad_logits, None, None
 
 
@@ -227,6 +229,133 @@ def token_cross_entropy(
     if in_forward_mode(x):  # jvp/jacfwd/hessian/forward_ad: plain ops (see _CrossEntropy)
         return _plain_cross_entropy(x, targets.long())
     return _CrossEntropy.apply(x, targets.long())[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """:func:`token_cross_entropy` of ``x Wᵀ`` without the ``(rows, vocab_size)`` logits ever whole.
+
+    The forward computes the logits of ``chunk`` rows at a time, keeps each row's ``lse`` and loss
+    and drops the chunk: it saves ``x``, ``W``, the targets and one float32 ``lse`` per row. The
+    backward recomputes each chunk's logits, turns them in place into
+    ``(softmax(o) − onehot(target)) · dL/dloss`` and accumulates ``dW += pᵀ x`` into one buffer
+    (float32 for lower-precision weights), writing ``dx = p W`` chunk by chunk. Peak memory beyond
+    the inputs: one chunk's logits and the gradient of ``W``, where autograd of
+    ``token_cross_entropy(x @ Wᵀ)`` holds the whole logits, their gradient and, when chunks are
+    recomputed separately, a ``W``-sized gradient per chunk plus their sum.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> tuple:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        losses, lses = [], []
+        for xc, t in zip(x.split(chunk), targets.split(chunk)):
+            logits = (xc @ weight.mT).to(compute)  # the chunk's only (chunk, vocab_size) temporary
+            m = logits.amax(dim=-1, keepdim=True)
+            shifted_target = logits.sub_(m).gather(-1, t.unsqueeze(-1))
+            log_total = logits.exp_().sum(dim=-1, keepdim=True).log_()
+            losses.append((log_total - shifted_target).squeeze(-1))
+            lses.append((m + log_total).squeeze(-1))
+            del logits  # before the next chunk's logits exist
+        return torch.cat(losses), torch.cat(lses)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, targets, chunk = inputs
+        ctx.chunk = chunk
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight, targets, output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any, _grad_lse: Any) -> tuple[Any, Any, None, None]:
+        if grad is None:
+            return None, None, None, None
+        x, weight, targets, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops of the inputs
+            logits = (x @ weight.mT).to(lse.dtype)
+            e = (logits - logits.amax(dim=-1, keepdim=True).detach()).exp()
+            onehot = torch.zeros_like(e).scatter_(-1, targets.unsqueeze(-1), 1.0)
+            dlogits = ((e / e.sum(dim=-1, keepdim=True) - onehot) * grad.unsqueeze(-1)).to(weight.dtype)
+            return dlogits @ weight, dlogits.mT @ x, None, None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        compute = lse.dtype
+        grad_x = torch.empty_like(x) if need_x else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        chunk = ctx.chunk
+        for i in range(0, x.shape[0], chunk):
+            xc, t, s, g = x[i : i + chunk], targets[i : i + chunk], lse[i : i + chunk], grad[i : i + chunk]
+            p = (xc @ weight.mT).to(compute).sub_(s.unsqueeze(-1)).exp_()  # softmax(o) = exp(o − lse)
+            p.scatter_add_(-1, t.unsqueeze(-1), p.new_full((t.shape[0], 1), -1.0))
+            p = p.mul_(g.unsqueeze(-1)).to(weight.dtype)
+            if need_x:
+                torch.mm(p, weight, out=grad_x[i : i + chunk])
+            if need_w:
+                if acc == weight.dtype:
+                    grad_w.addmm_(p.mT, xc)
+                else:
+                    grad_w += p.mT @ xc
+            del p  # before the next chunk's logits exist
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def token_linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, check: bool = True, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Per-position cross-entropy of the logits ``x Wᵀ`` (the LM head fused into the loss), without averaging.
+
+    Equals ``token_cross_entropy(x @ weight.mT, targets)`` (tested, values and gradients), but the
+    logits exist one chunk of rows at a time, in the forward and in the backward, which recomputes
+    them; the weight's gradient is accumulated into one buffer. Worth it where the head's logits
+    or its per-chunk weight gradients dominate memory (a large vocabulary; the sharded step, whose
+    head is gathered whole). Costs one more ``x Wᵀ`` per step. Inside ``torch.func`` transforms,
+    in forward mode and under ``torch.compile`` it computes the plain ``token_cross_entropy`` of
+    the whole logits (same values, same derivatives).
+
+    Args:
+        x: ``(..., d_model)`` the final hidden states (after the final norm), float dtype.
+        weight: ``(vocab_size, d_model)`` the head's weight, the same dtype as ``x``.
+        targets: ``(...)`` integer class ids in ``[0, vocab_size)``.
+        check: check the target values (eager-only; see :func:`token_cross_entropy`).
+        chunk_rows: rows per chunk; ``None`` chooses as :func:`token_cross_entropy` does.
+
+    Returns:
+        ``(...)`` float32 losses in nats (float64 for float64 inputs).
+
+    Raises:
+        ValueError: shapes that disagree (``x``'s leading dims vs ``targets``, ``d_model`` vs the
+            weight), a bad ``chunk_rows``, or (when checked) a target outside ``[0, vocab_size)``.
+        TypeError: ``x`` and ``weight`` of different dtypes.
+
+    Source: handout §3.4.2 eq. (1) and §4.1 eq. (17); the fused head + loss of Wijmans et al.
+    (2024), "Cut Your Losses in Large-Vocabulary Language Models".
+    """
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"linear_cross_entropy: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree "
+            "(weight must be (vocab_size, d_model) with d_model = x's last dimension)"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"linear_cross_entropy: x is {x.dtype} but weight is {weight.dtype}; cast one to the other")
+    if x.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"linear_cross_entropy: x {tuple(x.shape)} and targets {tuple(targets.shape)} disagree on the leading dims"
+        )
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+    if in_forward_mode(x, weight) or is_compiling() or is_transformed(x, weight, targets):
+        return token_cross_entropy(x @ weight.mT, targets, check=check, chunk_rows=chunk_rows)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: targets must be integer class ids, got {targets.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy: weight {tuple(weight.shape)} has no classes")
+    if check and targets.numel() and checks_enabled(x, targets):
+        _check_targets(x.new_empty((0, weight.shape[0])), targets)
+    rows = targets.numel()
+    if rows == 0:
+        return x.new_empty(targets.shape, dtype=torch.promote_types(x.dtype, torch.float32))
+    chunk = _chunk_rows(rows, weight.shape[0], chunk_rows)
+    flat = x.reshape(rows, x.shape[-1])
+    return _LinearCrossEntropy.apply(flat, weight, targets.reshape(rows).long(), chunk)[0].view(targets.shape)
 
 
 def _plain_cross_entropy(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

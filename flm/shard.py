@@ -1,12 +1,14 @@
 """Sharded parameters, gradients and optimiser state (the ZeRO-3 / FSDP idea) for flm's pytrees.
 
 Each rank keeps ~1/world of the parameters, gradients and AdamW moments. The forward gathers one
-part of the model at a time (the embedding table, each Transformer block, the final norm with the
+part of the model at a time (the embedding table, each Transformer block, the final norm, the
 head) with one autograd-aware all-gather (:func:`flm._compat.all_gather_autograd`), whose
-backward reduce-scatters that part's gradient onto the ranks' shards. Blocks and the head run
-under activation recomputation (``torch.utils.checkpoint``): the gathered weights are not kept for
-the backward but gathered again when it reaches the part, so at most one part's whole weights
-(and their gradients) exist at a time. The optimiser is flm's own, unchanged, on the shards; the
+backward reduce-scatters that part's gradient onto the ranks' shards, one buffer per part. Blocks
+run under activation recomputation (``torch.utils.checkpoint``): the gathered weights are not kept
+for the backward but gathered again when it reaches the part, so at most one part's whole weights
+(and their gradients) exist at a time. The head, the last part of the forward and the first of
+the backward, is fused into the loss (:func:`flm.loss.token_linear_cross_entropy`), so its
+logits exist one chunk at a time and its gradient is one buffer. The optimiser is flm's own, unchanged, on the shards; the
 clipping norm is the whole model's (:func:`sharded_global_norm`). The step differentiates with
 ``torch.autograd`` (``torch.func`` does not compose with collectives' autograd yet), so it is not
 compiled and not vmapped.
@@ -36,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from flm import nn, optim
 from flm._compat import all_gather_autograd
-from flm.loss import cross_entropy
+from flm.loss import token_linear_cross_entropy
 from flm.model import TransformerConfig, init_params, param_template
 from flm.tree import tree_map
 
@@ -161,11 +163,65 @@ def init_sharded_params(
     )
 
 
+class _Unpack(torch.autograd.Function):
+    """The whole leaves from an all-gathered ``(world_size, n)`` buffer of flattened shards, and back.
+
+    Forward: leaf ``i`` is rank-major rows ``gathered[:, offset_i : offset_i + numel_i]`` reshaped
+    to ``(world_size · c_i, *rest_i)`` and stripped of its padding: a view where that layout is
+    contiguous (a part with one leaf: the embedding, the head), else one copy. Backward: the leaves'
+    gradients are written into one ``(world_size, n)`` buffer in the same layout (zero in the
+    padding), or returned as a view of the one leaf's gradient when there is nothing to pad, so
+    the reduce-scatter behind it gets one buffer. Autograd of the slicing instead allocates a
+    whole ``(world_size, n)`` zero-filled buffer per leaf and sums them.
+    """
+
+    @staticmethod
+    def forward(gathered: torch.Tensor, layout: tuple) -> tuple[torch.Tensor, ...]:
+        world = gathered.shape[0]
+        outs, offset = [], 0
+        for shape, d0 in layout:
+            n = math.prod(shape)
+            rows = gathered[:, offset : offset + n].reshape(world * shape[0], *shape[1:])
+            outs.append(rows if d0 == rows.shape[0] else rows[:d0])
+            offset += n
+        return tuple(outs)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        gathered, layout = inputs
+        ctx.layout, ctx.buffer_shape = layout, gathered.shape
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[Any, None]:
+        world, n_total = ctx.buffer_shape
+        layout = ctx.layout
+        if len(layout) == 1 and grads[0] is not None and layout[0][1] == world * layout[0][0][0]:
+            return grads[0].reshape(world, n_total), None  # one unpadded leaf: its gradient is the buffer
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None
+        padded = any(d0 < world * shape[0] for shape, d0 in layout) or any(g is None for g in grads)
+        buffer = (ref.new_zeros if padded else ref.new_empty)((world, n_total))
+        offset = 0
+        for (shape, d0), g in zip(layout, grads):
+            c, n = shape[0], math.prod(shape)
+            if g is not None:
+                slots = buffer[:, offset : offset + n].view(world, *shape)  # rank r's c rows
+                full, rem = divmod(d0, c)
+                slots[:full].copy_(g[: full * c].reshape(full, *shape))
+                if rem:
+                    slots[full, :rem].copy_(g[full * c :])
+            offset += n
+        return buffer, None
+
+
 def gather_tree(shards: PyTree, like: PyTree, world_size: int, group: Any = None) -> PyTree:
     """The whole leaves of a (sub)tree from every rank's shards, with one autograd-aware all-gather.
 
     The shards are flattened into one buffer, gathered, and each leaf cut out and stripped of its
-    padding; the gradient of the result flows back to this rank's shards, summed over ranks.
+    padding (a view of the gathered buffer for a single-leaf part); the gradient of the result
+    flows back to this rank's shards, summed over ranks, through one reduce-scatter of one buffer.
 
     Args:
         shards: this rank's shards, ``(c, *rest)`` leaves of one dtype.
@@ -185,13 +241,10 @@ def gather_tree(shards: PyTree, like: PyTree, world_size: int, group: Any = None
         return optree.tree_unflatten(spec, [t[: ref.shape[0]] for t, ref in zip(leaves, whole)])
     if len({t.dtype for t in leaves}) > 1:
         raise ValueError(f"gather_tree: one gather needs one dtype, got {sorted({str(t.dtype) for t in leaves})}")
-    gathered = all_gather_autograd(torch.cat([t.reshape(-1) for t in leaves]), group).view(world_size, -1)
-    out, offset = [], 0
-    for t, ref in zip(leaves, whole):
-        n = t.numel()
-        out.append(gathered[:, offset : offset + n].reshape(world_size * t.shape[0], *t.shape[1:])[: ref.shape[0]])
-        offset += n
-    return optree.tree_unflatten(spec, out)
+    flat = leaves[0].reshape(-1) if len(leaves) == 1 else torch.cat([t.reshape(-1) for t in leaves])
+    gathered = all_gather_autograd(flat, group).view(world_size, -1)
+    layout = tuple((tuple(t.shape), ref.shape[0]) for t, ref in zip(leaves, whole))
+    return optree.tree_unflatten(spec, list(_Unpack.apply(gathered, layout)))
 
 
 def sharded_transformer_lm(
@@ -206,8 +259,8 @@ def sharded_transformer_lm(
 ) -> torch.Tensor:
     """:func:`flm.model.transformer_lm` on sharded parameters (a collective: every rank calls it).
 
-    Gathers one part at a time; with gradients enabled, blocks and the head are recomputed in the
-    backward (see the module docstring) instead of keeping their gathered weights.
+    Gathers one part at a time; with gradients enabled, blocks (and, for logits, the head) are
+    recomputed in the backward (see the module docstring) instead of keeping their gathered weights.
 
     Args:
         params: this rank's shards (:func:`init_sharded_params`).
@@ -217,9 +270,10 @@ def sharded_transformer_lm(
         group: the process group (default: the whole job).
         compute_dtype: mixed precision: the gathered (float32) weights are cast to it, so the
             gradients are reduced in the parameters' own dtype.
-        targets: ``(batch, seq_len)``: return the mean cross-entropy instead of the logits,
-            computed in row chunks of about ``2**20`` logits, each recomputed in the backward, so
-            the whole ``(batch · seq_len, vocab_size)`` logits never exist at once.
+        targets: ``(batch, seq_len)``: return the mean cross-entropy instead of the logits, with
+            the head fused into the loss (:func:`flm.loss.token_linear_cross_entropy`, chunks of
+            about ``2**20`` logits), so the whole ``(batch · seq_len, vocab_size)`` logits never
+            exist at once.
 
     Returns:
         Logits ``(batch, seq_len, vocab_size)``, or the 0-d float32 loss when ``targets`` is given.
@@ -250,27 +304,26 @@ def sharded_transformer_lm(
 
         x = run(layer, shards, x)
     head_key = "token_embeddings" if config.tie_embeddings else "lm_head"
-    parts = {k: params[k] for k in ("ln_final", head_key) if k in params}
-
-    def logits_of(full: PyTree, h: torch.Tensor) -> torch.Tensor:
-        if "ln_final" in full:
-            h = nn.rms_norm(full["ln_final"], h, config.eps)
-        return nn.linear(full[head_key], h)
-
     if targets is None:
-        return run(lambda parts, h: logits_of(whole(parts, {k: like[k] for k in parts}), h), parts, x)
-    # The loss in row chunks, each recomputed in the backward: the head's weights are gathered once
-    # (the one part kept whole until the backward has passed every chunk), and at most one chunk's
-    # logits (~2**20 values) and their gradient exist at a time, never the whole (rows, vocab).
-    full = whole(parts, {k: like[k] for k in parts})
-    rows, labels = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+
+        def logits_of(parts: PyTree, h: torch.Tensor) -> torch.Tensor:
+            full = whole(parts, {k: like[k] for k in parts})
+            if "ln_final" in full:
+                h = nn.rms_norm(full["ln_final"], h, config.eps)
+            return nn.linear(full[head_key], h)
+
+        return run(logits_of, {k: params[k] for k in ("ln_final", head_key) if k in params}, x)
+    # The head fused into the loss (flm.loss.token_linear_cross_entropy): the logits exist one
+    # chunk of ~2**20 values at a time, in the forward and in the backward (which recomputes
+    # them), and the head's gradient is accumulated into one buffer, which is what the gather's
+    # reduce-scatter receives. The final norm is gathered on its own, so the head stays a view of
+    # its gathered buffer.
+    if "ln_final" in params:
+        x = nn.rms_norm(whole(params["ln_final"], like["ln_final"]), x, config.eps)
+    head = whole(params[head_key], like[head_key])["weight"]
     chunk = max(1, _LOSS_CHUNK_VALUES // config.vocab_size)
-
-    def chunk_loss(full: PyTree, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits_of(full, h), t, check=False) * t.shape[0]  # the chunk's sum
-
-    total = sum(run(chunk_loss, full, rows[i : i + chunk], labels[i : i + chunk]) for i in range(0, len(rows), chunk))
-    return total / rows.shape[0]
+    losses = token_linear_cross_entropy(x, head, targets, check=False, chunk_rows=chunk)
+    return losses.mean()
 
 
 def sharded_global_norm(grads: PyTree, group: Any = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from flm.loss import cross_entropy, perplexity, token_cross_entropy
+from flm.loss import cross_entropy, perplexity, token_cross_entropy, token_linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Tolerances (assert_close rtol/atol) used throughout this file.
@@ -427,3 +427,121 @@ def test_chunked_cross_entropy_compiles_fullgraph():
 def test_chunk_rows_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match=f"chunk_rows must be a positive integer or None, got {bad!r}"):
         cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), chunk_rows=bad)
+
+
+# --- token_linear_cross_entropy: the head fused into the loss ---------------------------------
+
+
+@given(
+    n=st.integers(1, 11),
+    d=st.integers(1, 6),
+    v=st.integers(1, 9),
+    chunk=st.integers(1, 12),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_linear_cross_entropy_equals_the_loss_of_the_whole_logits(n, d, v, chunk, dtype, seed):
+    """Any chunk size: the loss and the gradients of x and W equal autograd through
+    ``token_cross_entropy(x @ Wᵀ)`` (float64 to round-off; bf16 within its rounding)."""
+    g = _gen(seed)
+    x = (torch.randn(2, n, d, generator=g, dtype=torch.float64) * 2).to(dtype)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) * 2).to(dtype)
+    y = torch.randint(0, v, (2, n), generator=g)
+    up = torch.rand(2, n, generator=g, dtype=torch.float64)  # an arbitrary upstream gradient
+    x1, w1, x2, w2 = (t.clone().requires_grad_() for t in (x, w, x, w))
+    whole = token_cross_entropy(x1 @ w1.mT, y)
+    fused = token_linear_cross_entropy(x2, w2, y, chunk_rows=chunk)
+    assert fused.dtype == whole.dtype and fused.shape == (2, n)
+    tol = F64 if dtype == torch.float64 else F32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused, whole, **tol)
+    expected = torch.autograd.grad((whole * up.to(whole.dtype)).sum(), (x1, w1))
+    got = torch.autograd.grad((fused * up.to(fused.dtype)).sum(), (x2, w2))
+    for a, b in zip(got, expected):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **(tol if dtype != torch.bfloat16 else dict(rtol=5e-2, atol=5e-2)))
+
+
+def test_linear_cross_entropy_matches_F_linear_and_F_cross_entropy_in_float64():
+    g = _gen(11)
+    x = torch.randn(3, 13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (3, 13), generator=g)
+    loss = token_linear_cross_entropy(x, w, y, chunk_rows=4).mean()
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = F.cross_entropy(F.linear(xr, wr).reshape(-1, 50), y.reshape(-1))
+    torch.testing.assert_close(loss, ref, **F64)
+    for a, b in zip(torch.autograd.grad(loss, (x, w)), torch.autograd.grad(ref, (xr, wr))):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_linear_cross_entropy_never_holds_the_whole_logits_or_a_weight_gradient_per_chunk():
+    """The point of fusing: during the forward and backward no tensor as large as the whole
+    logits exists, and exactly one weight-sized gradient buffer is allocated (not one per chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rows, d, v, chunk = 64, 6, 40, 8
+    sizes: list[tuple[int, ...]] = []
+    weight_sized: set[int] = set()  # storages the size of W (views share one)
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    sizes.append(tuple(t.shape))
+                    if t.untyped_storage().nbytes() == v * d * 4:
+                        weight_sized.add(t.untyped_storage().data_ptr())
+            return out
+
+    x = torch.randn(rows, d, generator=_gen(12), requires_grad=True)
+    w = torch.randn(v, d, generator=_gen(13), requires_grad=True)
+    y = torch.randint(0, v, (rows,), generator=_gen(14))
+    with Record():
+        loss = token_linear_cross_entropy(x, w, y, chunk_rows=chunk).sum()
+        torch.autograd.grad(loss, (x, w))
+    assert max(math.prod(s) for s in sizes) < rows * v
+    assert len(weight_sized - {w.untyped_storage().data_ptr()}) == 1  # the one accumulation buffer
+
+
+def test_linear_cross_entropy_second_order_equals_the_plain_formula():
+    g = _gen(15)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 5, (6,), generator=g)
+    vx, vw = torch.randn(6, 3, dtype=torch.float64, generator=g), torch.randn(5, 3, dtype=torch.float64, generator=g)
+    gx, gw = torch.autograd.grad(token_linear_cross_entropy(x, w, y, chunk_rows=2).sum(), (x, w), create_graph=True)
+    hvp = torch.autograd.grad((gx * vx).sum() + (gw * vw).sum(), (x, w))
+    plain = lambda a, b: F.cross_entropy(a @ b.mT, y, reduction="sum")
+    expected = torch.autograd.functional.hvp(plain, (x.detach(), w.detach()), (vx, vw))[1]
+    for a, b in zip(hvp, expected):
+        torch.testing.assert_close(a, b, **F64)
+
+
+def test_linear_cross_entropy_under_torch_func_is_the_plain_loss():
+    g = _gen(16)
+    x, w = torch.randn(4, 7, 3, generator=g), torch.randn(6, 3, generator=g)
+    y = torch.randint(0, 6, (4, 7), generator=g)
+    got = torch.func.vmap(torch.func.grad(lambda w, x, y: token_linear_cross_entropy(x, w, y).mean()), (None, 0, 0))(
+        w, x, y
+    )
+    expected = torch.stack(
+        [torch.func.grad(lambda w, x, y: cross_entropy(x @ w.mT, y))(w, x[i], y[i]) for i in range(4)]
+    )
+    torch.testing.assert_close(got, expected, **F32)
+
+
+def test_linear_cross_entropy_errors():
+    x, w, y = torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"x \(2, 3, 4\) and weight \(5, 3\) disagree"):
+        token_linear_cross_entropy(x, torch.zeros(5, 3), y)
+    with pytest.raises(TypeError, match="x is torch.float32 but weight is torch.float64"):
+        token_linear_cross_entropy(x, w.double(), y)
+    with pytest.raises(ValueError, match="disagree on the leading dims"):
+        token_linear_cross_entropy(x, w, y[:, :2])
+    with pytest.raises(ValueError, match="class id 5, outside the valid range \\[0, 5\\)"):
+        token_linear_cross_entropy(x, w, torch.full((2, 3), 5))
+    with pytest.raises(ValueError, match="chunk_rows must be a positive integer"):
+        token_linear_cross_entropy(x, w, y, chunk_rows=0)
+    with pytest.raises(ValueError, match="integer class ids"):
+        token_linear_cross_entropy(x, w, y.float())
+    assert token_linear_cross_entropy(torch.zeros(0, 4), w, torch.zeros(0, dtype=torch.long)).shape == (0,)

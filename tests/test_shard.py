@@ -13,6 +13,7 @@ replicated one.
 """
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -132,6 +133,40 @@ def test_gather_tree_refuses_mixed_dtypes():
     shards = {"a": torch.zeros(2), "b": torch.zeros(2, dtype=torch.float64)}
     with pytest.raises(ValueError, match="one dtype"):
         gather_tree(shards, shards, 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    world=st.integers(1, 4),
+    d0s=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    rest=st.sampled_from([(), (2,), (3, 2)]),
+    unused=st.booleans(),
+)
+def test_unpacking_a_gathered_buffer_and_its_gradient(world, d0s, rest, unused):
+    """What gather_tree does after the all-gather, checked without processes: the leaves cut out
+    of a rank-major ``(world, n)`` buffer of padded shards are the whole leaves, and the gradient
+    written back into one buffer equals autograd of the plain slicing (zero in the padding), with
+    or without padding, for one leaf (returned as a view) or several, and with an unused leaf."""
+    gen = torch.Generator().manual_seed(len(d0s) * 7 + world)
+    leaves = [torch.randn(d0, *rest, dtype=torch.float64, generator=gen) for d0 in d0s]
+    shards = [[shard_rows(t, r, world) for t in leaves] for r in range(world)]
+    buffer = torch.stack([torch.cat([s.reshape(-1) for s in per_rank]) for per_rank in shards])
+    layout = tuple((tuple(s.shape), t.shape[0]) for s, t in zip(shards[0], leaves))
+    got_in = buffer.clone().requires_grad_()
+    outs = flm.shard._Unpack.apply(got_in, layout)
+    for out, t in zip(outs, leaves):
+        assert torch.equal(out, t)
+    ups = [torch.randn(t.shape, dtype=torch.float64, generator=gen) for t in leaves]
+    used = range(len(leaves) - 1) if unused and len(leaves) > 1 else range(len(leaves))
+    (got,) = torch.autograd.grad(sum((outs[i] * ups[i]).sum() for i in used), got_in)
+    ref_in = buffer.clone().requires_grad_()
+    ref_outs, offset = [], 0
+    for shape, d0 in layout:
+        n = math.prod(shape)
+        ref_outs.append(ref_in[:, offset : offset + n].reshape(world * shape[0], *shape[1:])[:d0])
+        offset += n
+    (expected,) = torch.autograd.grad(sum((ref_outs[i] * ups[i]).sum() for i in used), ref_in)
+    assert torch.equal(got, expected)
 
 
 # ---- real processes ---------------------------------------------------------------------------
