@@ -302,6 +302,13 @@ ROWS: list[Row] = [
         diff=(0,),
     ),
     Row(
+        "loss.token_linear_cross_entropy",
+        flm.loss.token_linear_cross_entropy,
+        lambda p, xs, s: flm.loss.token_linear_cross_entropy(*xs, chunk_rows=2),
+        lambda g, n: Case(None, (_randn(g, n, 3), _randn(g, 5, 3), _ids(g, 5, n))),
+        diff=(0, 1),
+    ),
+    Row(
         "loss.cross_entropy",
         flm.loss.cross_entropy,
         lambda p, xs, s: flm.loss.cross_entropy(*xs),
