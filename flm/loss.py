@@ -91,6 +91,15 @@ def _chunk_rows(rows: int, vocab_size: int, chunk_rows: int | None) -> int:
     return max(1, _CHUNK_ELEMENTS // vocab_size)
 
 
+def _loss_and_lse_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss and ``lse = m + log Σ exp(o − m)`` of a ``(rows, vocab_size)`` chunk, overwriting
+    ``logits`` (the caller's own float32/float64 temporary) in place."""
+    m = logits.amax(dim=-1, keepdim=True)
+    shifted_target = logits.sub_(m).gather(-1, targets.unsqueeze(-1))
+    log_total = logits.exp_().sum(dim=-1, keepdim=True).log_()
+    return (log_total - shifted_target).squeeze(-1), (m + log_total).squeeze(-1)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """The loss of :class:`_CrossEntropy` over ``(rows, vocab_size)`` logits, a chunk of rows at a time.
 
@@ -110,13 +119,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         compute = torch.promote_types(logits.dtype, torch.float32)
         losses, lses = [], []
         for x, t in zip(logits.split(chunk), targets.split(chunk)):
-            shifted = x.to(compute, copy=True)  # the chunk's only (…, vocab_size) temporary
-            m = shifted.amax(dim=-1, keepdim=True)
-            shifted_target = shifted.sub_(m).gather(-1, t.unsqueeze(-1))
-            log_total = shifted.exp_().sum(dim=-1, keepdim=True).log_()
-            losses.append((log_total - shifted_target).squeeze(-1))
-            lses.append((m + log_total).squeeze(-1))
-            del shifted  # before the next chunk's copy exists
+            loss, lse = _loss_and_lse_(x.to(compute, copy=True), t)  # the chunk's only (…, vocab_size) temporary
+            losses.append(loss)
+            lses.append(lse)
         return torch.cat(losses), torch.cat(lses)
 
     @staticmethod
@@ -249,13 +254,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         compute = torch.promote_types(x.dtype, torch.float32)
         losses, lses = [], []
         for xc, t in zip(x.split(chunk), targets.split(chunk)):
-            logits = (xc @ weight.mT).to(compute)  # the chunk's only (chunk, vocab_size) temporary
-            m = logits.amax(dim=-1, keepdim=True)
-            shifted_target = logits.sub_(m).gather(-1, t.unsqueeze(-1))
-            log_total = logits.exp_().sum(dim=-1, keepdim=True).log_()
-            losses.append((log_total - shifted_target).squeeze(-1))
-            lses.append((m + log_total).squeeze(-1))
-            del logits  # before the next chunk's logits exist
+            loss, lse = _loss_and_lse_(
+                (xc @ weight.mT).to(compute), t
+            )  # the chunk's only (chunk, vocab_size) temporary
+            losses.append(loss)
+            lses.append(lse)
         return torch.cat(losses), torch.cat(lses)
 
     @staticmethod
