@@ -112,10 +112,9 @@ def _worker(rank: int, port: int, world: int, mode: str, model: dict, batch: int
                     "params_MiB": held / 2**20,
                 }
             )
-        # The last collective must not be one on a Python-owned tensor: gloo's worker thread
-        # drops a finished work (and its tensors) just after the wait returns, and a rank exiting
-        # at once can reach interpreter shutdown first (SIGABRT, "terminate called without an
-        # active exception"; seen in 1 of 3 to 1 of 15 runs). A barrier's tensors are C++-only.
+        # Every rank is done before the group goes. (A rank once aborted at exit, SIGABRT in 1 of 3
+        # to 1 of 15 runs: a default group pinned by a late import kept gloo's threads alive into
+        # interpreter shutdown; `import flm` above prevents it, see flm._compat._UNPIN_DEFAULT_GROUP.)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -20,6 +20,10 @@ allows). The questions:
   ``torch.distributed.nn.functional.all_gather`` is deprecated in favour of the private
   ``torch.distributed._functional_collectives`` functions, whose name changed between releases.
 
+Importing this module also imports ``torch.distributed.nn.functional`` (when torch has
+``torch.distributed``), so that it is imported before any process group exists; see
+:data:`_UNPIN_DEFAULT_GROUP` for why.
+
 And the private kernels flm calls: ``foreach_add``, ``foreach_add_``, ``foreach_mul``,
 ``foreach_mul_``, ``foreach_div``, ``foreach_sqrt``, ``foreach_lerp``, ``foreach_lerp_``,
 ``foreach_addcmul_`` and ``foreach_norm`` are ``torch._foreach_*`` (one kernel launch for a list
@@ -55,6 +59,19 @@ __all__ = [
 ]
 
 _functorch = torch._C._functorch
+
+# torch.distributed.nn.functional's collectives take ``group=group.WORLD`` as a default argument,
+# evaluated when that module is imported. Imported after ``init_process_group`` (torch._dynamo
+# imports it, and the functional collectives import torch._dynamo lazily, on the first
+# all_gather_autograd), those defaults hold the default process group for the life of the
+# process: ``destroy_process_group`` then never frees it, gloo's worker threads are never joined,
+# and one of them can touch a Python-owned tensor while the interpreter finalizes, which aborts the
+# process (SIGABRT, "terminate called without an active exception"; torch 2.11 and 2.13). Imported
+# first, with no group yet, the defaults are None. Any ``import flm`` runs this before a group
+# can be joined through flm (flm.distributed imports this module).
+_UNPIN_DEFAULT_GROUP = torch.distributed.is_available()
+if _UNPIN_DEFAULT_GROUP:
+    import torch.distributed.nn.functional  # imported for its side effect, above
 
 # torch._foreach_*: list-of-tensors kernels (private; torch.optim's fast path). Plain aliases, not
 # wrappers: no call overhead. Each is tested against per-tensor ops in tests/test_compat.py.

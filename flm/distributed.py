@@ -23,6 +23,8 @@ import optree
 import torch
 import torch.distributed as dist
 
+from flm import _compat  # noqa: F401  (before any init_process_group: see _compat._UNPIN_DEFAULT_GROUP)
+
 __all__ = [
     "DistInfo",
     "init_from_env",

@@ -8,10 +8,14 @@ run under activation recomputation (``torch.utils.checkpoint``): the gathered we
 for the backward but gathered again when it reaches the part, so at most one part's whole weights
 (and their gradients) exist at a time. The head, the last part of the forward and the first of
 the backward, is fused into the loss (:func:`flm.loss.token_linear_cross_entropy`), so its
-logits exist one chunk at a time and its gradient is one buffer. The optimiser is flm's own, unchanged, on the shards; the
-clipping norm is the whole model's (:func:`sharded_global_norm`). The step differentiates with
-``torch.autograd`` (``torch.func`` does not compose with collectives' autograd yet), so it is not
-compiled and not vmapped.
+logits exist one chunk at a time and its gradient is one buffer. The optimiser is flm's own,
+unchanged, on the shards; the clipping norm is the whole model's (:func:`sharded_global_norm`).
+The step differentiates with ``torch.autograd`` (``torch.func`` does not compose with
+collectives' autograd yet), so it is not compiled and not vmapped.
+
+Import flm before joining a process group yourself (``torchrun -m flm train`` does): a torch
+module imported after ``init_process_group`` can pin the default group, so gloo's threads outlive
+``destroy_process_group`` and may abort the process at exit (``flm._compat._UNPIN_DEFAULT_GROUP``).
 
 Every leaf of the parameter tree is split along its first dimension over the ranks, as FSDP2's
 ``Shard(0)`` placement: with ``c = ceil(d0 / world)`` rows per rank, rank ``r`` holds rows

@@ -8,6 +8,10 @@ backend); ``is_compile_error`` against real dynamo errors. These run on every to
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.func import grad, jacrev, jvp, vmap
@@ -217,3 +221,42 @@ def test_foreach_alias_equals_per_tensor_ops(name):
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape
             torch.testing.assert_close(g, w)
+
+
+_GROUP_RELEASE_SCRIPT = """
+import os, socket, sys
+import torch
+import torch.distributed as dist
+import flm  # what a user's script does first: imports torch.distributed.nn.functional (see below)
+from flm._compat import all_gather_autograd
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+joined = threads()
+x = torch.ones(3, requires_grad=True)
+all_gather_autograd(x).sum().backward()  # imports torch._dynamo, which imports torch.distributed.nn.functional
+import torch._dynamo  # noqa: E402,F401  (and a user's own late import)
+dist.destroy_process_group()
+print(before, joined, threads())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc (Linux)")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
+def test_destroying_the_process_group_joins_gloo_threads_after_all_gather_autograd():
+    """Regression (bench/shard.py aborted in CI, exit -6): torch.distributed.nn.functional imported
+    after init_process_group pins the default group in its functions' default arguments, so
+    destroy_process_group left gloo's worker threads running into interpreter finalization. flm
+    imports that module before any group exists; without that the last count stays at `joined`."""
+    out = subprocess.run(
+        [sys.executable, "-c", _GROUP_RELEASE_SCRIPT], capture_output=True, text=True, timeout=120, check=True
+    )
+    before, joined, after = map(int, out.stdout.split())
+    assert joined > before  # gloo started worker threads: the check below can fail
+    assert after == before, f"{after - before} gloo thread(s) outlived destroy_process_group"

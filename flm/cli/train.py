@@ -852,10 +852,10 @@ def execute(plan: Plan) -> dict[str, Any]:
                 if info.is_main:
                     log(f"stopped at step {summary['step']}; continue with: flm train --resume --out-dir {out}")
                 raise Terminated() if summary["status"] == "terminated" else KeyboardInterrupt
-            # A finished run: every rank left the loop at the same step. The barrier makes the last
-            # collective one whose tensors are C++-only: gloo's worker thread frees a finished work
-            # (and its tensors) just after the wait returns, and a rank exiting at once can reach
-            # interpreter shutdown first and abort (seen in bench/shard.py after an all-reduce).
+            # A finished run: every rank left the loop at the same step; wait for all of them before
+            # rank 0 evaluates, so no rank tears the group down under another's last collective.
+            # (The abort at exit once seen in bench/shard.py came from a pinned default group,
+            # fixed in flm._compat: see _UNPIN_DEFAULT_GROUP.)
             distributed.barrier()
             if not info.is_main:
                 return summary
