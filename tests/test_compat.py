@@ -240,7 +240,7 @@ with socket.socket() as s:
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 joined = threads()
 x = torch.ones(3, requires_grad=True)
-all_gather_autograd(x).sum().backward()  # imports torch._dynamo, which imports torch.distributed.nn.functional
+all_gather_autograd(x).square().sum().backward()  # imports torch._dynamo, which imports torch.distributed.nn.functional
 import torch._dynamo  # noqa: E402,F401  (and a user's own late import)
 dist.destroy_process_group()
 print(before, joined, threads())
