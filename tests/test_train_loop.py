@@ -1,11 +1,14 @@
 """train_loop's failure paths: a NaN loss stops the run naming the step and keeps the last good
 checkpoint; Ctrl-C saves a checkpoint that --resume continues from exactly."""
 
+import traceback
+
 import numpy as np
 import pytest
 import torch
 
 import flm.data
+import flm.optim._kernels
 import flm.train
 import flm.train.loop
 import flm.tree
@@ -205,3 +208,57 @@ def test_evaluator_each_skips_diverged_models(tokens):
     bad = flm.tree.tree_map(lambda t: torch.full_like(t, float("nan")), good)
     losses = ev.each([good, bad, good], step=3)
     assert losses[0] == losses[2] == ev(good, 3)["loss"] and losses[1] is None and ev.last[0] == 3
+
+
+# What reads a tensor's value back to the host (a device sync on CUDA/MPS).
+_HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+@pytest.mark.parametrize(
+    "compiled", [False, pytest.param(True, marks=pytest.mark.compile, id="compile-blocks")], ids=["eager", None]
+)
+def test_between_records_the_loop_reads_no_tensor_back_to_the_host(tokens, tmp_path, monkeypatch, compiled):
+    """No host sync in the step or the data path (issue 17 item 5): between two interval records
+    (the log line's one summary, evaluations, checkpoints) nothing in the loop reads a tensor's
+    value, so on a GPU the next batch is drawn, pinned and copied while the step still runs.
+    Checked device-independently: every value-reading Tensor method is counted outside ``record``,
+    with the optimiser's CPU-only shortcut (Python-float scalars when every leaf is on the CPU,
+    ``_kernels.host_scalars``) answering as it does on an accelerator. The one read allowed is
+    ``get_batch``'s of the start offsets, drawn by the CPU generator on every device."""
+    reads: list[str] = []
+    inside = {"steps": False, "record": False}
+
+    def flagged(method, flag):
+        def run(self, *args):
+            inside[flag] = True
+            try:
+                return method(self, *args)
+            finally:
+                inside[flag] = False
+
+        return run
+
+    monkeypatch.setattr(flm.train.loop._Run, "steps", flagged(flm.train.loop._Run.steps, "steps"))
+    monkeypatch.setattr(flm.train.loop._Run, "record", flagged(flm.train.loop._Run.record, "record"))
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kw):
+            if inside["steps"] and not inside["record"]:
+                callers = traceback.extract_stack(limit=6)[:-1]
+                if callers[-1].name == "get_batch" and self.device.type == "cpu":
+                    return real(self, *args, **kw)
+                reads.append(f"Tensor.{name} in " + " <- ".join(f"{f.name}:{f.lineno}" for f in reversed(callers)))
+            return real(self, *args, **kw)
+
+        return read
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(flm.optim._kernels, "host_scalars", lambda leaves, *scalars: False)
+    kw = dict(compile=True, compile_scope="blocks") if compiled else dict(compile=False)
+    cfg = _cfg(max_iters=6, log_interval=3, eval_interval=6, checkpoint_interval=6, **kw)
+    summary = train_loop(CONFIG, cfg, *tokens, tmp_path, log=lambda s: None)
+    assert summary["status"] == "done" and summary["step"] == 6
+    assert not reads, "host reads inside the step loop:\n" + "\n".join(reads)
