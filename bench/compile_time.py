@@ -8,7 +8,8 @@ row time, > 1 means the compiled step is faster). Depth ratio = first call at th
 at the shallowest (target ≤ 1.5 for ``blocks``: compile time independent of depth).
 
 The optimiser is the train loop's: ``clip_by_global_norm(1.0)`` + ``adamw(1e-3, weight_decay=0.01)``,
-in place with donated params.
+in place with donated params; with ``blocks`` AdamW's compiled per-leaf kernel (``kernel="compiled"``),
+as ``make_optimizer`` pairs them.
 
     python bench/compile_time.py [--depths 2 12] [--d-model 64] [--shape 4x32] [--modes whole blocks] [--quick]
 
@@ -62,8 +63,11 @@ def child(
     x, y = torch.randint(0, vocab, (batch, seq), generator=g), torch.randint(0, vocab, (batch, seq), generator=g)
 
     def setup(compile_mode):
+        # What make_optimizer builds: blocks pairs the compiled block with the compiled per-leaf AdamW.
+        kernel = "compiled" if compile_mode == "blocks" else "foreach"
         tx = optim.chain(
-            optim.clip_by_global_norm(1.0, inplace=True), optim.adamw(1e-3, weight_decay=0.01, inplace=True)
+            optim.clip_by_global_norm(1.0, inplace=True),
+            optim.adamw(1e-3, weight_decay=0.01, inplace=True, kernel=kernel),
         )
         params = init_params(cfg, torch.Generator().manual_seed(0))
         kw = {"compile_kwargs": {"backend": backend}} if compile_mode else {}

@@ -169,7 +169,7 @@ def test_flm_train_compile_scope_blocks_trains_like_eager(generated_texts, tmp_p
     assert main([*argv, "--out-dir", str(tmp_path / "eager"), "--no-compile"]) == 0
     assert main([*argv, "--out-dir", str(tmp_path / "blocks"), "--compile", "--compile-scope", "blocks"]) == 0
     assert scopes == [False, "blocks"]
-    assert "compiled (one block reused per layer)" in capsys.readouterr().out
+    assert "compiled (one block reused per layer; AdamW one leaf update)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "blocks" / "config.json").read_text())["train"]
     assert saved["compile"] is True and saved["compile_scope"] == "blocks"
     eager, blocks = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("eager", "blocks"))

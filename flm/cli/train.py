@@ -713,7 +713,11 @@ def describe(plan: Plan) -> list[str]:
         f"plan: preset {cfg.preset}, run dir {plan.out_dir}, device {t.device}, "
         + ("bf16 mixed precision" if t.compute_dtype is not None else "float32")
         + (
-            (", compiled (one block reused per layer)" if t.compile_scope == "blocks" else ", compiled")
+            (
+                ", compiled (one block reused per layer; AdamW one leaf update)"
+                if t.compile_scope == "blocks"
+                else ", compiled"
+            )
             if t.compile
             else ", eager"
         )

@@ -376,12 +376,22 @@ def make_optimizer(
 
     Returns:
         ``chain(clip_by_global_norm(grad_clip), adamw(...))`` (no clipping when ``grad_clip`` is 0).
+        With ``compile=True`` and ``compile_scope="blocks"`` AdamW runs its compiled per-leaf
+        kernel (``adamw(kernel="compiled")``: the update is compiled once, not per layer, as the
+        block is); the whole-step compile fuses the update into the step itself.
 
     Source: handout §4.3–4.5, §7.2.
     """
     schedule = optim.cosine_schedule(cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.max_iters)
+    kernel = "compiled" if cfg.compile is True and cfg.compile_scope == "blocks" else "foreach"
     adam = optim.adamw(
-        schedule, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask, inplace=inplace
+        schedule,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+        inplace=inplace,
+        kernel=kernel,
     )
     if cfg.grad_clip > 0:
         return optim.chain(optim.clip_by_global_norm(cfg.grad_clip, inplace=inplace, norm_fn=norm_fn), adam)

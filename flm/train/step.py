@@ -189,11 +189,12 @@ def make_train_step(
             backward, clipping and the optimiser; compile the outermost function, never
             ``grad(compile(f))``). The first call compiles; a new input shape recompiles.
             ``"blocks"``: compile one Transformer block and run it for every layer, the rest of
-            the step (embedding, head, loss, backward glue, optimiser) eager: the first call
-            compiles in a time independent of depth (dynamo unrolls the whole step's layer loop,
-            so its compile time grows with ``num_layers``), at some cost in step time where the
-            optimiser and glue are a large share (``bench/compile_time.py`` measures both). Not
-            usable inside ``torch.func`` transforms.
+            the step (embedding, head, loss, backward glue) eager: the first call compiles in a
+            time independent of depth (dynamo unrolls the whole step's layer loop, so its
+            compile time grows with ``num_layers``). Pair it with ``adamw(kernel="compiled")``
+            (what :func:`flm.train.make_optimizer` does for ``compile_scope="blocks"``), whose
+            per-leaf update is also compiled once whatever the depth; ``bench/compile_time.py``
+            measures both modes. Not usable inside ``torch.func`` transforms.
         donate: update the incoming params in place (their buffers are donated: the caller must
             not use the old ``params`` again). Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
