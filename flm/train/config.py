@@ -73,7 +73,7 @@ class TrainConfig:
         seed: seeds the parameter init and (separately) the batch sampler.
         device: cpu, cuda, cuda:1, mps, or auto (the best available).
         compile: torch.compile the train step (auto: on with CUDA when triton is installed, off on CPU and MPS).
-        compile_scope: what compile compiles: step (the whole step as one graph: fastest steps; compile time grows with num_layers) or blocks (one Transformer block reused by every layer, the rest eager: compile time independent of depth, for deep models).
+        compile_scope: what compile compiles: step (the whole step as one graph: fastest steps; compile time grows with num_layers) or blocks (one Transformer block reused by every layer and one AdamW leaf update, the glue eager: compile time independent of depth, for deep models).
         dtype: compute dtype, float32, bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss) or auto (bf16 on a CUDA GPU that supports it, else float32).
         tf32: let float32 matmuls use TensorFloat-32 on CUDA for the run's duration (auto: on with CUDA; no effect elsewhere).
         shard: shard the parameters, gradients and AdamW state over the ranks (ZeRO-3/FSDP: each rank holds ~1/world of them and gathers one part of the model at a time; blocks are recomputed in the backward); not with compile or the vmapped sweep yet.
