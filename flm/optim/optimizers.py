@@ -257,7 +257,7 @@ def adamw(
         raise ValueError(f"adamw: betas must be a pair (β1, β2), got {betas!r}")
     if kernel not in ("foreach", "compiled"):
         raise ValueError(f"adamw: kernel must be 'foreach' or 'compiled', got {kernel!r}")
-    run_kernel = _compiled_adamw_kernel(inplace) if kernel == "compiled" else _adamw_kernel
+    compiled_kernel = _compiled_adamw_kernel(inplace) if kernel == "compiled" else None
     b1, b2 = (float(b) for b in betas)
     composed = chain(
         scale_by_adam(b1, b2, eps, inplace=inplace), add_decayed_weights(weight_decay, mask), scale_by_learning_rate(lr)
@@ -291,7 +291,7 @@ def adamw(
             return composed.update(grads, state, params)
         step = adam_state.step + 1
         contiguous = all(t.is_contiguous() for t in g + m + v + p)  # the compiled kernel takes flat views
-        upd, m_new, v_new = (run_kernel if contiguous else _adamw_kernel)(
+        upd, m_new, v_new = (compiled_kernel if compiled_kernel and contiguous else _adamw_kernel)(
             g,
             m,
             v,
