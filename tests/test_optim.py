@@ -392,7 +392,7 @@ _compiled_cases = st.tuples(
 @given(_compiled_cases)
 def test_compiled_adamw_kernel_equals_the_foreach_kernel(case):
     """Property: any leaf shapes (0-d to 3-d), dtype, decay, in-place mode and split between the
-    compiled per-leaf kernel and the foreach one (small leaves), in one process (each dtype
+    compiled per-leaf kernel and the foreach one (small and bf16 leaves), in one process (each dtype
     recompiles the leaf function): three updates of the compiled kernel equal the foreach
     kernel's up to rounding, and the in-place kernel writes the moments into the given buffers."""
     shape_list, seed, dtype, wd, inplace, min_numel = case
@@ -410,7 +410,7 @@ def test_compiled_adamw_kernel_equals_the_foreach_kernel(case):
         if inplace:
             assert all(a is b for a, b in zip(tree_leaves(state[0].m), m_buffers))
         out[kernel] = tree_leaves(p), tree_leaves(state)
-    tol = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-2)}[dtype]
+    tol = {torch.float64: (1e-12, 1e-14), torch.float32: (1e-5, 1e-6), torch.bfloat16: (0, 0)}[dtype]  # bf16: foreach
     for a, b in zip(out["foreach"][0] + out["foreach"][1], out["compiled"][0] + out["compiled"][1]):
         torch.testing.assert_close(b, a, rtol=tol[0], atol=tol[1])
 

@@ -155,8 +155,14 @@ def _compiled_adamw_kernel(inplace: bool) -> Callable[..., tuple[list, list, lis
     def kernel(g, m, v, p, flags, *, b1, b2, eps, step, lr_t, weight_decay, inplace):
         upd, m_new, v_new = [None] * len(g), list(m), list(v)
         # Leaves below _COMPILED_MIN_NUMEL go through the foreach kernel together: for them a call
-        # of the compiled function (~30 µs on a CPU) costs more than the passes it saves.
-        small = [i for i, gi in enumerate(g) if gi.numel() < _COMPILED_MIN_NUMEL]
+        # of the compiled function (~30 µs on a CPU) costs more than the passes it saves. So do
+        # half-precision leaves, whose foreach kernels compute in float32 (the leaf function would
+        # round β2 = 0.999 to 1 in bf16).
+        small = [
+            i
+            for i, gi in enumerate(g)
+            if gi.numel() < _COMPILED_MIN_NUMEL or gi.dtype not in (torch.float32, torch.float64)
+        ]
         if small:
             outs = _adamw_kernel(
                 [g[i] for i in small],
@@ -235,8 +241,9 @@ def adamw(
         kernel: what runs the update on eager leaves. ``"foreach"``: the foreach kernels (7
             passes over each leaf's memory on the CPU). ``"compiled"``: one ``torch.compile`` of
             the per-leaf update (dynamic sizes, so one graph serves every leaf, whatever the
-            depth), called leaf by leaf: one fused pass reading ``g, m, v, θ`` per leaf of
-            ≥ 2¹⁶ elements (smaller leaves take the foreach kernel together). The first
+            depth), called leaf by leaf: one fused pass reading ``g, m, v, θ`` per float32 or
+            float64 leaf of ≥ 2¹⁶ elements (smaller and half-precision leaves take the foreach
+            kernel together). The first
             update compiles (seconds); the results equal the foreach kernel's up to rounding.
             What ``make_train_step(compile="blocks")``'s optimiser uses (the whole-step compile
             fuses the update itself). Inside ``torch.func`` transforms and under an outer
