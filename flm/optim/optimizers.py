@@ -113,8 +113,7 @@ def _adamw_leaf_new(
     c = coefs.to(g.dtype)
     m_new = m.lerp(g, c[0])
     v_new = v * c[1] + g * g * c[2]
-    u = m_new / (v_new.sqrt() + c[3]) * c[4]
-    return (u if decay is None else u + p * decay.to(p.dtype)), m_new, v_new
+    return _adamw_leaf_direction(m_new, v_new, c, p, decay), m_new, v_new
 
 
 def _adamw_leaf_inplace(
@@ -130,6 +129,13 @@ def _adamw_leaf_inplace(
     c = coefs.to(g.dtype)
     m.lerp_(g, c[0])
     v.mul_(c[1]).add_(g * g * c[2])
+    return _adamw_leaf_direction(m, v, c, p, decay)
+
+
+def _adamw_leaf_direction(
+    m: torch.Tensor, v: torch.Tensor, c: torch.Tensor, p: torch.Tensor | None, decay: torch.Tensor | None
+) -> torch.Tensor:
+    """``u = s·m/(√v + ε_t) + d·θ`` from the updated moments (``c`` as in :func:`_adamw_leaf_new`)."""
     u = m / (v.sqrt() + c[3]) * c[4]
     return u if decay is None else u + p * decay.to(p.dtype)
 
