@@ -253,12 +253,13 @@ def test_auto_values_are_rejected_where_a_concrete_one_is_needed():
 
 
 def test_the_plan_on_a_faked_cuda_machine_chooses_bf16_and_compile(generated_texts, tmp_path, monkeypatch):
+    import flm.cli.memory
     import flm.cli.train as cli_train
 
     monkeypatch.setattr(cli_train, "pick_device", lambda device: "cuda")
     monkeypatch.setattr(DeviceCapabilities, "probe", classmethod(lambda cls, device: H200))
     monkeypatch.setattr(cli_train, "device_peak_flops", lambda device, dtype=None: 989e12)
-    monkeypatch.setattr(cli_train, "available_memory", lambda device: (141 << 30, "free memory on NVIDIA H200"))
+    monkeypatch.setattr(flm.cli.memory, "available_memory", lambda device: (141 << 30, "free memory on NVIDIA H200"))
     train, valid = generated_texts
     cfg = RunConfig.resolve("tiny", {"data": {"train_text": str(train), "valid_text": str(valid)}})
     plan = make_plan(cfg, tmp_path / "run", resume=False, overwrite=False)

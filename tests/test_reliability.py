@@ -893,9 +893,9 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_naming_the_setting(
     """Regression (issue 18): under a 4 GB limit these settings ended in ``internal error:
     RuntimeError: [enforce fail at alloc_cpu.cpp:127] …`` after the tokenizer stage; the plan now
     estimates the step's memory and refuses, naming the setting, before anything is written."""
-    import flm.cli.train
+    import flm.cli.memory
 
-    monkeypatch.setattr(flm.cli.train, "available_memory", lambda device: (4 * 10**9, "available RAM"))
+    monkeypatch.setattr(flm.cli.memory, "available_memory", lambda device: (4 * 10**9, "available RAM"))
     run = tmp_path / "run"
     assert main(train_argv(texts, run, *flags)) == 2
     err = one_line_error(capsys)
