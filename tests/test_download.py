@@ -627,6 +627,7 @@ def test_download_and_train_refuse_zeros_of_the_pinned_size(texts, tmp_path, mon
     """The command-line view of item 7: ``flm download`` fails (it exited 0) and ``flm train
     --data-dir`` refuses the files before writing anything (it trained on them)."""
     import flm.cli.train
+    import flm.cli.train_data
 
     train, valid = (p.read_bytes() for p in texts)
     ts = dataclasses.replace(
@@ -635,6 +636,7 @@ def test_download_and_train_refuse_zeros_of_the_pinned_size(texts, tmp_path, mon
     table = MappingProxyType({**DATASETS, "tinystories": ts})
     monkeypatch.setattr(download_mod, "DATASETS", table)
     monkeypatch.setattr(flm.cli.train, "DATASETS", table)
+    monkeypatch.setattr(flm.cli.train_data, "DATASETS", table)
     data = tmp_path / "data"
     data.mkdir()
     (data / ts.local_name("train")).write_bytes(train)

@@ -141,6 +141,7 @@ def test_dry_run_does_not_stamp_data_files(tmp_path, monkeypatch, capsys):
     from types import MappingProxyType
 
     import flm.cli.train
+    import flm.cli.train_data
 
     data = tmp_path / "data"
     data.mkdir()
@@ -151,6 +152,7 @@ def test_dry_run_does_not_stamp_data_files(tmp_path, monkeypatch, capsys):
         pins[split] = download_mod.FilePin(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
     table = MappingProxyType({**DATASETS, "tinystories": dataclasses.replace(TS, pins=MappingProxyType(pins))})
     monkeypatch.setattr(flm.cli.train, "DATASETS", table)
+    monkeypatch.setattr(flm.cli.train_data, "DATASETS", table)
     before = _tree(data)
     argv = ["train", "--preset", "tiny", "--device", "cpu", "--data-dir", str(data), "--out-dir", str(tmp_path / "r")]
     assert flm_cli_main([*argv, "--dry-run"]) == 0
@@ -308,12 +310,14 @@ def test_flm_train_with_train_bytes_downloads_only_the_prefix(remote, tmp_path, 
     from types import MappingProxyType
 
     import flm.cli.train
+    import flm.cli.train_data
 
     srv, blobs = remote
     ts = dataclasses.replace(TS, pins=MappingProxyType(_pins(blobs)))
     table = MappingProxyType({**DATASETS, "tinystories": ts})
     monkeypatch.setattr(download_mod, "DATASETS", table)
     monkeypatch.setattr(flm.cli.train, "DATASETS", table)
+    monkeypatch.setattr(flm.cli.train_data, "DATASETS", table)
     monkeypatch.setenv("FLM_DATA_BASE_URL", srv.url)
     data, out = tmp_path / "data", tmp_path / "run"
     n = 40_000

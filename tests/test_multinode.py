@@ -190,6 +190,7 @@ def _download_worker(rank: int, port: int, dirs: list, url: str, pins: dict, res
     import torch
 
     import flm.cli.train as cli_train
+    import flm.cli.train_data as cli_data
     import flm.download as download_mod
     from flm.config import RunConfig
     from flm.data import DATASETS
@@ -198,7 +199,7 @@ def _download_worker(rank: int, port: int, dirs: list, url: str, pins: dict, res
     os.environ["FLM_DATA_BASE_URL"] = url
     pinned = {s: download_mod.FilePin(size=n, sha256=h) for s, (n, h) in pins.items()}
     table = MappingProxyType({**DATASETS, "tinystories": dataclasses.replace(DATASETS["tinystories"], pins=pinned)})
-    download_mod.DATASETS = cli_train.DATASETS = table
+    download_mod.DATASETS = cli_train.DATASETS = cli_data.DATASETS = table
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(dirs))
     try:
@@ -207,7 +208,7 @@ def _download_worker(rank: int, port: int, dirs: list, url: str, pins: dict, res
         )
         plan = cli_train.make_plan(cfg, Path(result).parent / f"run{rank}", resume=False, overwrite=False)
         planned = bool(plan.downloads)
-        cli_train.download_once(plan, DistInfo(rank, len(dirs), rank, "cpu"))
+        cli_data.download_once(plan, DistInfo(rank, len(dirs), rank, "cpu"))
         texts = sorted(Path(p).read_bytes().hex()[:16] for p, _ in plan.texts.values())
         with open(f"{result}.{rank}", "w") as f:
             json.dump({"planned": planned, "texts": texts}, f)

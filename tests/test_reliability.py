@@ -928,12 +928,12 @@ def test_a_memory_error_in_the_training_step_names_the_allocation(texts, tmp_pat
 def test_a_memory_error_from_the_text_never_advises_a_smaller_batch(texts, tmp_path, capsys, monkeypatch):
     """A pathological text (one enormous pre-token) exhausts memory in the tokenizer: the message
     names the text, not the batch."""
-    import flm.cli.train
+    import flm.cli.train_data
 
     def no_memory(*a, **k):
         raise MemoryError
 
-    monkeypatch.setattr(flm.cli.train, "train_tokenizer", no_memory)
+    monkeypatch.setattr(flm.cli.train_data, "train_tokenizer", no_memory)
     assert main(train_argv(texts, tmp_path / "run")) == 1
     err = one_line_error(capsys)
     assert f"out of memory while tokenizing {texts[0]}" in err and "the text, not the batch" in err

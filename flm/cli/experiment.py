@@ -20,7 +20,8 @@ from flm import manifest
 from flm._io import run_lock
 from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
 from flm.cli.common import UsageError, log, set_threads
-from flm.cli.train import add_run_arguments, check_data, describe, make_plan, write_data
+from flm.cli.train import add_run_arguments, describe, make_plan
+from flm.cli.train_data import check_data, write_data
 from flm.runs import run_state
 
 __all__ = ["add_parser", "run"]

@@ -28,7 +28,9 @@ from flm import manifest
 from flm._io import atomic_write_json, run_lock
 from flm.cli.args import add_config_flags, base_config, config_from_args, pre_parse, presets_epilog
 from flm.cli.common import UsageError, log, set_threads
-from flm.cli.train import Plan, add_run_arguments, check_data, describe, make_plan, write_data
+from flm.cli.plan import Plan
+from flm.cli.train import add_run_arguments, describe, make_plan
+from flm.cli.train_data import check_data, write_data
 from flm.config import RunConfig
 from flm.runs import save_tokenizer, tokenizer_stamp
 from flm.tokenizer import Tokenizer
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         f"  each model's directory keeps its final and best model: flm train --resume --out-dir {out}/<model> continues it"
     )
     if args.dry_run:
-        from flm.cli.train import dry_run_checks
+        from flm.cli.train_data import dry_run_checks
 
         for line in dry_run_checks(plan):
             log(line)
