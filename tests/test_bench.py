@@ -244,3 +244,38 @@ def test_shard_bench_quick_compares_sharded_and_replicated_in_fresh_processes():
     assert all(r["peak MiB"] >= 0 and r["step (ms)"] > 0 for r in rows.values())
     loss = next(k for k in res["targets"] if k.startswith("world 2: |loss"))
     assert res["targets"][loss]["met"]
+
+
+def test_the_prepared_gpu_session_script_runs_its_steps_on_the_cpu(shared_data, tmp_path):
+    """bench/gpu_session.sh (what a session lent a GPU runs through the device tool) on the CPU in
+    its quick mode: every step runs and writes its file, at most 8 files come back (the device
+    tool's limit), and both flm train variants finish."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "FLM_GPU_DEVICE": "cpu",
+        "FLM_GPU_QUICK": "1",
+        "FLM_SHARED_DATA": str(shared_data),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # python3 = this venv's
+    }
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    proc = subprocess.run(["bash", str(script), "run"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "bench.txt",
+        "bench/RESULTS.md",
+        "bench/results.json",
+        "env.txt",
+        "tests.txt",
+        "train-auto.txt",
+        "train-float32-eager.txt",
+    ]
+    assert "-- auto: exit 0" in proc.stdout and "-- float32-eager: exit 0" in proc.stdout
+    assert "validation: loss" in (out / "train-auto.txt").read_text()
