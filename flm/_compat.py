@@ -15,6 +15,10 @@ allows). The questions:
 - :func:`is_compile_error`: did ``torch.compile`` itself fail (not the compiled program)?
 - :func:`checks_enabled`: may a data-dependent check (one that reads tensor values back to the
   host, such as "every token id < vocab_size") run here? Only in eager, untransformed calls.
+- :func:`mark_static_buffers`, :func:`cudagraph_skips` and :func:`cudagraphs_or_error`: what a
+  train step captured as CUDA graphs (``compile_mode="reduce-overhead"``) needs from dynamo and
+  inductor: its donated buffers marked static inputs (``torch._dynamo.mark_static_address``), and
+  a capture inductor would skip made visible (its skip counter, ``triton.cudagraph_or_error``).
 - :func:`all_gather_autograd`: an all-gather that autograd differentiates (its backward a
   reduce-scatter), what ``--shard`` gathers a layer's parameters with. The public
   ``torch.distributed.nn.functional.all_gather`` is deprecated in favour of the private
@@ -33,13 +37,17 @@ exactly what the torch function costs. :mod:`flm.optim` uses them on eager, untr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 __all__ = [
     "all_gather_autograd",
+    "cudagraph_skips",
+    "cudagraphs_or_error",
+    "mark_static_buffers",
     "checks_enabled",
     "in_forward_mode",
     "is_compile_error",
@@ -233,3 +241,47 @@ def all_gather_autograd(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     else:
         out = fc.all_gather_tensor_autograd(x, 0, group)
     return fc.wait_tensor(out) if isinstance(out, fc.AsyncCollectiveTensor) else out
+
+
+def mark_static_buffers(tensors: Iterable[torch.Tensor]) -> None:
+    """Mark tensors as static inputs of compiled functions: CUDA graphs bake their addresses in
+    instead of copying them in on every replay, and may mutate them in place.
+
+    Unguarded (``guard=False``): passing other tensors later re-records the graphs rather than
+    recompiling. A tensor already marked is left as it is.
+
+    Args:
+        tensors: the buffers (e.g. a donating train step's params and optimiser state).
+
+    Source: ``torch._dynamo.mark_static_address`` (private; present in torch 2.11–2.14).
+    """
+    for t in tensors:
+        if getattr(t, "_dynamo_static_input_type", None) is None:
+            torch._dynamo.mark_static_address(t, guard=False)
+
+
+def cudagraph_skips() -> int:
+    """How many times inductor has decided not to capture a compiled graph as CUDA graphs in this
+    process (each time with a reason it logs under ``TORCH_LOGS=cudagraphs``).
+
+    Source: ``torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]`` (private).
+    """
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+@contextlib.contextmanager
+def cudagraphs_or_error() -> Iterator[None]:
+    """Inside the block, inductor raises (``RuntimeError("skipping cudagraphs due to …")``) where
+    it would otherwise skip CUDA graphs silently; without that option, nothing changes.
+
+    Source: ``torch._inductor.config.triton.cudagraph_or_error`` (private).
+    """
+    from torch._inductor import config as inductor_config
+
+    if not hasattr(inductor_config.triton, "cudagraph_or_error"):
+        yield
+        return
+    with inductor_config.patch({"triton.cudagraph_or_error": True}):
+        yield

@@ -260,3 +260,23 @@ def test_destroying_the_process_group_joins_gloo_threads_after_all_gather_autogr
     before, joined, after = map(int, out.stdout.split())
     assert joined > before  # gloo started worker threads: the check below can fail
     assert after == before, f"{after - before} gloo thread(s) outlived destroy_process_group"
+
+
+def test_the_cuda_graph_probes_mark_buffers_and_scope_the_strict_option():
+    """What a CUDA-graph train step asks of dynamo and inductor, on every supported torch: buffers
+    marked static (unguarded) once, the skip counter readable, and the raise-instead-of-skip
+    option set only inside its block."""
+    from torch._inductor import config as inductor_config
+
+    from flm._compat import cudagraph_skips, cudagraphs_or_error, mark_static_buffers
+
+    a, b = torch.zeros(2), torch.ones(3)
+    mark_static_buffers([a, b])
+    mark_static_buffers([a])  # already marked: left as it is
+    assert a._dynamo_static_input_type == b._dynamo_static_input_type == "unguarded"
+    assert isinstance(cudagraph_skips(), int) and cudagraph_skips() >= 0
+    before = getattr(inductor_config.triton, "cudagraph_or_error", None)
+    with cudagraphs_or_error():
+        inside = getattr(inductor_config.triton, "cudagraph_or_error", None)
+    assert getattr(inductor_config.triton, "cudagraph_or_error", None) == before
+    assert inside is (None if before is None else True)

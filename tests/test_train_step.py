@@ -8,11 +8,14 @@ import numpy as np
 import optree
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flm import optim
 from flm.loss import token_cross_entropy
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.train import evaluate, make_loss_fn, make_train_step
+from flm.train.step import hand_back
 from flm.tree import tree_leaves, tree_map
 
 CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
@@ -102,6 +105,99 @@ def test_train_step_donate_gives_same_numbers():
     assert _equal(p_a, p_b) and _equal(s_a, s_b) and torch.equal(m_a["loss"], m_b["loss"])
 
 
+def _donation_cases():
+    schedule = optim.cosine_schedule(1e-2, 1e-3, 1, 10)
+    return {
+        "clip+adamw": optim.chain(
+            optim.clip_by_global_norm(1.0, inplace=True), optim.adamw(schedule, weight_decay=0.1, inplace=True)
+        ),
+        "sgd momentum": optim.sgd(schedule, momentum=0.9),  # its trace buffers come back as new tensors
+    }
+
+
+@pytest.mark.parametrize("name", list(_donation_cases()))
+def test_a_donating_step_hands_back_the_callers_tensors_updated_in_place(name):
+    """donate=True returns the very params and optimiser-state tensors it was given (step counts,
+    the recorded norm and momentum buffers included, which the transformations return as new
+    tensors): the buffers keep their addresses all run long, as CUDA graphs need. The numbers
+    are the pure step's, and the metrics are tensors of their own, not state buffers."""
+    tx = _donation_cases()[name]
+    pure, donating = make_train_step(CFG, tx), make_train_step(CFG, tx, donate=True)
+    p_ref = _params()
+    s_ref = tx.init(p_ref)
+    p, s = _clone(p_ref), _clone(s_ref)
+    buffers = tree_leaves((p, s))
+    for seed in range(3):
+        x, y = _batch(seed=seed)
+        p_ref, s_ref, m_ref = pure(p_ref, s_ref, x, y)
+        p, s, m = donating(p, s, x, y)
+        assert all(a is b for a, b in zip(tree_leaves((p, s)), buffers, strict=True))
+        assert _equal(p, p_ref) and _equal(s, s_ref)
+        assert all(torch.equal(m[k], m_ref[k]) for k in m_ref)
+        assert not any(v is b for v in m.values() for b in buffers)
+    assert int(optim.step_count(s)) == 3
+
+
+def test_hand_back_copies_new_leaves_into_the_old_buffers_and_leaves_unsafe_ones_alone():
+    a, b, same, shared = torch.zeros(2), torch.zeros(3), torch.ones(()), torch.zeros(2)
+    old = {"a": a, "b": b, "c": same, "d1": shared, "d2": shared}
+    new = {"a": torch.full((2,), 5.0), "b": torch.ones(4), "c": same, "d1": torch.full((2,), 7.0), "d2": torch.ones(2)}
+    out = hand_back(old, new)
+    assert out["a"] is a and torch.equal(a, torch.full((2,), 5.0))
+    assert out["b"] is new["b"] and torch.equal(b, torch.zeros(3))  # another shape: not copied
+    assert out["c"] is same
+    assert out["d1"] is shared and torch.equal(shared, torch.full((2,), 7.0))
+    assert out["d2"] is new["d2"]  # one buffer cannot hold two values
+    x, y = torch.tensor([1.0]), torch.tensor([2.0])
+    swapped = hand_back([x, y], [y, x])  # copying y into x first would lose x's value
+    assert swapped[0] is y and swapped[1] is x and float(x) == 1.0 and float(y) == 2.0
+    assert hand_back([a], [a, b]) == [a, b]  # another structure: returned as it is
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), max_size=3), min_size=1, max_size=6), st.data())
+def test_hand_back_property_every_fresh_leaf_lands_in_its_old_buffer(shapes, data):
+    old = [torch.zeros(s) for s in shapes]
+    fresh = [data.draw(st.booleans()) for _ in shapes]
+    new = [torch.randn(s) if f else o for s, f, o in zip(shapes, fresh, old)]
+    values = [n.clone() for n in new]
+    out = hand_back(old, new)
+    assert len(out) == len(old) and all(o is r for o, r in zip(old, out))
+    assert all(torch.equal(r, v) for r, v in zip(out, values))
+
+
+def test_cuda_graph_modes_need_the_donating_whole_step():
+    tx = optim.adamw(1e-3)
+    with pytest.raises(ValueError, match="donate=True"):
+        make_train_step(CFG, tx, compile=True, compile_kwargs={"mode": "reduce-overhead"})
+    with pytest.raises(ValueError, match="compile=True"):
+        make_train_step(CFG, tx, compile="blocks", donate=True, compile_kwargs={"mode": "max-autotune"})
+
+
+def test_the_first_graphed_call_raises_where_inductor_would_skip_cuda_graphs():
+    """On CUDA the first call of a CUDA-graph step runs with inductor told to raise instead of
+    skipping graphs, and a skip it still counts becomes an error (never a silent slow run)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    from flm.train.step import CUDA_GRAPH_SKIPPED, _first_graphed_call
+
+    seen = []
+
+    def compiled(*args):
+        seen.append(getattr(inductor_config.triton, "cudagraph_or_error", True))
+        return args
+
+    assert _first_graphed_call(compiled, "reduce-overhead", 1, 2) == (1, 2) and seen == [True]
+
+    def skipping(*args):
+        counters["inductor"]["cudagraph_skips"] += 1
+        return args
+
+    with pytest.raises(RuntimeError, match=f"^{CUDA_GRAPH_SKIPPED}: .*mode='reduce-overhead'"):
+        _first_graphed_call(skipping, "reduce-overhead", 1, 2)
+
+
 OVERFIT_STEPS = 100  # measured: loss ≈ 0.02 after 50 steps, ≈ 0.006 after 100
 
 
@@ -148,6 +244,92 @@ def test_compiled_step_fullgraph_equals_eager():
     for a, b in zip(tree_leaves(pc), tree_leaves(pe)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(optim.step_count(sc), optim.step_count(se))
+
+
+@pytest.mark.compile
+def test_the_compiled_donating_step_hands_back_every_buffer_too():
+    """Under torch.compile the transformations' per-leaf path returns new moments as well; the
+    handed-back state is still the caller's tensors (the copies become input mutations), and the
+    numbers equal the eager step's. Runs on every supported torch (dynamo traces the identity
+    checks)."""
+    torch._dynamo.reset()
+    tx = _donation_cases()["clip+adamw"]
+    eager = make_train_step(CCFG, tx, donate=True)
+    compiled = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"backend": "aot_eager"})
+    pe = _params(CCFG, dtype=torch.float32)
+    se = tx.init(pe)
+    pc, sc = _clone(pe), _clone(se)
+    buffers = tree_leaves((pc, sc))
+    for seed in range(3):
+        x, y = _batch(CCFG, seed=seed)
+        pe, se, me = eager(pe, se, x, y)
+        pc, sc, mc = compiled(pc, sc, x, y)
+        assert all(a is b for a, b in zip(tree_leaves((pc, sc)), buffers, strict=True))
+        for k in me:
+            torch.testing.assert_close(mc[k], me[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.compile
+def test_reduce_overhead_mode_marks_static_buffers_and_returns_metrics_of_their_own():
+    """mode="reduce-overhead" (CUDA graphs on CUDA; inductor compiles as usual on a CPU): every
+    param and state leaf is marked a static input, the step is the eager step's to float32
+    round-off, and each step's metrics stay readable after later steps (on CUDA the graphs' own
+    outputs are overwritten by the next replay, so the step returns clones)."""
+    torch._dynamo.reset()
+    tx = _donation_cases()["clip+adamw"]
+    eager = make_train_step(CCFG, tx, donate=True)
+    graphed = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"mode": "reduce-overhead"})
+    pe = _params(CCFG, dtype=torch.float32)
+    se = tx.init(pe)
+    pc, sc = _clone(pe), _clone(se)
+    buffers = tree_leaves((pc, sc))
+    kept, expected = [], []
+    for seed in range(3):
+        x, y = _batch(CCFG, seed=seed)
+        pe, se, me = eager(pe, se, x, y)
+        pc, sc, mc = graphed(pc, sc, x, y)
+        kept.append(mc)
+        expected.append(me)
+    assert all(a is b for a, b in zip(tree_leaves((pc, sc)), buffers, strict=True))
+    assert all(getattr(b, "_dynamo_static_input_type", None) == "unguarded" for b in buffers)
+    for mc, me in zip(kept, expected):
+        for k in me:
+            torch.testing.assert_close(mc[k], me[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_on_cuda_replays_graphs_equal_to_eager():
+    """On a GPU: the donating step under mode="reduce-overhead" is captured (no graph skipped),
+    equals the eager step, and every step's metrics stay readable after later replays."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    skips = counters["inductor"]["cudagraph_skips"]
+    tx = _donation_cases()["clip+adamw"]
+    eager = make_train_step(CCFG, tx, donate=True)
+    graphed = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"mode": "reduce-overhead"})
+    pe = init_params(CCFG, torch.Generator().manual_seed(0), device="cuda")
+    se = tx.init(pe)
+    pc, sc = _clone(pe), _clone(se)
+    kept, expected = [], []
+    for seed in range(5):
+        x, y = (t.cuda() for t in _batch(CCFG, seed=seed))
+        pe, se, me = eager(pe, se, x, y)
+        pc, sc, mc = graphed(pc, sc, x, y)
+        kept.append(mc)
+        expected.append(me)
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    for mc, me in zip(kept, expected):
+        for k in me:
+            torch.testing.assert_close(mc[k], me[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,7 +113,13 @@ def clip_by_global_norm(
         raise ValueError(f"clip_by_global_norm: max_norm must be positive, got {max_norm!r}")
 
     def init(params: PyTree) -> ClipState:
-        return ClipState(torch.zeros((), device=_kernels.first_device(params)))
+        # In the dtype global_norm returns for gradients like params (at least float32), so the
+        # state keeps one dtype and a donating step can write each new norm into this buffer.
+        dtype = torch.float32
+        for x in tree_leaves(params):
+            if x.is_floating_point():
+                dtype = torch.promote_types(dtype, x.dtype)
+        return ClipState(torch.zeros((), dtype=dtype, device=_kernels.first_device(params)))
 
     def update(grads: PyTree, state: Any, params: PyTree = None) -> tuple[PyTree, ClipState]:
         leaves, spec = optree.tree_flatten(grads, namespace="")

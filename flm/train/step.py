@@ -19,7 +19,7 @@ import optree
 import torch
 
 from flm import nn, optim
-from flm._compat import is_compiling, is_transformed
+from flm._compat import cudagraph_skips, cudagraphs_or_error, is_compiling, is_transformed, mark_static_buffers
 from flm.loss import cross_entropy
 from flm.model import TransformerConfig, init_params, transformer_lm
 from flm.tree import stack, tree_map
@@ -28,14 +28,22 @@ __all__ = [
     "make_loss_fn",
     "grad_and_value",
     "step_body",
+    "hand_back",
     "make_train_step",
     "make_vmapped_train_step",
     "init_vmapped",
     "TrainStep",
+    "COMPILE_MODES",
+    "CUDA_GRAPH_MODES",
 ]
 
 PyTree = Any
 TrainStep = Callable[[PyTree, Any, torch.Tensor, torch.Tensor], tuple[PyTree, Any, dict[str, torch.Tensor]]]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""``torch.compile``'s ``mode`` values."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""The modes in which inductor captures CUDA graphs (on CUDA tensors; elsewhere they compile as usual)."""
 
 
 def make_loss_fn(
@@ -144,7 +152,8 @@ def step_body(
         inputs, targets: ``(batch, seq_len)`` int64.
         grad_accum_steps: micro-batches (see :func:`make_train_step`).
         grad_reduce: applied to the gradients first (e.g. the data-parallel all-reduce).
-        donate: update ``params`` in place.
+        donate: update ``params`` and ``opt_state`` in place and return those same tensors (see
+            :func:`hand_back`).
         norm_fn: the gradient norm reported when ``tx`` records none (default
             :func:`flm.optim.global_norm`).
 
@@ -158,11 +167,59 @@ def step_body(
     # A clipping transformation computes the global norm anyway and records it in its state; only
     # without one does the step compute it (before the update, which may scale grads in place).
     norm = None if optim.recorded_grad_norm(opt_state) is not None else (norm_fn or optim.global_norm)(grads)
+    old_state = opt_state
     updates, opt_state = tx.update(grads, opt_state, params)
     metrics = {"loss": loss.detach(), "grad_norm": norm if norm is not None else optim.recorded_grad_norm(opt_state)}
     if lr is not None:
         metrics["lr"] = lr
+    if donate:
+        opt_state = hand_back(old_state, opt_state)
     return optim.apply_updates(params, updates, inplace=donate), opt_state, metrics
+
+
+def hand_back(old: PyTree, new: PyTree) -> PyTree:
+    """``new`` written into ``old``'s buffers: each leaf of ``new`` that is not already the matching
+    leaf of ``old`` is copied into it, so the result holds ``old``'s tensor objects.
+
+    A donating step (``donate=True``) returns the very tensors it was given. The transformations
+    return some state leaves as new tensors (step counts, the recorded gradient norm; under
+    ``torch.compile`` and inside transforms also the moments, as their per-leaf path is
+    functional); handing them back keeps every buffer at one address for the life of a run,
+    which CUDA graphs need (their static inputs) and which saves an allocation per leaf per step.
+    Under ``torch.compile`` the copies become input mutations that inductor writes in place.
+
+    Args:
+        old: the state before the step, donated.
+        new: the state the transformations returned, structured like ``old``.
+
+    Returns:
+        A tree like ``new`` whose leaves are ``old``'s tensors, holding ``new``'s values. A leaf
+        whose shape, dtype or device changed, that is another leaf's old buffer, or whose buffer
+        appears twice in ``old``, stays ``new``'s.
+    """
+    old_leaves = optree.tree_leaves(old, namespace="")
+    new_leaves, spec = optree.tree_flatten(new, namespace="")
+    if len(old_leaves) != len(new_leaves):
+        return new
+    # Leaves left alone: an old buffer that appears twice (it cannot hold two values), and a new
+    # leaf that is another leaf's old buffer (copying it could overwrite a value still to be read).
+    if is_compiling():  # dynamo (torch 2.11) takes no id() of a tensor made in the graph: compare identities
+        twice = [any(o is p for p in old_leaves[:i]) for i, o in enumerate(old_leaves)]
+        moved = [any(n is p for p in old_leaves) for n in new_leaves]
+    else:
+        seen: set[int] = set()
+        twice = []
+        for o in old_leaves:
+            twice.append(id(o) in seen)
+            seen.add(id(o))
+        moved = [id(n) in seen for n in new_leaves]
+    out = []
+    for i, (o, n) in enumerate(zip(old_leaves, new_leaves)):
+        if n is o or twice[i] or moved[i] or o.shape != n.shape or o.dtype != n.dtype or o.device != n.device:
+            out.append(n)
+        else:
+            out.append(o.copy_(n))
+    return optree.tree_unflatten(spec, out)
 
 
 def make_train_step(
@@ -198,7 +255,10 @@ def make_train_step(
         donate: update the incoming params in place (their buffers are donated: the caller must
             not use the old ``params`` again). Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
-            MPS, or ``{"mode": "max-autotune"}`` on CUDA).
+            MPS). ``{"mode": "reduce-overhead"}`` (or ``"max-autotune"``) captures the whole
+            step as CUDA graphs on CUDA, replayed with one launch, for steps whose time is kernel
+            launches (small models): it needs ``compile=True`` and ``donate=True``, whose buffers
+            become the graphs' static inputs (see :func:`_with_cuda_graphs`).
         compute_dtype: mixed precision (see :func:`make_loss_fn`); params and optimiser state
             stay in their own (float32) dtype.
         grad_accum_steps: split the batch into this many equal micro-batches, run them one
@@ -212,12 +272,22 @@ def make_train_step(
         tensors ``loss`` (float32, nats/token), ``grad_norm`` (before clipping) and, when ``tx``
         has a schedule, ``lr`` (the learning rate this step used). Nothing is synced to the host.
 
+    Raises:
+        ValueError: ``grad_accum_steps`` < 1, an unknown ``compile``, or a CUDA-graph mode without
+            ``compile=True`` and ``donate=True``.
+
     Source: handout §4–§5; ``torch.func.grad_and_value``.
     """
     if grad_accum_steps < 1:
         raise ValueError(f"make_train_step: grad_accum_steps must be ≥ 1, got {grad_accum_steps}")
     if compile not in (True, False, "blocks"):
         raise ValueError(f"make_train_step: compile must be True, False or 'blocks', got {compile!r}")
+    mode = (compile_kwargs or {}).get("mode")
+    if mode in CUDA_GRAPH_MODES and not (compile is True and donate):
+        raise ValueError(
+            f"make_train_step: mode={mode!r} captures CUDA graphs of the whole step, which needs compile=True "
+            f"(got {compile!r}) and donate=True (got {donate!r}): the graphs replay on fixed buffers"
+        )
     block_fn = None
     if compile == "blocks":
         # One compiled block, shared by every layer (same shapes, so one graph); the step runs
@@ -231,8 +301,76 @@ def make_train_step(
         return step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
 
     if compile is True:
-        return torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
+        compiled = torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
+        return _with_cuda_graphs(compiled, mode) if mode in CUDA_GRAPH_MODES else compiled
     return step
+
+
+CUDA_GRAPH_SKIPPED = "skipping cudagraphs"
+"""How inductor's reason starts when it cannot capture a graph (``torch._inductor.cudagraph_utils``)."""
+
+
+def _with_cuda_graphs(compiled: TrainStep, mode: str) -> TrainStep:
+    """Run a step compiled with a CUDA-graph ``mode`` so that its graphs are captured once and replayed.
+
+    Inductor's CUDA-graph trees replay a captured step on fixed memory: inputs they may mutate
+    must be static (their addresses baked into the graph), and outputs live in the graphs' pool,
+    overwritten by the next replay. So each call
+
+    - marks every params and optimiser-state leaf a static input
+      (``torch._dynamo.mark_static_address(guard=False)``: the donating step updates them in
+      place and hands them back, :func:`hand_back`, so they keep their addresses all run long);
+    - starts a new step for the trees (``torch.compiler.cudagraph_mark_step_begin``), since the
+      step has no autograd backward by which they could tell;
+    - returns clones of the metrics, which the caller keeps across steps (a loop reads them back
+      only at its log interval).
+
+    The batch is the one non-static input: each replay copies it into the graph's buffer. When
+    inductor cannot capture the step on CUDA (its reason starts ``"skipping cudagraphs"``), the
+    first call raises that instead of falling back silently; on other devices the mode compiles
+    as usual.
+
+    Args:
+        compiled: the ``torch.compile``'d donating step.
+        mode: the CUDA-graph mode it was compiled with, for the error message.
+
+    Returns:
+        A step with :func:`make_train_step`'s signature.
+
+    Raises:
+        RuntimeError: on the first call on CUDA, when inductor skips CUDA graphs for this step.
+
+    Source: PyTorch, "CUDAGraph Trees" (``torch._inductor.cudagraph_trees``).
+    """
+    first = [True]
+
+    def step(params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor):
+        leaves = optree.tree_leaves((params, opt_state), namespace="")
+        mark_static_buffers(leaves)
+        torch.compiler.cudagraph_mark_step_begin()
+        if first[0] and any(leaf.is_cuda for leaf in leaves):
+            params, opt_state, metrics = _first_graphed_call(compiled, mode, params, opt_state, inputs, targets)
+        else:
+            params, opt_state, metrics = compiled(params, opt_state, inputs, targets)
+        first[0] = False
+        return params, opt_state, {k: v.clone() for k, v in metrics.items()}
+
+    return step
+
+
+def _first_graphed_call(compiled: TrainStep, mode: str, *args: Any) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
+    """The first (compiling) call of :func:`_with_cuda_graphs`'s step on CUDA, with inductor told
+    to raise where it would skip CUDA graphs (where torch has that option) and its skip counter
+    checked where it has not."""
+    skips = cudagraph_skips()
+    with cudagraphs_or_error():
+        out = compiled(*args)
+    if cudagraph_skips() > skips:
+        raise RuntimeError(
+            f"{CUDA_GRAPH_SKIPPED}: inductor could not capture the train step as CUDA graphs (mode={mode!r}); "
+            "set TORCH_LOGS=cudagraphs for its reason"
+        )
+    return out
 
 
 def make_vmapped_train_step(
