@@ -21,7 +21,7 @@ from flm.cli.train import describe, make_plan
 from flm.config import RunConfig
 from flm.model import TransformerConfig, init_params
 from flm.train import make_train_step
-from flm.train.config import DeviceCapabilities, TrainConfig, resolve_auto, tf32_matmuls
+from flm.train.config import DeviceCapabilities, TrainConfig, compile_mode_problem, resolve_auto, tf32_matmuls
 from flm.tree import tree_leaves
 
 CFG = TransformerConfig(vocab_size=32, context_length=8, d_model=16, num_layers=2, num_heads=2, d_ff=32)
@@ -184,6 +184,54 @@ def test_compile_scope_is_validated():
         TrainConfig(compile_scope="layers")
 
 
+def test_compile_mode_is_validated_against_the_scope_and_the_device():
+    with pytest.raises(ValueError, match="compile_mode must be default, reduce-overhead, max-autotune or"):
+        TrainConfig(compile_mode="fast")
+    with pytest.raises(ValueError, match="compile_scope 'step'"):
+        TrainConfig(compile=True, compile_scope="blocks", compile_mode="max-autotune")
+    graphs = TrainConfig(compile=True, compile_mode="reduce-overhead", dtype="bf16", tf32=True)
+    assert compile_mode_problem(graphs, "cuda") is None
+    assert "need a CUDA device; this run is on cpu" in compile_mode_problem(graphs, "cpu")
+    assert compile_mode_problem(graphs.replace(compile_mode="max-autotune"), "cpu") is None  # tunes CPU kernels too
+    off, _ = resolve_auto(TrainConfig(compile_mode="max-autotune"), capabilities=DeviceCapabilities("cpu"))
+    assert "compile is off for this run; add --compile" in compile_mode_problem(off, "cpu")
+    explicit = TrainConfig(compile=False, compile_mode="reduce-overhead", dtype="float32", tf32=False)
+    assert "compile is off" in compile_mode_problem(explicit, "cuda")
+
+
+def test_flm_train_refuses_cuda_graphs_off_cuda_before_writing_anything(generated_texts, tmp_path, capsys):
+    from flm.cli import main
+
+    train, valid = generated_texts
+    argv = ["train", "--preset", "tiny", "--train-text", str(train), "--valid-text", str(valid), "--device", "cpu"]
+    out = tmp_path / "run"
+    for flags, says in (
+        (["--compile", "--compile-mode", "reduce-overhead"], "'reduce-overhead' is CUDA graphs, which need a CUDA"),
+        (["--compile-mode", "max-autotune"], "needs the step compiled, but compile is off"),
+        (["--no-compile", "--compile-mode", "max-autotune"], "needs the step compiled, but compile is off"),
+        (["--compile", "--compile-scope", "blocks", "--compile-mode", "max-autotune"], "needs --compile-scope 'step'"),
+    ):
+        code = main([*argv, "--out-dir", str(out), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and says in err[0], (flags, err)
+        assert not out.exists()
+
+
+def test_a_cuda_graphs_skip_is_one_line_naming_the_default_mode():
+    """Where inductor cannot capture the step as CUDA graphs, the run stops with one line that
+    names --compile-mode default (the remedy), as a compile failure names --no-compile."""
+    import types
+
+    import flm.train.loop as loop
+
+    def skipping(*args):
+        raise RuntimeError("skipping cudagraphs due to mutated inputs (1 instances)")
+
+    run = types.SimpleNamespace(log=lambda msg: None, step_fn=skipping, params={}, opt_state=(), step=0)
+    with pytest.raises(loop.CompileError, match="skipping cudagraphs due to mutated inputs.*--compile-mode default$"):
+        loop._compile_first_step(run, torch.zeros(1), torch.zeros(1))
+
+
 def _train(texts, out, *flags, timeout=900):
     train, valid = texts
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -272,6 +320,12 @@ def test_the_plan_on_a_faked_cuda_machine_chooses_bf16_and_compile(generated_tex
     assert "device cuda, bf16 mixed precision, compiled, TF32 matmuls" in lines[0]
     assert any(line.strip().startswith("auto: dtype bf16") for line in lines)
     assert set(plan.auto) == {"dtype", "compile", "tf32"}
+    graphs = RunConfig.resolve(
+        "tiny",
+        {"data": {"train_text": str(train), "valid_text": str(valid)}, "train": {"compile_mode": "reduce-overhead"}},
+    )
+    plan = make_plan(graphs, tmp_path / "graphs", resume=False, overwrite=False)
+    assert "bf16 mixed precision, compiled (mode reduce-overhead), TF32 matmuls" in describe(plan)[0]
 
 
 def test_print_config_and_config_json_record_the_resolved_values(generated_texts, tmp_path, capsys):

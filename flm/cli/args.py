@@ -24,7 +24,7 @@ from flm.cli.common import plain_text
 from flm.config import PRESET_NOTES, PRESETS, SECTIONS, RunConfig, default_preset, load_config_file
 from flm.download import DATASETS
 from flm.model import CHOICES as MODEL_CHOICES
-from flm.train.config import COMPILE_SCOPES, COMPUTE_DTYPES
+from flm.train.config import COMPILE_MODES, COMPILE_SCOPES, COMPUTE_DTYPES
 
 __all__ = [
     "add_config_flags",
@@ -41,6 +41,7 @@ _CHOICES = {
     **{("model", k): v for k, v in MODEL_CHOICES.items()},
     ("train", "dtype"): ("auto", *COMPUTE_DTYPES),
     ("train", "compile_scope"): COMPILE_SCOPES,
+    ("train", "compile_mode"): COMPILE_MODES,
     ("data", "dataset"): tuple(sorted(DATASETS)),
 }
 _SKIP = {("train", "device")}  # added by hand: "auto" and a clearer help

@@ -73,7 +73,7 @@ from flm.sharded_checkpoint import list_all_checkpoints
 from flm.tokenizer import EOS_TOKEN, Tokenizer
 from flm.train import evaluate, train_loop
 from flm.train.checkpointer import model_config_changes, newest_loadable
-from flm.train.config import resolve_auto
+from flm.train.config import compile_mode_problem, resolve_auto
 from flm.train.metrics import device_peak_flops
 
 __all__ = [
@@ -176,10 +176,13 @@ def resolve_settings(cfg: RunConfig) -> tuple[RunConfig, dict[str, str]]:
         was ``"auto"`` (empty on ``--resume``, whose config.json already holds concrete values).
 
     Raises:
-        UsageError: the device is unknown or unavailable.
+        UsageError: the device is unknown or unavailable, or the compile mode cannot apply on it.
     """
     device = pick_device(cfg.train.device)
     train, reasons = resolve_auto(cfg.train.replace(device=device))
+    problem = compile_mode_problem(train, torch.device(device).type)
+    if problem:
+        raise UsageError(problem)
     auto = {r.split(" ", 1)[0]: r for r in reasons}
     return cfg.replace(train=train.to_dict()), auto
 
@@ -420,7 +423,7 @@ def _check_resume(plan: Plan, checkpoints: list[Path]) -> None:
             for k in now
             if k in was
             and was[k] != now[k]
-            and k not in ("device", "compile", "compile_scope", "tensorboard", "wandb", "peak_flops")
+            and k not in ("device", "compile", "compile_scope", "compile_mode", "tensorboard", "wandb", "peak_flops")
         ]
 
     found = newest_loadable(checkpoints, check=check, skip=lambda path, why: skipped.append(f"{path.name}: {why}"))
@@ -510,7 +513,7 @@ def describe(plan: Plan) -> list[str]:
             (
                 ", compiled (one block reused per layer; AdamW one leaf update)"
                 if t.compile_scope == "blocks"
-                else ", compiled"
+                else ", compiled" + ("" if t.compile_mode == "default" else f" (mode {t.compile_mode})")
             )
             if t.compile
             else ", eager"

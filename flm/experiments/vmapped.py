@@ -39,9 +39,10 @@ from flm.progress import info
 from flm.train import decay_mask, init_vmapped, make_vmapped_train_step
 from flm.train.checkpointer import BEST_NAME, Checkpointer, NonFiniteLossError
 from flm.train.clock import Clock
-from flm.train.config import resolve_auto
+from flm.train.config import compile_mode_problem, resolve_auto
 from flm.train.evaluate import Evaluator
 from flm.train.metrics import MetricsLogger, StepMeter, Throughput, device_peak_flops, metrics_record
+from flm.train.step import CUDA_GRAPH_MODES
 from flm.tree import unstack
 
 __all__ = ["vmapped_train", "variant_config", "Variant"]
@@ -149,6 +150,14 @@ def vmapped_train(
     t = cfg.train
     ctx, k, device = cfg.model.context_length, len(variants), t.resolved_device()
     t, _ = resolve_auto(t, device)  # "auto" dtype/compile: the same per-device defaults as flm train
+    if t.compile_mode in CUDA_GRAPH_MODES:
+        raise ValueError(
+            f"vmapped_train: compile_mode {t.compile_mode!r} (CUDA graphs) needs a donating step, which the vmapped "
+            "sweep does not have; use default or max-autotune-no-cudagraphs"
+        )
+    problem = compile_mode_problem(t, torch.device(device).type)
+    if problem:
+        raise ValueError(f"vmapped_train: {problem}")
     resolved = cfg.replace(train=t.to_dict())
     run_configs = [variant_config(resolved, v).to_dict() for v in variants]  # checks each variant first
     evaluator = Evaluator(valid_tokens, cfg.model, t.batch_size, t.eval_batches, t.eval_interval)  # checks the length
@@ -171,7 +180,12 @@ def vmapped_train(
     params, opt_state = init_vmapped(cfg.model, make_tx, hparams, seeds, device=device)
     hparams = {n: v.to(device) for n, v in hparams.items()}
     step_fn = make_vmapped_train_step(
-        cfg.model, make_tx, shared_batch=True, compile=t.compile, compute_dtype=t.compute_dtype
+        cfg.model,
+        make_tx,
+        shared_batch=True,
+        compile=t.compile,
+        compile_kwargs=None if t.compile_mode == "default" else {"mode": t.compile_mode},
+        compute_dtype=t.compute_dtype,
     )
     sampler = torch.Generator().manual_seed(t.seed + 1)
     out = Path(out_dir)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from flm import optim
+from flm.train.step import COMPILE_MODES
 from flm.tree import tree_map
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "default_device",
     "COMPUTE_DTYPES",
     "COMPILE_SCOPES",
+    "COMPILE_MODES",
+    "compile_mode_problem",
     "DeviceCapabilities",
     "resolve_auto",
     "tf32_matmuls",
@@ -74,6 +77,7 @@ class TrainConfig:
         device: cpu, cuda, cuda:1, mps, or auto (the best available).
         compile: torch.compile the train step (auto: on with CUDA when triton is installed, off on CPU and MPS).
         compile_scope: what compile compiles: step (the whole step as one graph: fastest steps; compile time grows with num_layers) or blocks (one Transformer block reused by every layer and one AdamW leaf update, the glue eager: compile time independent of depth, for deep models).
+        compile_mode: torch.compile's mode for compile_scope step: default, reduce-overhead (CUDA graphs: the whole step replayed with one launch, for small models whose steps are launch-bound; CUDA only), max-autotune (autotuned kernels, plus CUDA graphs on CUDA; a much longer first call) or max-autotune-no-cudagraphs.
         dtype: compute dtype, float32, bfloat16 (mixed precision: float32 master params and optimiser state, bf16 matmuls, float32 norms/softmax/loss) or auto (bf16 on a CUDA GPU that supports it, else float32).
         tf32: let float32 matmuls use TensorFloat-32 on CUDA for the run's duration (auto: on with CUDA; no effect elsewhere).
         shard: shard the parameters, gradients and AdamW state over the ranks (ZeRO-3/FSDP: each rank holds ~1/world of them and gathers one part of the model at a time; blocks are recomputed in the backward); not with compile or the vmapped sweep yet.
@@ -102,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool | str = "auto"
     compile_scope: str = "step"
+    compile_mode: str = "default"
     dtype: str = "auto"
     tf32: bool | str = "auto"
     shard: bool = False
@@ -148,6 +153,13 @@ class TrainConfig:
             )
         if self.compile_scope not in COMPILE_SCOPES:
             raise bad("compile_scope", " or ".join(COMPILE_SCOPES))
+        if self.compile_mode not in COMPILE_MODES:
+            raise bad("compile_mode", ", ".join(COMPILE_MODES[:-1]) + " or " + COMPILE_MODES[-1])
+        if self.compile_mode != "default" and self.compile_scope != "step":  # compile off: compile_mode_problem
+            raise ValueError(
+                f"TrainConfig: compile_mode={self.compile_mode!r} applies to the compiled whole step; it needs "
+                f"compile_scope 'step', got {self.compile_scope!r}"
+            )
         for name in ("compile", "tf32"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise bad(name, "true, false or auto")
@@ -329,6 +341,30 @@ def resolve_auto(
         if cuda:
             reasons.append(f"tf32 {'on' if changes['tf32'] else 'off'} for float32 matmuls")
     return (dataclasses.replace(cfg, **changes) if changes else cfg), reasons
+
+
+def compile_mode_problem(cfg: TrainConfig, device_type: str) -> str | None:
+    """Why ``cfg.compile_mode`` cannot apply to a run on ``device_type``, or ``None`` when it can.
+
+    Checked once ``"auto"`` is resolved (a mode needs the step compiled) and the device known:
+    ``reduce-overhead`` is CUDA graphs and nothing else, so off CUDA it would silently be the
+    default mode; ``max-autotune`` also tunes kernels on a CPU, so it is allowed there.
+
+    Args:
+        cfg: the resolved settings.
+        device_type: ``torch.device(...).type`` of the run, e.g. ``"cuda"`` or ``"cpu"``.
+
+    Returns:
+        A sentence for an error message, or ``None``.
+    """
+    mode = cfg.compile_mode
+    if mode == "default":
+        return None
+    if cfg.compile is not True:
+        return f"compile_mode {mode!r} needs the step compiled, but compile is off for this run; add --compile"
+    if mode == "reduce-overhead" and device_type != "cuda":
+        return f"compile_mode 'reduce-overhead' is CUDA graphs, which need a CUDA device; this run is on {device_type}"
+    return None
 
 
 @contextlib.contextmanager

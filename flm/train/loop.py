@@ -35,7 +35,7 @@ from flm.model import TransformerConfig, init_params, param_template, train_step
 from flm.progress import format_duration, info
 from flm.train.checkpointer import Checkpointer, NonFiniteLossError, ShardSpec
 from flm.train.clock import Clock
-from flm.train.config import TrainConfig, make_optimizer, resolve_auto, tf32_matmuls
+from flm.train.config import TrainConfig, compile_mode_problem, make_optimizer, resolve_auto, tf32_matmuls
 from flm.train.evaluate import Evaluator
 from flm.train.metrics import (
     MetricsLogger,
@@ -45,7 +45,7 @@ from flm.train.metrics import (
     metrics_record,
     plot_metrics,
 )
-from flm.train.step import make_train_step
+from flm.train.step import CUDA_GRAPH_SKIPPED, make_train_step
 
 __all__ = ["train_loop", "CompileError"]
 
@@ -129,6 +129,9 @@ def train_loop(
         cfg, reasons = resolve_auto(cfg, device)
         if main:
             (log or info)("auto settings: " + "; ".join(reasons))
+    problem = compile_mode_problem(cfg, device.type)
+    if problem:
+        raise ValueError(f"train_loop: {problem}")
     evaluator = None
     if valid_tokens is not None:
         evaluator = Evaluator(valid_tokens, model_config, local_batch, cfg.eval_batches, cfg.eval_interval)
@@ -281,6 +284,7 @@ class _Run:
                 tx,
                 compile="blocks" if cfg.compile and cfg.compile_scope == "blocks" else cfg.compile,
                 donate=True,
+                compile_kwargs=None if cfg.compile_mode == "default" else {"mode": cfg.compile_mode},
                 compute_dtype=cfg.compute_dtype,
                 grad_accum_steps=cfg.grad_accum_steps,
                 grad_reduce=distributed.all_reduce_mean if dist_info.enabled else None,
@@ -464,11 +468,13 @@ def _compile_first_step(run: _Run, *batch: torch.Tensor) -> Any:
     try:
         out = run.step_fn(run.params, run.opt_state, *batch)
     except Exception as err:
-        if not is_compile_error(err):
+        graphs = CUDA_GRAPH_SKIPPED in str(err)  # inductor could not capture the step (compile_mode)
+        if not (is_compile_error(err) or graphs):
             raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        remedy = "--compile-mode default" if graphs else "--no-compile"
         raise CompileError(
-            f"torch.compile failed on the train step ({type(err).__name__}: {first}); run again with --no-compile"
+            f"torch.compile failed on the train step ({type(err).__name__}: {first}); run again with {remedy}"
         ) from err
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)  # once, so the time printed is the compile's, not a queue's
