@@ -13,7 +13,8 @@
 #   2. bench/run_all.py --device cuda (train_step: handout 128×256 and GPT-2-small
 #      16×1,024 against a compiled HF Llama, MFU; the other accelerator benches)  ≤ 5 min
 #   3. flm train on the handout preset, 60 steps each: the default (auto: bf16 +
-#      compile on CUDA) and float32 eager, tokens/s and the compile time          ≤ 2.5 min
+#      compile on CUDA), float32 eager, and the default with --compile-mode
+#      reduce-overhead (CUDA graphs), tokens/s and the compile time               ≤ 7.5 min
 # Checked on a CPU as `FLM_GPU_DEVICE=cpu FLM_GPU_QUICK=1 bash bench/gpu_session.sh run`
 # (tiny preset, --quick benches), which tests/test_bench.py runs.
 set -uo pipefail
@@ -56,16 +57,19 @@ run() {
   timeout 330 python3 bench/run_all.py --device "$device" "${quick[@]}" --out-dir "$out/bench" 2>&1 | tail -40 >"$out/bench.txt"
   tail -20 "$out/bench.txt"
 
-  echo "== 3. flm train --preset $preset, $steps steps: the default (auto) and float32 eager"
+  echo "== 3. flm train --preset $preset, $steps steps: the default (auto), float32 eager, CUDA graphs"
   local text=.gpu-data
   [ -f "$text/train.txt" ] || text=${FLM_SHARED_DATA:-../shared/data}/tinystories
   local common=(train --preset "$preset" --device "$device" --train-text "$text/train.txt" --valid-text "$text/valid.txt"
     --max-iters "$steps" --eval-interval "$steps" --checkpoint-interval "$steps" --log-interval "$((steps / 2 > 0 ? steps / 2 : 1))"
     --max-new-tokens 8)
   local variant
-  for variant in auto float32-eager; do
+  local variants=(auto float32-eager)
+  [ "$device" = cuda ] && variants+=(reduce-overhead)  # CUDA graphs exist on CUDA only (refused elsewhere)
+  for variant in "${variants[@]}"; do
     local flags=()
     [ "$variant" = float32-eager ] && flags=(--dtype float32 --no-compile)
+    [ "$variant" = reduce-overhead ] && flags=(--compile-mode reduce-overhead)
     rm -rf "/tmp/flm-gpu-$variant"
     timeout 150 python3 -m flm "${common[@]}" "${flags[@]}" --out-dir "/tmp/flm-gpu-$variant" >"$out/train-$variant.txt" 2>&1
     echo "-- $variant: exit $?"
