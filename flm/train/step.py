@@ -139,6 +139,7 @@ def step_body(
     grad_reduce: Callable[[PyTree], PyTree] | None = None,
     donate: bool = False,
     norm_fn: Callable[[PyTree], torch.Tensor] | None = None,
+    keep_buffers: bool | None = None,
 ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
     """One train step's body: gradients (accumulated, reduced) → metrics → optimiser update → new params.
 
@@ -152,10 +153,13 @@ def step_body(
         inputs, targets: ``(batch, seq_len)`` int64.
         grad_accum_steps: micro-batches (see :func:`make_train_step`).
         grad_reduce: applied to the gradients first (e.g. the data-parallel all-reduce).
-        donate: update ``params`` and ``opt_state`` in place and return those same tensors (see
-            :func:`hand_back`).
+        donate: update ``params`` in place (the transformations' own ``inplace`` donates the
+            state's moments).
         norm_fn: the gradient norm reported when ``tx`` records none (default
             :func:`flm.optim.global_norm`).
+        keep_buffers: also return ``opt_state``'s own tensors, every leaf the transformations
+            returned as a new tensor written into its old buffer (:func:`hand_back`); default
+            ``donate``. :func:`make_train_step` turns it off inside a plain whole-step compile.
 
     Returns:
         ``(params, opt_state, metrics)`` as :func:`make_train_step`'s step.
@@ -172,7 +176,7 @@ def step_body(
     metrics = {"loss": loss.detach(), "grad_norm": norm if norm is not None else optim.recorded_grad_norm(opt_state)}
     if lr is not None:
         metrics["lr"] = lr
-    if donate:
+    if donate if keep_buffers is None else keep_buffers:
         opt_state = hand_back(old_state, opt_state)
     return optim.apply_updates(params, updates, inplace=donate), opt_state, metrics
 
@@ -185,8 +189,10 @@ def hand_back(old: PyTree, new: PyTree) -> PyTree:
     return some state leaves as new tensors (step counts, the recorded gradient norm; under
     ``torch.compile`` and inside transforms also the moments, as their per-leaf path is
     functional); handing them back keeps every buffer at one address for the life of a run,
-    which CUDA graphs need (their static inputs) and which saves an allocation per leaf per step.
-    Under ``torch.compile`` the copies become input mutations that inductor writes in place.
+    which CUDA graphs need (their static inputs). Under ``torch.compile`` the copies become input
+    mutations that inductor writes in place, but tracing this function costs dynamo seconds
+    (the trees' flattening: +7 s on the 4-layer handout model's first call), so a plain
+    whole-step compile leaves it out and returns the moments it computed as new tensors.
 
     Args:
         old: the state before the step, donated.
@@ -201,24 +207,28 @@ def hand_back(old: PyTree, new: PyTree) -> PyTree:
     new_leaves, spec = optree.tree_flatten(new, namespace="")
     if len(old_leaves) != len(new_leaves):
         return new
-    # Leaves left alone: an old buffer that appears twice (it cannot hold two values), and a new
-    # leaf that is another leaf's old buffer (copying it could overwrite a value still to be read).
-    if is_compiling():  # dynamo (torch 2.11) takes no id() of a tensor made in the graph: compare identities
-        twice = [any(o is p for p in old_leaves[:i]) for i, o in enumerate(old_leaves)]
-        moved = [any(n is p for p in old_leaves) for n in new_leaves]
-    else:
-        seen: set[int] = set()
-        twice = []
-        for o in old_leaves:
-            twice.append(id(o) in seen)
-            seen.add(id(o))
+    # An old buffer that appears twice cannot hold two values: its second leaf stays new. (The old
+    # leaves are the step's inputs, so dynamo can take their id() too.)
+    seen: set[int] = set()
+    twice = []
+    for o in old_leaves:
+        twice.append(id(o) in seen)
+        seen.add(id(o))
+    if is_compiling():
+        # Tracing an identity test against every old leaf costs dynamo ~1 ms a pair, and torch
+        # 2.11 takes no id() of a tensor made in the graph: every new value is read first (a clone,
+        # which inductor fuses into the write), so no copy can read a buffer another one wrote.
+        sources = [n if n is o else n.clone() for o, n in zip(old_leaves, new_leaves)]
+        moved = [False] * len(new_leaves)
+    else:  # a new leaf that is another leaf's old buffer is left as it is (no clone in eager)
+        sources = new_leaves
         moved = [id(n) in seen for n in new_leaves]
     out = []
-    for i, (o, n) in enumerate(zip(old_leaves, new_leaves)):
-        if n is o or twice[i] or moved[i] or o.shape != n.shape or o.dtype != n.dtype or o.device != n.device:
+    for o, n, src, dup, mv in zip(old_leaves, new_leaves, sources, twice, moved):
+        if n is o or dup or mv or o.shape != n.shape or o.dtype != n.dtype or o.device != n.device:
             out.append(n)
         else:
-            out.append(o.copy_(n))
+            out.append(o.copy_(src))
     return optree.tree_unflatten(spec, out)
 
 
@@ -252,8 +262,10 @@ def make_train_step(
             (what :func:`flm.train.make_optimizer` does for ``compile_scope="blocks"``), whose
             per-leaf update is also compiled once whatever the depth; ``bench/compile_time.py``
             measures both modes. Not usable inside ``torch.func`` transforms.
-        donate: update the incoming params in place (their buffers are donated: the caller must
-            not use the old ``params`` again). Off by default, so the step is pure.
+        donate: update the incoming params and optimiser state in place (their buffers are
+            donated: the caller must not use the old ones again) and return those same tensors
+            (:func:`hand_back`); under a plain ``compile=True`` (no CUDA graphs) the returned
+            state's moments and counts are new tensors. Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
             MPS). ``{"mode": "reduce-overhead"}`` (or ``"max-autotune"``) captures the whole
             step as CUDA graphs on CUDA, replayed with one launch, for steps whose time is kernel
@@ -294,11 +306,23 @@ def make_train_step(
         # eagerly around it and differentiates with torch.autograd (grad_and_value's eager path).
         block_fn = torch.compile(nn.transformer_block, **{"fullgraph": True, **(compile_kwargs or {})})
     loss_and_grad = grad_and_value(make_loss_fn(config, compute_dtype=compute_dtype, block_fn=block_fn))
+    keep = donate and (compile is not True or mode in CUDA_GRAPH_MODES)  # see hand_back on its trace cost
 
     def step(
         params: PyTree, opt_state: Any, inputs: torch.Tensor, targets: torch.Tensor
     ) -> tuple[PyTree, Any, dict[str, torch.Tensor]]:
-        return step_body(tx, loss_and_grad, params, opt_state, inputs, targets, grad_accum_steps, grad_reduce, donate)
+        return step_body(
+            tx,
+            loss_and_grad,
+            params,
+            opt_state,
+            inputs,
+            targets,
+            grad_accum_steps,
+            grad_reduce,
+            donate,
+            keep_buffers=keep,
+        )
 
     if compile is True:
         compiled = torch.compile(step, **{"fullgraph": True, **(compile_kwargs or {})})
