@@ -221,3 +221,19 @@ def test_without_hard_links_a_resume_encodes_the_tokens_again(texts, tmp_path, c
     assert main(["train", "--resume", "--out-dir", str(d), "--max-iters", "3", "--max-new-tokens", "0"]) == 0
     out = capsys.readouterr().out
     assert "encode train: " in out and "encode train: cached" not in out and "resumed from ckpt_0000002" in out
+
+
+def test_the_vmapped_sweep_refuses_cuda_graph_modes_before_writing(tmp_path):
+    """CUDA graphs need a donating step, which the vmapped sweep does not have: a graph mode is
+    refused up front (nothing written), as is a mode for an uncompiled step."""
+    rng = np.random.default_rng(0)
+    tokens = [rng.integers(0, CONFIG.vocab_size, n).astype(np.uint16) for n in (2000, 400)]
+    base = dict(batch_size=4, max_iters=2, warmup_iters=0, device="cpu", dtype="float32", tf32=False)
+    out = tmp_path / "sw"
+    for train, says in (
+        (TrainConfig(compile=True, compile_mode="reduce-overhead", **base), "needs a donating step"),
+        (TrainConfig(compile=False, compile_mode="max-autotune-no-cudagraphs", **base), "compile is off"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            vmapped.vmapped_train(RunConfig(model=CONFIG, train=train), *tokens, out, [{"label": "a"}])
+        assert not out.exists()
