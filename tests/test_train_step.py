@@ -246,28 +246,41 @@ def test_compiled_step_fullgraph_equals_eager():
     assert torch.equal(optim.step_count(sc), optim.step_count(se))
 
 
+def _beside_eager(compile_kwargs, steps=3, device="cpu", tol=None):
+    """Run the eager donating clip+AdamW step and a compiled one side by side on CCFG; check every
+    step's metrics (read only at the end, as a loop's log interval does) and the final state
+    equal. Returns the compiled side's buffers before the first step and its final params/state."""
+    torch._dynamo.reset()
+    tol = tol or dict(rtol=1e-5, atol=1e-6)
+    tx = _donation_cases()["clip+adamw"]
+    eager = make_train_step(CCFG, tx, donate=True)
+    compiled = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs=compile_kwargs)
+    pe = init_params(CCFG, torch.Generator().manual_seed(0), device=device)
+    se = tx.init(pe)
+    pc, sc = _clone(pe), _clone(se)
+    buffers = tree_leaves((pc, sc))
+    kept, expected = [], []
+    for seed in range(steps):
+        x, y = (t.to(device) for t in _batch(CCFG, seed=seed))
+        pe, se, me = eager(pe, se, x, y)
+        pc, sc, mc = compiled(pc, sc, x, y)
+        kept.append(mc)
+        expected.append(me)
+    for mc, me in zip(kept, expected):
+        for k in me:
+            torch.testing.assert_close(mc[k], me[k], **tol)
+    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
+        torch.testing.assert_close(a, b, **tol)
+    return buffers, (pc, sc)
+
+
 @pytest.mark.compile
 def test_the_plain_compiled_donating_step_updates_params_in_place_and_equals_eager():
     """Under a plain whole-step compile the donated params are updated in place (the same
     tensors come back) and everything equals the eager donating step; the state is not handed
     back there (its trace cost), only under CUDA graphs (next test)."""
-    torch._dynamo.reset()
-    tx = _donation_cases()["clip+adamw"]
-    eager = make_train_step(CCFG, tx, donate=True)
-    compiled = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"backend": "aot_eager"})
-    pe = _params(CCFG, dtype=torch.float32)
-    se = tx.init(pe)
-    pc, sc = _clone(pe), _clone(se)
-    buffers = tree_leaves(pc)
-    for seed in range(3):
-        x, y = _batch(CCFG, seed=seed)
-        pe, se, me = eager(pe, se, x, y)
-        pc, sc, mc = compiled(pc, sc, x, y)
-        assert all(a is b for a, b in zip(tree_leaves(pc), buffers, strict=True))
-        for k in me:
-            torch.testing.assert_close(mc[k], me[k], rtol=1e-5, atol=1e-6)
-    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    buffers, (params, _) = _beside_eager({"backend": "aot_eager"})
+    assert all(a is b for a, b in zip(tree_leaves(params), buffers))
 
 
 @pytest.mark.compile
@@ -278,28 +291,9 @@ def test_reduce_overhead_mode_marks_static_buffers_and_returns_metrics_of_their_
     eager step's to float32 round-off, and each step's metrics stay readable after later steps
     (on CUDA the graphs' own outputs are overwritten by the next replay, so the step returns
     clones)."""
-    torch._dynamo.reset()
-    tx = _donation_cases()["clip+adamw"]
-    eager = make_train_step(CCFG, tx, donate=True)
-    graphed = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"mode": "reduce-overhead"})
-    pe = _params(CCFG, dtype=torch.float32)
-    se = tx.init(pe)
-    pc, sc = _clone(pe), _clone(se)
-    buffers = tree_leaves((pc, sc))
-    kept, expected = [], []
-    for seed in range(3):
-        x, y = _batch(CCFG, seed=seed)
-        pe, se, me = eager(pe, se, x, y)
-        pc, sc, mc = graphed(pc, sc, x, y)
-        kept.append(mc)
-        expected.append(me)
-    assert all(a is b for a, b in zip(tree_leaves((pc, sc)), buffers, strict=True))
+    buffers, state = _beside_eager({"mode": "reduce-overhead"})
+    assert all(a is b for a, b in zip(tree_leaves(state), buffers, strict=True))
     assert all(getattr(b, "_dynamo_static_input_type", None) == "unguarded" for b in buffers)
-    for mc, me in zip(kept, expected):
-        for k in me:
-            torch.testing.assert_close(mc[k], me[k], rtol=1e-5, atol=1e-6)
-    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.compile
@@ -307,30 +301,11 @@ def test_reduce_overhead_mode_marks_static_buffers_and_returns_metrics_of_their_
 def test_reduce_overhead_on_cuda_replays_graphs_equal_to_eager():
     """On a GPU: the donating step under mode="reduce-overhead" is captured (no graph skipped),
     equals the eager step, and every step's metrics stay readable after later replays."""
-    from torch._dynamo.utils import counters
+    from flm._compat import cudagraph_skips
 
-    torch._dynamo.reset()
-    skips = counters["inductor"]["cudagraph_skips"]
-    tx = _donation_cases()["clip+adamw"]
-    eager = make_train_step(CCFG, tx, donate=True)
-    graphed = make_train_step(CCFG, tx, compile=True, donate=True, compile_kwargs={"mode": "reduce-overhead"})
-    pe = init_params(CCFG, torch.Generator().manual_seed(0), device="cuda")
-    se = tx.init(pe)
-    pc, sc = _clone(pe), _clone(se)
-    kept, expected = [], []
-    for seed in range(5):
-        x, y = (t.cuda() for t in _batch(CCFG, seed=seed))
-        pe, se, me = eager(pe, se, x, y)
-        pc, sc, mc = graphed(pc, sc, x, y)
-        kept.append(mc)
-        expected.append(me)
-    torch.cuda.synchronize()
-    assert counters["inductor"]["cudagraph_skips"] == skips
-    for mc, me in zip(kept, expected):
-        for k in me:
-            torch.testing.assert_close(mc[k], me[k], rtol=1e-4, atol=1e-5)
-    for a, b in zip(tree_leaves((pc, sc)), tree_leaves((pe, se))):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    skips = cudagraph_skips()
+    _beside_eager({"mode": "reduce-overhead"}, steps=5, device="cuda", tol=dict(rtol=1e-4, atol=1e-5))
+    assert cudagraph_skips() == skips
 
 
 # --------------------------------------------------------------------------------------------
