@@ -276,11 +276,15 @@ def _beside_eager(compile_kwargs, steps=3, device="cpu", tol=None):
 
 @pytest.mark.compile
 def test_the_plain_compiled_donating_step_updates_params_in_place_and_equals_eager():
-    """Under a plain whole-step compile the donated params are updated in place (the same
-    tensors come back) and everything equals the eager donating step; the state is not handed
-    back there (its trace cost), only under CUDA graphs (next test)."""
-    buffers, (params, _) = _beside_eager({"backend": "aot_eager"})
-    assert all(a is b for a, b in zip(tree_leaves(params), buffers))
+    """Under a plain whole-step compile the donated params and AdamW moments are updated in place
+    (the same tensors come back: AdamW's per-leaf path writes them in place under compile) and
+    everything equals the eager donating step; the step counts and the recorded norm are not
+    handed back there (its trace cost), only under CUDA graphs (next test)."""
+    buffers, (params, state) = _beside_eager({"backend": "aot_eager"})
+    adam = state[1][0]
+    kept = tree_leaves((params, adam.m, adam.v))
+    assert len(kept) == 3 * len(tree_leaves(params))
+    assert all(any(a is b for b in buffers) for a in kept)
 
 
 @pytest.mark.compile

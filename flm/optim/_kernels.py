@@ -166,7 +166,10 @@ def adam_moments(m: list, v: list, g: list, b1: float, b2: float, inplace: bool)
     Args:
         m, v, g: first moments, second moments and gradients, leaf lists of equal shapes.
         b1, b2: β1, β2.
-        inplace: write into ``m`` and ``v`` (donating them) instead of new tensors.
+        inplace: write into ``m`` and ``v`` (donating them) instead of new tensors: with the
+            foreach kernels, and leaf by leaf under ``torch.compile`` (where the writes become
+            input mutations, so a compiled step keeps its moments' buffers); inside a
+            ``torch.func`` transform the moments are new tensors.
 
     Returns:
         ``(m_new, v_new)``.
@@ -180,6 +183,11 @@ def adam_moments(m: list, v: list, g: list, b1: float, b2: float, inplace: bool)
         m_new, v_new = foreach_lerp(m, g, 1.0 - b1), foreach_mul(v, b2)
         foreach_addcmul_(v_new, g, g, 1.0 - b2)
         return m_new, v_new
+    if inplace and (is_compiling() or not is_transformed(g + m + v)):
+        for mi, vi, gi in zip(m, v, g):
+            mi.lerp_(gi, 1.0 - b1)
+            vi.mul_(b2).addcmul_(gi, gi, value=1.0 - b2)
+        return m, v
     m_new = [mi.lerp(gi, 1.0 - b1) for mi, gi in zip(m, g)]
     return m_new, [torch.addcmul(vi * b2, gi, gi, value=1.0 - b2) for vi, gi in zip(v, g)]
 

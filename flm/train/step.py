@@ -186,13 +186,13 @@ def hand_back(old: PyTree, new: PyTree) -> PyTree:
     leaf of ``old`` is copied into it, so the result holds ``old``'s tensor objects.
 
     A donating step (``donate=True``) returns the very tensors it was given. The transformations
-    return some state leaves as new tensors (step counts, the recorded gradient norm; under
-    ``torch.compile`` and inside transforms also the moments, as their per-leaf path is
-    functional); handing them back keeps every buffer at one address for the life of a run,
+    return some state leaves as new tensors (step counts, the recorded gradient norm, momentum
+    buffers; inside ``torch.func`` transforms also the moments); handing them back keeps every buffer at one address for the life of a run,
     which CUDA graphs need (their static inputs). Under ``torch.compile`` the copies become input
     mutations that inductor writes in place, but tracing this function costs dynamo seconds
     (the trees' flattening: +7 s on the 4-layer handout model's first call), so a plain
-    whole-step compile leaves it out and returns the moments it computed as new tensors.
+    whole-step compile leaves it out (its moments are written in place anyway; its step counts
+    and recorded norm come back as new tensors).
 
     Args:
         old: the state before the step, donated.
@@ -265,7 +265,7 @@ def make_train_step(
         donate: update the incoming params and optimiser state in place (their buffers are
             donated: the caller must not use the old ones again) and return those same tensors
             (:func:`hand_back`); under a plain ``compile=True`` (no CUDA graphs) the returned
-            state's moments and counts are new tensors. Off by default, so the step is pure.
+            state's step counts and recorded norm are new tensors. Off by default, so the step is pure.
         compile_kwargs: extra ``torch.compile`` arguments (e.g. ``{"backend": "aot_eager"}`` on
             MPS). ``{"mode": "reduce-overhead"}`` (or ``"max-autotune"``) captures the whole
             step as CUDA graphs on CUDA, replayed with one launch, for steps whose time is kernel
