@@ -187,8 +187,8 @@ def hand_back(old: PyTree, new: PyTree) -> PyTree:
 
     A donating step (``donate=True``) returns the very tensors it was given. The transformations
     return some state leaves as new tensors (step counts, the recorded gradient norm, momentum
-    buffers; inside ``torch.func`` transforms also the moments); handing them back keeps every buffer at one address for the life of a run,
-    which CUDA graphs need (their static inputs). Under ``torch.compile`` the copies become input
+    buffers; inside ``torch.func`` transforms also the moments); handing them back keeps every
+    buffer at one address for the life of a run, which CUDA graphs need (their static inputs). Under ``torch.compile`` the copies become input
     mutations that inductor writes in place, but tracing this function costs dynamo seconds
     (the trees' flattening: +7 s on the 4-layer handout model's first call), so a plain
     whole-step compile leaves it out (its moments are written in place anyway; its step counts
