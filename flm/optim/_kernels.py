@@ -168,8 +168,9 @@ def adam_moments(m: list, v: list, g: list, b1: float, b2: float, inplace: bool)
         b1, b2: β1, β2.
         inplace: write into ``m`` and ``v`` (donating them) instead of new tensors: with the
             foreach kernels, and leaf by leaf under ``torch.compile`` (where the writes become
-            input mutations, so a compiled step keeps its moments' buffers); inside a
-            ``torch.func`` transform the moments are new tensors.
+            input mutations, so a compiled step keeps its moments' buffers; a compiled ``vmap``
+            then needs moments batched like the gradients). Inside an eager ``torch.func``
+            transform the moments are new tensors.
 
     Returns:
         ``(m_new, v_new)``.
